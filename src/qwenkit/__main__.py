@@ -1,0 +1,3 @@
+from qwenkit.cli.app import main
+
+main()

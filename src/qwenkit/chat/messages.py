@@ -1,0 +1,304 @@
+"""The internal chat types the renderer takes: Message, ToolCall and Tool (pydantic v2 models).
+
+Contract: a Message that validates can always be rendered. Roles are system, user, assistant, tool; system,
+user and tool messages need string content; only assistant messages carry tool_calls or reasoning_content;
+tool_call_id belongs on tool messages only. A Tool keeps the exact dict it was given (key order included),
+because the tools block prints each tool's JSON verbatim. messages_from_openai / tools_from_openai build these
+from OpenAI-shaped dicts and raise ChatInputError (a ValueError) with a one-line message naming the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+
+
+class ChatInputError(ValueError):
+    """A conversation or tool list that cannot be rendered; the message says how to fix it."""
+
+
+def _check_json(value: Any, what: str) -> None:
+    try:
+        json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{what} is not JSON-serializable ({exc}); use only dicts, lists, str, numbers, bool, None"
+        ) from None
+
+
+class ToolCall(BaseModel):
+    """One function call an assistant made: arguments as the JSON string given, or as an object."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any]
+    id: str | None = None
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_arguments(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        if isinstance(value, dict):
+            _check_json(value, "tool call arguments")
+            return copy.deepcopy(value)  # frozen model: later edits to the caller's dict must not leak in
+        return value
+
+    def arguments_json(self) -> str:
+        """The arguments as they appear in a prompt: the string as given, or the object as JSON."""
+        if isinstance(self.arguments, str):
+            return self.arguments
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+class Message(BaseModel):
+    """One chat message in the renderer's terms (see the module docstring for the rules)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Role
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _known_role(cls, value: Any) -> Any:
+        if value not in ROLES:
+            raise ValueError(f"unknown role {value!r}: use one of {', '.join(ROLES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Message:
+        role = self.role
+        if role != "assistant" and self.content is None:
+            raise ValueError(f"{role} message has no content: give its text as a string in 'content'")
+        if role != "assistant" and self.tool_calls:
+            raise ValueError(
+                f"a {role} message cannot carry tool_calls: only assistant messages make tool calls"
+            )
+        if role != "assistant" and self.reasoning_content is not None:
+            raise ValueError(
+                f"a {role} message cannot carry reasoning_content: only assistant messages reason"
+            )
+        if role != "tool" and self.tool_call_id is not None:
+            raise ValueError(f"tool_call_id belongs on tool messages only, not on a {role} message")
+        if (
+            role == "assistant"
+            and self.content is None
+            and self.reasoning_content is None
+            and not self.tool_calls
+        ):
+            raise ValueError("assistant message is empty: give content, reasoning_content or tool_calls")
+        return self
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI-shaped dict (the form chat templates take); None-valued optional keys are left out."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.reasoning_content is not None:
+            out["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    **({"id": call.id} if call.id is not None else {}),
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class Tool(RootModel[dict[str, Any]]):
+    """A function definition {"type": "function", "function": {"name", "description", "parameters"}}.
+
+    The root dict is kept as given (extra keys and key order included) so it dumps back unchanged.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_copy(cls, data: Any) -> Any:
+        # Frozen model: later edits to the caller's nested dicts must not leak in.
+        return copy.deepcopy(data)
+
+    @model_validator(mode="after")
+    def _function_shape(self) -> Tool:
+        tool = self.root
+        if "function" not in tool and "name" in tool:
+            raise ValueError(
+                'tool is in the flat form: wrap it as {"type": "function", "function": {"name": ..., ...}}'
+            )
+        if tool.get("type") != "function":
+            raise ValueError(
+                f'tool type must be "function", got {tool.get("type")!r}: set "type": "function"'
+            )
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise ValueError(
+                'tool has no "function" object: give {"name": ..., "description": ..., "parameters": ...}'
+            )
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError('tool function needs a non-empty string "name"')
+        if "description" in fn and not isinstance(fn["description"], str):
+            raise ValueError('tool function "description" must be a string')
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise ValueError('tool function "parameters" must be a JSON Schema object (a dict)')
+        _check_json(tool, f"tool {fn['name']!r}")
+        return self
+
+    @classmethod
+    def from_function(
+        cls, name: str, description: str | None = None, parameters: dict[str, Any] | None = None
+    ) -> Tool:
+        """Build the OpenAI function-tool dict from its parts (absent parts are left out)."""
+        fn: dict[str, Any] = {"name": name}
+        if description is not None:
+            fn["description"] = description
+        if parameters is not None:
+            fn["parameters"] = parameters
+        return cls({"type": "function", "function": fn})
+
+    @property
+    def name(self) -> str:
+        return self.root["function"]["name"]
+
+    @property
+    def description(self) -> str | None:
+        return self.root["function"].get("description")
+
+    @property
+    def parameters(self) -> dict[str, Any] | None:
+        return self.root["function"].get("parameters")
+
+    def to_json(self) -> str:
+        """The tool as the tools block prints it (json.dumps, non-ASCII kept, default separators)."""
+        return json.dumps(self.root, ensure_ascii=False)
+
+
+def _first_error(exc: ValidationError) -> str:
+    # One line: where, then pydantic's message without its "Value error, " prefix.
+    err = exc.errors()[0]
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {msg}" if loc and err["type"] != "value_error" else msg
+
+
+_MESSAGE_KEYS = frozenset(
+    {"role", "content", "reasoning_content", "reasoning", "tool_calls", "tool_call_id", "name"}
+)
+
+
+def _content_text(content: Any, where: str) -> str | None:
+    # OpenAI content may be a list of parts; text parts are joined with newlines (as vLLM does).
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (
+                isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            ):
+                raise ChatInputError(
+                    f"{where}: only text content parts are supported, like {{'type': 'text', 'text': ...}}"
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise ChatInputError(f"{where}: content must be a string, a list of text parts or null")
+
+
+def _tool_call(raw: Any, where: str) -> ToolCall:
+    if not isinstance(raw, Mapping):
+        raise ChatInputError(
+            f"{where}: a tool call must be a dict like {{'type': 'function', 'function': {{...}}}}"
+        )
+    if "function" in raw:
+        if raw.get("type", "function") != "function":
+            raise ChatInputError(f"{where}: tool call type must be 'function', got {raw.get('type')!r}")
+        fn = raw["function"]
+        if not isinstance(fn, Mapping):
+            raise ChatInputError(f"{where}: tool call 'function' must be a dict with 'name' and 'arguments'")
+    else:
+        fn = raw  # the flat {"name", "arguments"} form
+    if "arguments" not in fn:
+        raise ChatInputError(
+            f"{where}: tool call has no 'arguments'; give a JSON string or an object ('{{}}' for none)"
+        )
+    try:
+        return ToolCall(name=fn.get("name"), arguments=fn["arguments"], id=raw.get("id"))
+    except ValidationError as exc:
+        raise ChatInputError(f"{where}: {_first_error(exc)}") from None
+
+
+def message_from_openai(raw: Mapping[str, Any], where: str = "message") -> Message:
+    """One Message from an OpenAI-shaped dict; keys outside the chat schema are refused unless null."""
+    if not isinstance(raw, Mapping):
+        raise ChatInputError(
+            f"{where}: a message must be a dict with 'role' and 'content', got {type(raw).__name__}"
+        )
+    unknown = sorted(k for k, v in raw.items() if k not in _MESSAGE_KEYS and v is not None)
+    if unknown:
+        raise ChatInputError(
+            f"{where}: unknown key {unknown[0]!r}; known keys are {', '.join(sorted(_MESSAGE_KEYS))}"
+        )
+    if "role" not in raw:
+        raise ChatInputError(f"{where}: message has no 'role'; use one of {', '.join(ROLES)}")
+    reasoning = raw.get("reasoning_content")
+    if reasoning is None:
+        reasoning = raw.get("reasoning")
+    raw_calls = raw.get("tool_calls") or []
+    if not isinstance(raw_calls, list):
+        raise ChatInputError(f"{where}: tool_calls must be a list")
+    calls = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(raw_calls)]
+    try:
+        return Message(
+            role=raw["role"],
+            content=_content_text(raw.get("content"), where),
+            reasoning_content=reasoning,
+            tool_calls=calls,
+            tool_call_id=raw.get("tool_call_id"),
+            name=raw.get("name"),
+        )
+    except ValidationError as exc:
+        raise ChatInputError(f"{where}: {_first_error(exc)}") from None
+
+
+def messages_from_openai(items: Iterable[Mapping[str, Any]]) -> list[Message]:
+    """Messages from OpenAI-shaped dicts (tool_calls under "function", or the flat name/arguments form)."""
+    return [message_from_openai(raw, f"messages[{i}]") for i, raw in enumerate(items)]
+
+
+def tools_from_openai(items: Iterable[Mapping[str, Any]]) -> list[Tool]:
+    """Tools from OpenAI function-tool dicts, each kept exactly as given."""
+    tools = []
+    for i, raw in enumerate(items):
+        if not isinstance(raw, Mapping):
+            raise ChatInputError(
+                f"tools[{i}]: a tool must be a dict like {{'type': 'function', 'function': {{...}}}}"
+            )
+        try:
+            tools.append(Tool(dict(raw)))
+        except ValidationError as exc:
+            raise ChatInputError(f"tools[{i}]: {_first_error(exc)}") from None
+    return tools
