@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ from qwenkit.tokenizer.specials import (
     FIRST_ADDED_ID,
     IM_END,
     PRETOKENIZE_REGEX,
+)
+from qwenkit.tokenizer.specials import (
+    AddedToken as SpecAddedToken,
 )
 from qwenkit.tokenizer.vocab import TokenizerError, load_ranks, vocab_path
 
@@ -91,9 +94,20 @@ def build_tokenizer(ranks: Mapping[bytes, int] | None = None) -> Tokenizer:
 
     vocab = {to_str(token): rank for token, rank in ranks.items()}
     merges = [(to_str(left), to_str(right)) for left, right in derive_merges(ranks)]
+    if len(vocab) != FIRST_ADDED_ID:
+        raise TokenizerError(
+            f"vocabulary has {len(vocab)} tokens, expected {FIRST_ADDED_ID}; reinstall dashscope"
+        )
+    return assemble_tokenizer(vocab, merges, ADDED_TOKENS)
+
+
+def assemble_tokenizer(
+    vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], added: Sequence[SpecAddedToken]
+) -> Tokenizer:
+    """A Qwen byte-level BPE tokenizer from its byte-level vocab, merges and added tokens (in id order)."""
     model = models.BPE(
-        vocab=vocab,
-        merges=merges,
+        vocab=dict(vocab),
+        merges=list(merges),
         dropout=None,
         unk_token=None,
         continuing_subword_prefix="",
@@ -115,19 +129,15 @@ def build_tokenizer(ranks: Mapping[bytes, int] | None = None) -> Tokenizer:
         add_prefix_space=False, trim_offsets=False, use_regex=False
     )
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    if tokenizer.get_vocab_size(with_added_tokens=False) != FIRST_ADDED_ID:
-        raise TokenizerError(
-            f"vocabulary has {len(vocab)} tokens, expected {FIRST_ADDED_ID}; reinstall dashscope"
-        )
     tokenizer.add_tokens(
         [
             AddedToken(
                 t.content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=t.special
             )
-            for t in ADDED_TOKENS
+            for t in added
         ]
     )
-    for t in ADDED_TOKENS:
+    for t in added:
         if tokenizer.token_to_id(t.content) != t.id:
             raise TokenizerError(f"{t.content} got id {tokenizer.token_to_id(t.content)}, expected {t.id}")
     return tokenizer

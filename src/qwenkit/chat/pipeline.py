@@ -1,0 +1,83 @@
+"""Chat ↔ engine: turn a conversation into a GenerationRequest, and generated text into reasoning,
+content and tool calls.
+
+Contract: prepare_chat() renders with the one renderer, tokenizes with the injection guard (user text never
+becomes special ids), picks Qwen's mode-dependent sampling defaults, opens the think block itself when a
+grammar must wait for </think>, and returns the request plus a matching OutputParser factory. The server and
+the CLI both use it, so the two behave the same.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenkit.chat.flavor import Flavor
+from qwenkit.chat.messages import Message, Tool
+from qwenkit.chat.parse import OutputParser
+from qwenkit.chat.render import RenderedPrompt, render
+from qwenkit.engines.request import GenerationRequest, Grammar, ThinkingControl
+from qwenkit.engines.sampling import resolve_sampling
+from qwenkit.tokenizer.parts import Special
+from qwenkit.tokenizer.specials import ENDOFTEXT, IM_END, THINK_START
+from qwenkit.tokenizer.tokenizer import QwenTokenizer
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    request: GenerationRequest
+    prompt: RenderedPrompt
+    thinking: bool
+    think_opened: bool
+    tools: tuple[dict[str, Any], ...]
+    warnings: list[str] = field(default_factory=list)
+
+    def parser(self) -> OutputParser:
+        return OutputParser(thinking=self.thinking, think_opened=self.think_opened, tools=self.tools or None)
+
+
+def prepare_chat(
+    tokenizer: QwenTokenizer,
+    messages: Sequence[Message],
+    *,
+    flavor: Flavor,
+    tools: Sequence[Tool] | None = None,
+    enable_thinking: bool | None = None,
+    sampling: Mapping[str, object] | None = None,
+    grammar: Grammar | None = None,
+    logprobs: int | None = None,
+    request_id: str | None = None,
+) -> PreparedChat:
+    """The engine request for a chat turn, and how to parse what comes back."""
+    prompt = render(
+        messages, tools, add_generation_prompt=True, enable_thinking=enable_thinking, flavor=flavor
+    )
+    params, warnings = resolve_sampling(dict(sampling or {}), prompt.thinking)
+    parts = list(prompt.parts)
+    think_opened = False
+    if grammar is not None and prompt.thinking and grammar.after_think:
+        # The grammar must wait for </think>: open the think block ourselves so the engine knows where it is.
+        parts += [Special(THINK_START), "\n"]
+        think_opened = True
+    stop_ids = {tokenizer.special_id(IM_END), tokenizer.special_id(ENDOFTEXT), tokenizer.eos_token_id}
+    request = GenerationRequest(
+        request_id=request_id or f"chatcmpl-{uuid.uuid4().hex}",
+        prompt_token_ids=tuple(tokenizer.encode_parts(parts)),
+        sampling=params,
+        stop_token_ids=frozenset(stop_ids),
+        grammar=grammar,
+        thinking=ThinkingControl(starts_inside=think_opened, budget=params.thinking_budget)
+        if prompt.thinking
+        else None,
+        logprobs=logprobs,
+    )
+    return PreparedChat(
+        request=request,
+        prompt=prompt,
+        thinking=prompt.thinking,
+        think_opened=think_opened,
+        tools=tuple(t.model_dump() for t in tools or ()),
+        warnings=warnings,
+    )

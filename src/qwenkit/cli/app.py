@@ -1,0 +1,43 @@
+"""The `qwenkit` command: one typer app, one sub-module per command group."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from qwenkit import __version__
+from qwenkit.cli import convert, demo, render, run
+
+app = typer.Typer(
+    name="qwenkit",
+    help="Pick, run, serve, quantize, tune, evaluate and watch Qwen-family models on your own hardware.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(demo.app, name="demo")
+app.command("generate")(run.generate_command)
+app.command("chat")(run.chat_command)
+app.command("render")(render.render_command)
+app.command("convert")(convert.convert_command)
+app.command("quantize")(convert.quantize_command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qwenkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """qwenkit: Qwen models on your own hardware."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,339 @@
+"""`qwenkit generate` and `qwenkit chat`: stream a Qwen model's answer in the terminal, thinking apart.
+
+Both open the model through the same loader and the same chat pipeline the server uses; only the
+printing differs. With no --model they run the built-in demo model (random weights) and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from qwenkit.chat.messages import Message, Tool, messages_from_openai, tools_from_openai
+from qwenkit.chat.parse import ParseAccumulator, ParseDelta, ParsedOutput
+from qwenkit.chat.pipeline import PreparedChat, prepare_chat
+from qwenkit.checkpoints.demo import DEMO_NOTICE
+from qwenkit.cli.common import AllowPickleOption, ModelOption, load_model
+from qwenkit.cli.errors import err_console, friendly_errors
+from qwenkit.engines.grammar import grammar_from_json_schema
+from qwenkit.engines.llamacpp.config import EngineConfig
+from qwenkit.engines.llamacpp.engine import LlamaCppEngine
+from qwenkit.engines.loader import ModelFiles, open_engine, prepare_files
+from qwenkit.engines.request import Grammar
+from qwenkit.gguf.convert import OutType
+from qwenkit.hardware import physical_cores
+
+ThinkOption = Annotated[
+    bool | None, typer.Option("--think/--no-think", help="Thinking mode; default: soft switches, else on.")
+]
+MaxTokensOption = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")]
+TemperatureOption = Annotated[float | None, typer.Option(help="Default: Qwen's for the mode (0.6 / 0.7).")]
+TopPOption = Annotated[float | None, typer.Option("--top-p", help="Default: 0.95 thinking, 0.8 otherwise.")]
+TopKOption = Annotated[int | None, typer.Option("--top-k", help="Default: 20.")]
+SeedOption = Annotated[int | None, typer.Option(help="Same seed, same output.")]
+BudgetOption = Annotated[
+    int | None, typer.Option("--thinking-budget", min=1, help="Most thinking tokens before answering.")
+]
+ToolsOption = Annotated[Path | None, typer.Option(help="JSON file with OpenAI-style tool definitions.")]
+CtxOption = Annotated[
+    int | None, typer.Option("--ctx", min=64, help="Context length (default: sized to the need).")
+]
+ThreadsOption = Annotated[int | None, typer.Option(min=1, help="CPU threads (default: physical cores).")]
+QuantOption = Annotated[
+    str, typer.Option("--quant", help="GGUF type an HF checkpoint is converted to: f32, f16, bf16, q8_0.")
+]
+
+
+@dataclass
+class Options:
+    max_tokens: int
+    sampling: dict[str, object]
+    enable_thinking: bool | None
+    tools: list[Tool] | None
+    grammar: Grammar | None
+
+
+def _load_tools(path: Path | None) -> list[Tool] | None:
+    if path is None:
+        return None
+    data = json.loads(path.read_text("utf-8"))
+    return tools_from_openai(data if isinstance(data, list) else [data])
+
+
+def _open(
+    model: str | None, allow_pickle: bool, quant: str, n_ctx: int, threads: int | None
+) -> tuple[ModelFiles, LlamaCppEngine]:
+    resolved = load_model(model, allow_pickle)
+    with Progress(
+        TextColumn("converting to GGUF"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("convert", total=None)
+        files = prepare_files(
+            resolved, quant, progress=lambda done, total: progress.update(task, completed=done, total=total)
+        )
+    if files.n_ctx_train:
+        n_ctx = min(n_ctx, files.n_ctx_train)
+    config = EngineConfig(n_ctx=n_ctx, max_seqs=1, threads=threads or physical_cores())
+    return files, open_engine(files, config)
+
+
+class StreamPrinter:
+    """Prints parse deltas: thinking dim and apart, then the answer, then tool calls."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.section: str | None = None
+
+    def _enter(self, section: str) -> None:
+        if self.section != section:
+            if self.section is not None:
+                self.console.print()
+            if section == "reasoning":
+                self.console.print("[dim]thinking…[/]")
+            elif section == "content" and self.section == "reasoning":
+                self.console.print("[dim]answer:[/]")
+            self.section = section
+
+    def show(self, reasoning: str, content: str, calls: list[tuple[str, str]]) -> None:
+        if reasoning:
+            self._enter("reasoning")
+            self.console.print(reasoning, end="", style="dim italic", markup=False, highlight=False)
+        if content:
+            self._enter("content")
+            self.console.print(content, end="", markup=False, highlight=False)
+        for name, arguments in calls:
+            self._enter("tools")
+            self.console.print(f"[bold cyan]tool call[/] {name}({arguments})", highlight=False)
+
+    def end(self) -> None:
+        if self.section is not None:
+            self.console.print()
+
+
+def stream_chat(engine: LlamaCppEngine, prepared: PreparedChat, console: Console) -> tuple[ParsedOutput, str]:
+    """Run one chat turn, printing as it streams; returns the parsed result and a stats line."""
+    parser = prepared.parser()
+    acc = ParseAccumulator()
+    printer = StreamPrinter(console)
+    start = time.perf_counter()
+    first: float | None = None
+    finish, n_out = None, 0
+    for event in engine.generate_sync(prepared.request):
+        first = first or time.perf_counter()
+        delta = parser.feed(event.text)
+        if event.finished:
+            tail = parser.finish()
+            delta = _merge(delta, tail)
+            finish, n_out = event.finish_reason, event.completion_tokens
+            if event.error:
+                raise ValueError(event.error)
+        acc.add(delta)
+        printer.show(delta.reasoning, delta.content, [(c.name or "", c.arguments) for c in delta.tool_calls])
+    printer.end()
+    result = acc.result()
+    elapsed = time.perf_counter() - start
+    ttft = (first or start) - start
+    rate = n_out / max(elapsed - ttft, 1e-9) if n_out > 1 else 0.0
+    stats = f"{n_out} tokens, {rate:.1f} tok/s, first token {ttft * 1000:.0f} ms, finish: {finish}"
+    if result.reasoning_truncated:
+        stats += " (thinking was cut off before the answer: raise --max-tokens or set --thinking-budget)"
+    return result, stats
+
+
+def _merge(a: ParseDelta, b: ParseDelta) -> ParseDelta:
+    return ParseDelta(
+        reasoning=a.reasoning + b.reasoning,
+        content=a.content + b.content,
+        tool_calls=[*a.tool_calls, *b.tool_calls],
+        reasoning_truncated=b.reasoning_truncated,
+    )
+
+
+def _options(
+    max_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    thinking_budget: int | None,
+    think: bool | None,
+    tools: Path | None,
+    json_schema: Path | None,
+) -> Options:
+    sampling: dict[str, object] = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "max_tokens": max_tokens,
+        "thinking_budget": thinking_budget,
+    }
+    grammar = None
+    if json_schema is not None:
+        grammar = grammar_from_json_schema(json.loads(json_schema.read_text("utf-8")))
+    return Options(max_tokens, sampling, think, _load_tools(tools), grammar)
+
+
+@friendly_errors
+def generate_command(
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    model: ModelOption = None,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="A system message.")] = None,
+    max_tokens: MaxTokensOption = 256,
+    temperature: TemperatureOption = None,
+    top_p: TopPOption = None,
+    top_k: TopKOption = None,
+    seed: SeedOption = None,
+    think: ThinkOption = None,
+    thinking_budget: BudgetOption = None,
+    tools: ToolsOption = None,
+    json_schema: Annotated[
+        Path | None, typer.Option("--json-schema", help="Answer must be JSON valid against this schema file.")
+    ] = None,
+    ctx: CtxOption = None,
+    threads: ThreadsOption = None,
+    quant: QuantOption = "q8_0",
+    allow_pickle: AllowPickleOption = False,
+) -> None:
+    """Generate one answer to PROMPT, streaming; thinking is shown apart from the answer."""
+    opts = _options(max_tokens, temperature, top_p, top_k, seed, thinking_budget, think, tools, json_schema)
+    raw: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    raw.append({"role": "user", "content": prompt})
+    messages = messages_from_openai(raw)
+    files, engine = _open(model, allow_pickle, _quant(quant), ctx or 1 << 30, threads)
+    try:
+        prepared = _prepare(files, messages, opts, engine)
+        for warning in prepared.warnings:
+            err_console.print(f"[yellow]warning:[/] {warning}")
+        _, stats = stream_chat(engine, prepared, Console(highlight=False))
+        err_console.print(f"[dim]{stats}[/]")
+        if files.is_demo:
+            err_console.print(f"[yellow]{DEMO_NOTICE}[/]", soft_wrap=True)
+    finally:
+        engine.close()
+
+
+def _quant(quant: str) -> OutType:
+    if quant not in ("f32", "f16", "bf16", "q8_0"):
+        raise ValueError(
+            f"--quant must be f32, f16, bf16 or q8_0 (got {quant!r}); use `qwenkit quantize` for others"
+        )
+    return quant  # type: ignore[return-value]
+
+
+def _prepare(
+    files: ModelFiles, messages: list[Message], opts: Options, engine: LlamaCppEngine
+) -> PreparedChat:
+    prepared = prepare_chat(
+        files.tokenizer,
+        messages,
+        flavor=files.flavor,
+        tools=opts.tools,
+        enable_thinking=opts.enable_thinking,
+        sampling=opts.sampling,
+        grammar=opts.grammar,
+    )
+    room = engine.n_ctx - len(prepared.request.prompt_token_ids)
+    if room < 1:
+        raise ValueError(
+            f"the conversation ({len(prepared.request.prompt_token_ids)} tokens) fills the context "
+            f"({engine.n_ctx}); use /reset or a larger --ctx"
+        )
+    if opts.max_tokens > room:
+        sampling = prepared.request.sampling.model_copy(update={"max_tokens": room})
+        prepared = replace(prepared, request=replace(prepared.request, sampling=sampling))
+    return prepared
+
+
+CHAT_HELP = "/think, /no_think: switch thinking · /reset: forget the conversation · /exit: quit (or Ctrl-D)"
+
+
+@friendly_errors
+def chat_command(
+    model: ModelOption = None,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="A system message.")] = None,
+    max_tokens: MaxTokensOption = 1024,
+    temperature: TemperatureOption = None,
+    top_p: TopPOption = None,
+    top_k: TopKOption = None,
+    seed: SeedOption = None,
+    think: ThinkOption = None,
+    thinking_budget: BudgetOption = None,
+    tools: ToolsOption = None,
+    ctx: Annotated[
+        int, typer.Option("--ctx", min=256, help="Context length for the whole conversation.")
+    ] = 8192,
+    threads: ThreadsOption = None,
+    quant: QuantOption = "q8_0",
+    allow_pickle: AllowPickleOption = False,
+) -> None:
+    """Chat in the terminal. /think and /no_think switch thinking mode; /reset forgets; /exit quits."""
+    opts = _options(max_tokens, temperature, top_p, top_k, seed, thinking_budget, think, tools, None)
+    files, engine = _open(model, allow_pickle, _quant(quant), ctx, threads)
+    console = Console(highlight=False)
+    history: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    base = list(history)
+    console.print(f"[dim]{files.name} · context {engine.n_ctx} tokens · {CHAT_HELP}[/]")
+    try:
+        while True:
+            try:
+                line = console.input("[bold green]you>[/] ")
+            except EOFError:
+                console.print()
+                return
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                return
+            if text == "/reset":
+                history = list(base)
+                console.print("[dim]conversation cleared[/]")
+                continue
+            if text in ("/think", "/no_think"):
+                opts.enable_thinking = text == "/think"
+                console.print(f"[dim]thinking {'on' if opts.enable_thinking else 'off'}[/]")
+                continue
+            if text == "/help":
+                console.print(f"[dim]{CHAT_HELP}[/]")
+                continue
+            history.append({"role": "user", "content": line})
+            try:
+                prepared = _prepare(files, messages_from_openai(history), opts, engine)
+            except ValueError as exc:
+                history.pop()
+                err_console.print(f"[bold red]error:[/] {exc}")
+                continue
+            console.print("[bold blue]qwen>[/] ", end="")
+            result, stats = stream_chat(engine, prepared, console)
+            err_console.print(f"[dim]{stats}[/]")
+            history.append(_assistant_turn(result))
+    finally:
+        engine.close()
+        if files.is_demo:
+            err_console.print(f"[yellow]{DEMO_NOTICE}[/]", soft_wrap=True)
+
+
+def _assistant_turn(result: ParsedOutput) -> dict[str, Any]:
+    turn: dict[str, Any] = {"role": "assistant", "content": result.content or ""}
+    if result.reasoning:
+        turn["reasoning_content"] = result.reasoning
+    if result.tool_calls:
+        turn["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in result.tool_calls
+        ]
+    if not turn["content"] and not result.tool_calls and not result.reasoning:
+        turn["content"] = " "
+    return turn

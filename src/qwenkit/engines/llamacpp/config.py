@@ -1,0 +1,41 @@
+"""Engine configuration: context and batch sizes, threads, KV dtype, sized from the expected request mix.
+
+Contract: EngineConfig is validated and immutable; for_workload() picks n_ctx from how many sequences run
+at once and how long each may get, so a user states the workload rather than llama.cpp's knobs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qwenkit.hardware import physical_cores
+
+KVType = Literal["f32", "f16", "q8_0"]
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_ctx: int = Field(default=4096, ge=64, description="KV cells shared by all sequences")
+    max_seqs: int = Field(default=8, ge=1, le=256, description="sequences decoded together")
+    n_batch: int = Field(default=512, ge=16, description="tokens per llama_decode call at most")
+    n_ubatch: int = Field(default=512, ge=16)
+    threads: int = Field(default_factory=physical_cores, ge=1)
+    kv_type: KVType = "f16"
+    flash_attn: bool = False
+    prefill_chunk: int | None = Field(
+        default=None, ge=8, description="prompt tokens per step while others decode; None = adaptive"
+    )
+    prefix_cache: bool = True
+    max_waiting: int = Field(default=256, ge=0)
+
+    @classmethod
+    def for_workload(
+        cls, max_seqs: int, tokens_per_seq: int, n_ctx_train: int | None = None, **overrides: object
+    ) -> EngineConfig:
+        """n_ctx = max_seqs × tokens_per_seq (rounded up to 256), each sequence capped at n_ctx_train."""
+        per_seq = min(tokens_per_seq, n_ctx_train) if n_ctx_train else tokens_per_seq
+        n_ctx = -(-(max_seqs * per_seq) // 256) * 256
+        return cls(n_ctx=n_ctx, max_seqs=max_seqs, **overrides)  # type: ignore[arg-type]

@@ -1,0 +1,364 @@
+"""The CPU/edge engine: llama.cpp's kernels, our own continuous batching.
+
+Contract: submit() validates a GenerationRequest (raising EngineError for what can never run) and queues
+it; each step() is schedule → one llama_decode for all running sequences → sample and emit per sequence.
+The engine runs steps on its own thread once start()ed, or inline through generate_sync() when not.
+generate() is the async face: an async iterator of TokenEvents; leaving it early aborts the request and
+frees its KV cells within one step. Knows nothing of chat templates or HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+from qwenkit.engines.llamacpp.config import EngineConfig
+from qwenkit.engines.llamacpp.kv import SlotManager
+from qwenkit.engines.llamacpp.model import LlamaModel
+from qwenkit.engines.llamacpp.sampler import SeqSampler, check_grammar, logprobs_for
+from qwenkit.engines.llamacpp.scheduler import MIN_PREFILL_CHUNK, Scheduler, StepPlan
+from qwenkit.engines.llamacpp.sequence import Sequence, Status
+from qwenkit.engines.request import (
+    THINKING_EARLY_STOP,
+    EngineError,
+    EngineOverloaded,
+    EngineStats,
+    GenerationRequest,
+    RequestTooLong,
+    TokenEvent,
+)
+
+MAX_LOGPROBS = 20
+
+
+class LlamaCppEngine:
+    def __init__(self, gguf_path: Path, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        if self.config.n_batch < self.config.max_seqs:
+            raise EngineError(
+                "n_batch must be at least max_seqs (every running sequence feeds a token per step)"
+            )
+        self.model = LlamaModel(Path(gguf_path), self.config)
+        self.n_ctx = self.model.n_ctx
+        self.scheduler = Scheduler(
+            SlotManager(self.model, self.config.max_seqs, self.config.prefix_cache),
+            self.n_ctx,
+            self.config.n_batch,
+            self.config.max_seqs,
+        )
+        if self.config.prefill_chunk:
+            self.scheduler.prefill_chunk = self.config.prefill_chunk
+        self._think_start = self.model.token_id("<think>")
+        self._think_end = self.model.token_id("</think>")
+        self._early_stop = self.model.tokenize(THINKING_EARLY_STOP, parse_special=True)
+        self._inbox: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._by_id: dict[str, Sequence] = {}
+        self._cv = threading.Condition()
+        self._arrivals = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._accepting = True
+        self.steps = 0
+        self._t_decode: float | None = None  # seconds per decode-only step (EMA)
+        self._t_prefill_tok: float | None = None  # seconds per prompt token (EMA)
+
+    # ---- submitting -------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, sink: Callable[[TokenEvent], None]) -> None:
+        """Queue a request; its events go to sink (called on the engine thread)."""
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise EngineError("empty prompt: give at least one token")
+        if min(prompt) < 0 or max(prompt) >= self.model.n_vocab:
+            raise EngineError(f"prompt has token ids outside the vocabulary (0..{self.model.n_vocab - 1})")
+        room = self.n_ctx - len(prompt)
+        max_tokens = request.sampling.max_tokens
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            raise RequestTooLong(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens or 1}) exceeds the context "
+                f"({self.n_ctx}); shorten the prompt, lower max_tokens or raise the context size"
+            )
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise EngineError(f"logprobs must be between 0 and {MAX_LOGPROBS}")
+        if request.grammar is not None:
+            check_grammar(self.model, request.grammar)
+        seq = Sequence(request, sink, max_new=max_tokens or room, arrival=next(self._arrivals))
+        with self._cv:
+            if not self._accepting:
+                raise EngineOverloaded("the engine is shutting down")
+            if request.request_id in self._by_id:
+                raise EngineError(f"request id {request.request_id!r} is already running")
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
+                raise EngineOverloaded("too many requests waiting; retry later")
+            self._by_id[request.request_id] = seq
+            self._inbox.append(seq)
+            self._cv.notify()
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is; it gets a final event with finish_reason 'abort'."""
+        with self._cv:
+            if request_id in self._by_id:
+                self._aborts.add(request_id)
+                self._cv.notify()
+
+    # ---- one step: schedule → run → postprocess ---------------------------------------------------
+    def step(self) -> bool:
+        """Run one decode step; returns whether work remains."""
+        self._drain_inbox()
+        self.scheduler.admit()
+        plan = self.scheduler.plan()
+        if plan.entries:
+            self._run(plan)
+        return self.scheduler.has_work() or bool(self._inbox)
+
+    def _drain_inbox(self) -> None:
+        with self._cv:
+            new, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, set()
+        for seq in new:
+            self._start(seq)
+        for request_id in aborts:
+            seq = self._by_id.get(request_id)
+            if seq is not None and seq.status is not Status.FINISHED:
+                self._finish(seq, "abort", [], self._flush_text(seq))
+
+    def _start(self, seq: Sequence) -> None:
+        req = seq.request
+        thinking = req.thinking
+        grammar_now = req.grammar is not None and not (
+            req.grammar.after_think and thinking and thinking.starts_inside
+        )
+        try:
+            seq.sampler = SeqSampler(self.model, req.sampling, req.grammar, grammar_active=grammar_now)
+        except EngineError as exc:
+            self._finish(seq, "error", [], "", error=str(exc))
+            return
+        self.scheduler.waiting.append(seq)
+
+    def _run(self, plan: StepPlan) -> None:
+        tokens: list[int] = []
+        positions: list[int] = []
+        seq_ids: list[int] = []
+        wants: list[bool] = []
+        samples: list[tuple[Sequence, int]] = []
+        for seq, n in plan.entries:
+            start = seq.n_cached
+            tokens.extend(seq.tokens[start : start + n])
+            positions.extend(range(start, start + n))
+            seq_ids.extend([seq.seq_id] * n)
+            last = start + n == len(seq.tokens)
+            wants.extend([False] * (n - 1) + [last])
+            if last:
+                samples.append((seq, len(tokens) - 1))
+        t0 = time.perf_counter()
+        status = self.model.decode(tokens, positions, seq_ids, wants)
+        elapsed = time.perf_counter() - t0
+        if status != 0:
+            self._decode_failed(plan, status)
+            return
+        self.steps += 1
+        self._learn_timing(plan, elapsed)
+        for seq, n in plan.entries:
+            seq.n_cached += n
+        for seq, index in samples:
+            self._postprocess(seq, index)
+
+    def _decode_failed(self, plan: StepPlan, status: int) -> None:
+        # 1 = no room for this batch in the KV cache: make room and let the next step retry.
+        if status == 1 and (self.scheduler.slots.evict_lru() or self.scheduler.preempt_newest()):
+            return
+        for seq, _ in plan.entries:
+            self._finish(seq, "error", [], self._flush_text(seq), error=f"llama_decode failed ({status})")
+
+    def _learn_timing(self, plan: StepPlan, elapsed: float) -> None:
+        """Size prompt chunks so a step that carries one costs about two decode-only steps."""
+        n_prefill = sum(n for _, n in plan.entries if n > 1)
+        n_decode = len(plan.entries) - sum(1 for _, n in plan.entries if n > 1)
+
+        def ema(old: float | None, new: float) -> float:
+            return new if old is None else 0.8 * old + 0.2 * new
+
+        if n_prefill == 0:
+            self._t_decode = ema(self._t_decode, elapsed)
+        elif n_decode == 0:
+            self._t_prefill_tok = ema(self._t_prefill_tok, elapsed / n_prefill)
+        elif self._t_decode is not None and elapsed > self._t_decode:
+            # Measured in mixed steps too: deep in a long prompt a token costs more than at its start.
+            self._t_prefill_tok = ema(self._t_prefill_tok, (elapsed - self._t_decode) / n_prefill)
+        if self.config.prefill_chunk is None and self._t_decode and self._t_prefill_tok:
+            chunk = int(self._t_decode / self._t_prefill_tok)
+            self.scheduler.prefill_chunk = max(MIN_PREFILL_CHUNK, min(chunk, self.config.n_batch))
+
+    def _postprocess(self, seq: Sequence, index: int) -> None:
+        req = seq.request
+        sampler: SeqSampler = seq.sampler  # type: ignore[assignment]
+        token = sampler.sample(index)
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = [logprobs_for(self.model, index, token, req.logprobs)]
+        seq.n_generated += 1
+        if (not req.ignore_eos and self.model.is_eog(token)) or token in req.stop_token_ids:
+            self._finish(seq, "stop", [token], self._flush_text(seq), logprobs=logprobs)
+            return
+        new = [token, *self._thinking_update(seq, token, sampler)]
+        seq.tokens.extend(new)
+        text = "".join(seq.text.push(self.model.piece(t)) for t in new)
+        out = seq.stops.push(text)
+        if seq.stops.stopped:
+            self._finish(seq, "stop", new, out, logprobs=logprobs)
+        elif seq.n_generated >= seq.max_new or len(seq.tokens) >= self.n_ctx:
+            self._finish(seq, "length", new, out + self._flush_text(seq), logprobs=logprobs)
+        else:
+            seq.emit(new, out, logprobs=logprobs)
+
+    def _thinking_update(self, seq: Sequence, token: int, sampler: SeqSampler) -> list[int]:
+        """Track <think>…</think>; past the budget, insert Qwen's early-stop text. Returns inserted tokens."""
+        thinking = seq.request.thinking
+        if thinking is None:
+            return []
+        if token == self._think_start and seq.n_generated == 1:
+            seq.in_reasoning = True
+            return []
+        if not seq.in_reasoning:
+            if seq.n_generated == 1 and seq.request.grammar is not None:
+                sampler.activate_grammar()  # the model skipped thinking: constrain from here on
+            return []
+        if token == self._think_end:
+            seq.in_reasoning = False
+            sampler.activate_grammar()
+            return []
+        seq.reasoning_tokens += 1
+        if thinking.budget is not None and seq.reasoning_tokens >= thinking.budget:
+            seq.in_reasoning = False
+            forced = list(self._early_stop)
+            for t in forced:
+                sampler.accept_forced(t)
+            sampler.activate_grammar()
+            seq.n_generated += len(forced)
+            return forced
+        return []
+
+    def _flush_text(self, seq: Sequence) -> str:
+        return seq.stops.push(seq.text.flush()) + seq.stops.flush()
+
+    def _finish(self, seq: Sequence, reason: str, token_ids: list[int], text: str, **extra: object) -> None:
+        self.scheduler.finish(seq)
+        if seq.sampler is not None:
+            seq.sampler.free()  # type: ignore[attr-defined]
+            seq.sampler = None
+        with self._cv:
+            self._by_id.pop(seq.request_id, None)
+        seq.emit(token_ids, text, finish=reason, **extra)  # type: ignore[arg-type]
+
+    # ---- driving ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run steps on a background thread until shutdown()."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="qwenkit-llamacpp", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._inbox or self._aborts or self.scheduler.has_work() or self._stopping):
+                    self._cv.wait()
+                if self._stopping and not self.scheduler.has_work() and not self._inbox:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # a bug must not hang every client: fail the running requests
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    try:
+                        self._finish(seq, "error", [], "", error=f"engine error: {exc}")
+                    except Exception:  # a broken sink must not stop the others' cleanup
+                        continue
+
+    def generate_sync(self, request: GenerationRequest) -> Iterator[TokenEvent]:
+        """Events of one request, blocking; drives the steps itself when no background thread runs."""
+        events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
+        self.submit(request, events.put)
+        finished = False
+        try:
+            while not finished:
+                if self._thread is None:
+                    self.step()
+                    while not events.empty():
+                        event = events.get()
+                        finished = event.finished
+                        yield event
+                else:
+                    event = events.get()
+                    finished = event.finished
+                    yield event
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+                if self._thread is None:
+                    self._drain_inbox()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Events of one request; needs start(). Closing the iterator early aborts the request."""
+        if self._thread is None:
+            raise EngineError("the engine is not started; call start() first")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+        def deliver(event: TokenEvent) -> None:
+            # A closed event loop means the consumer is gone; its abort is already queued.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        self.submit(request, deliver)
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event.finished
+                yield event
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            running=len(s.running),
+            waiting=len(s.waiting) + len(self._inbox),
+            kv_used=s.kv_used(),
+            kv_total=self.n_ctx,
+            steps=self.steps,
+            preemptions=s.preemptions,
+        )
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop admitting, let running requests finish for up to `timeout` s, abort the rest, free memory."""
+        with self._cv:
+            self._accepting = False
+        deadline = time.monotonic() + timeout
+        if self._thread is not None:
+            while self.scheduler.has_work() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with self._cv:
+                for request_id in list(self._by_id):
+                    self._aborts.add(request_id)
+                self._stopping = True
+                self._cv.notify()
+            self._thread.join()
+            self._thread = None
+        else:
+            with self._cv:
+                self._aborts.update(self._by_id)
+            self._drain_inbox()
+        self.model.close()
+
+    def close(self) -> None:
+        self.shutdown(timeout=0)
+
+
+__all__ = ["LlamaCppEngine"]

@@ -1,0 +1,108 @@
+"""KV slots: which llama.cpp sequence ids are in use, and which finished sequences' cells are kept.
+
+Contract: a running sequence owns one slot (its seq_id). When it ends, its cells stay as a prefix cache
+for the next request that starts with the same tokens (a shared system prompt, earlier chat turns), until
+the room is needed (least recently used first). Cell counts are upper bounds: shared cells count per slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qwenkit.engines.llamacpp.model import LlamaModel
+
+
+@dataclass
+class _Cached:
+    tokens: list[int]
+    last_used: int
+
+
+def common_prefix(a: list[int], b: tuple[int, ...] | list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class PrefixMatch:
+    length: int
+    slot: int
+    idle: bool
+
+
+@dataclass
+class SlotManager:
+    model: LlamaModel
+    n_slots: int
+    enabled: bool = True
+    _free: list[int] = field(init=False)
+    _idle: dict[int, _Cached] = field(init=False, default_factory=dict)
+    _clock: int = 0
+
+    def __post_init__(self) -> None:
+        self._free = list(range(self.n_slots - 1, -1, -1))
+
+    @property
+    def idle_cells(self) -> int:
+        return sum(len(c.tokens) for c in self._idle.values())
+
+    def has_slot(self) -> bool:
+        return bool(self._free) or bool(self._idle)
+
+    def best_prefix(self, prompt: tuple[int, ...], running: dict[int, list[int]]) -> PrefixMatch | None:
+        """The slot (idle cache or running sequence) sharing the longest prefix with this prompt."""
+        if not self.enabled:
+            return None
+        best: PrefixMatch | None = None
+        for slot, cached in self._idle.items():
+            n = common_prefix(cached.tokens, prompt)
+            if n and (best is None or n > best.length):
+                best = PrefixMatch(n, slot, True)
+        for slot, tokens in running.items():
+            n = common_prefix(tokens, prompt)
+            if n and (best is None or n > best.length):
+                best = PrefixMatch(n, slot, False)
+        return best
+
+    def take_idle(self, slot: int, keep: int) -> int:
+        """Reuse an idle slot: keep its first `keep` cells, drop the rest."""
+        self._idle.pop(slot)
+        self.model.seq_rm(slot, keep, -1)
+        return slot
+
+    def take(self, keep: int | None = None) -> int:
+        """A free slot, evicting the least recently used idle cache (never `keep`) if none is free."""
+        if not self._free and not self.evict_lru(keep=keep):
+            self.evict_lru()
+        return self._free.pop()
+
+    def is_idle(self, slot: int) -> bool:
+        return slot in self._idle
+
+    def evict_lru(self, keep: int | None = None) -> bool:
+        """Drop the least recently used idle cache (never `keep`); False when there is none to drop."""
+        candidates = [s for s in self._idle if s != keep]
+        if not candidates:
+            return False
+        slot = min(candidates, key=lambda s: self._idle[s].last_used)
+        del self._idle[slot]
+        self.model.seq_rm(slot)
+        self._free.append(slot)
+        return True
+
+    def release(self, slot: int, cached_tokens: list[int]) -> None:
+        """A sequence ended: keep its cells for prefix reuse (or drop them when caching is off)."""
+        self._clock += 1
+        if self.enabled and cached_tokens:
+            self._idle[slot] = _Cached(cached_tokens, self._clock)
+        else:
+            self.model.seq_rm(slot)
+            self._free.append(slot)
+
+    def drop(self, slot: int) -> None:
+        """Free a slot and its cells now (preemption, errors)."""
+        self.model.seq_rm(slot)
+        self._free.append(slot)

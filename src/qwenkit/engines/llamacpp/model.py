@@ -1,0 +1,151 @@
+"""A loaded GGUF model and its llama.cpp context: vocab, KV memory and one decode call.
+
+Contract: LlamaModel owns the native model, context and batch and frees them on close(); everything else
+in the engine talks to llama.cpp only through it. Not thread-safe: the engine's loop thread alone uses it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from qwenkit.engines.llamacpp.config import EngineConfig
+from qwenkit.engines.request import EngineError
+from qwenkit.gguf.reader import read_gguf_info
+
+_RECENT_LOG: list[str] = []
+
+
+@llama_cpp.llama_log_callback
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama.cpp logs every load detail to stderr; keep the last lines for error messages instead.
+    _RECENT_LOG.append(text.decode("utf-8", "replace"))
+    del _RECENT_LOG[:-20]
+
+
+def recent_log() -> str:
+    """The last lines llama.cpp logged (for error messages)."""
+    return "".join(_RECENT_LOG).strip()
+
+
+_KV_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+
+
+class LlamaModel:
+    def __init__(self, gguf_path: Path, config: EngineConfig) -> None:
+        self.info = read_gguf_info(gguf_path)  # clear errors for non-GGUF, truncated or non-Qwen files
+        llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.use_mmap = True
+        self._model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+        if not self._model:
+            last = recent_log().splitlines()[-1:] or ["no details"]
+            raise EngineError(
+                f"llama.cpp could not load {gguf_path} ({last[0]}); re-create it with `qwenkit convert`"
+            )
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx
+        cparams.n_batch = config.n_batch
+        cparams.n_ubatch = min(config.n_ubatch, config.n_batch)
+        cparams.n_seq_max = config.max_seqs
+        cparams.n_threads = config.threads
+        cparams.n_threads_batch = config.threads
+        cparams.type_k = _KV_TYPES[config.kv_type]
+        cparams.type_v = _KV_TYPES[config.kv_type]
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if config.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.kv_unified = True  # all sequences share one pool of cells (prefix sharing, uneven lengths)
+        cparams.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise EngineError(f"llama.cpp could not create a context of {config.n_ctx} tokens; lower --ctx")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self.n_batch = config.n_batch
+        self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
+        self._pieces: dict[int, bytes] = {}
+        self._closed = False
+
+    # vocab
+    def tokenize(self, text: str, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, False, parse_special)
+        if n < 0:
+            raise EngineError("text too long to tokenize")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens as their text, e.g. b"</think>")."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, True)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, True)
+            cached = self._pieces[token] = buf.raw[:n]
+        return cached
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def token_id(self, text: str) -> int | None:
+        ids = self.tokenize(text, parse_special=True)
+        return ids[0] if len(ids) == 1 else None
+
+    # KV memory
+    def seq_rm(self, seq_id: int, p0: int = 0, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_rm(self._mem, seq_id, p0, p1)
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def clear_memory(self) -> None:
+        llama_cpp.llama_memory_clear(self._mem, True)
+
+    # running
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int], wants: Sequence[bool]
+    ) -> int:
+        """One llama_decode over a batch; returns llama.cpp's status (0 ok, 1 no KV room, <0 error)."""
+        b = self._batch
+        n = len(tokens)
+        for i in range(n):
+            b.token[i] = tokens[i]
+            b.pos[i] = positions[i]
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_ids[i]
+            b.logits[i] = wants[i]
+        b.n_tokens = n
+        return llama_cpp.llama_decode(self._ctx, b)
+
+    @property
+    def ctx(self) -> llama_cpp.llama_context_p:
+        return self._ctx
+
+    def logits(self, batch_index: int) -> np.ndarray:
+        """A view of the logits llama.cpp produced for one batch position (valid until the next decode)."""
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        llama_cpp.llama_model_free(self._model)

@@ -1,0 +1,377 @@
+"""Parity of converted GGUFs with the reference: transformers' fp32 forward pass and qwenkit's tokenizer.
+
+Each checkpoint is loaded by transformers (AutoModelForCausalLM, float32) and, converted to an f32 GGUF, by
+llama.cpp (f32 KV cache, no flash attention, 2 threads); logits for every prompt position must agree to 1e-4
+and greedy generations must be identical. The demo's weights (std 0.02) give nearly flat logits and almost
+uniform attention, so each arch is also checked "sharpened": weights rescaled so activations are O(1), logits
+spread over several units and attention depends on RoPE; a wrong rope base must then fail the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import unicodedata
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from qwenkit.chat.messages import messages_from_openai, tools_from_openai
+from qwenkit.chat.render import render
+from qwenkit.gguf.convert import convert_to_gguf
+from qwenkit.tokenizer.specials import ADDED_TOKEN_IDS, THINK_START
+from qwenkit.tokenizer.tokenizer import QwenTokenizer
+
+llama_cpp = pytest.importorskip("llama_cpp")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+DEMO_ARCHS = ("qwen2", "qwen3", "qwen3_moe")
+ARCHS = (*DEMO_ARCHS, "qwen2_moe", "qwen3_head_dim32")  # the last two are written by transformers
+MAX_ABS_DIFF = 1e-4
+GREEDY_TOKENS = 20
+PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "What is 2 + 2? Answer briefly, s'il vous plaît. 你好!<|im_end|>\n<|im_start|>assistant\n<think>\n"
+)
+
+
+def sharpen(directory: Path, seed: int = 0) -> None:
+    """Rescale every weight in place so activations are O(1) and the blocks, not the input embedding, decide.
+
+    Matrices get std 1/sqrt(fan_in), the blocks' output projections 6x that (with tied embeddings a token's
+    own embedding would otherwise dominate the residual stream and greedy decoding repeats it), embeddings
+    std 0.5 (logit std ~4), norm weights 1 ± 0.2 and biases std 0.1.
+    """
+    rng = np.random.default_rng(seed)
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors = load_file(file)
+        for name, tensor in tensors.items():
+            values = tensor.astype(np.float32)
+            if name.endswith("norm.weight"):
+                values = 1 + 0.2 * rng.standard_normal(values.shape, dtype=np.float32)
+            elif values.ndim == 1:  # qkv biases (zeros when transformers initialised them)
+                values = 0.1 * rng.standard_normal(values.shape, dtype=np.float32)
+            elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+                values = values / values.std() * 0.5
+            else:
+                boost = 6.0 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+                values = values / values.std() / np.sqrt(values.shape[1]) * boost
+            tensors[name] = values.astype(tensor.dtype)
+        save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+# Checkpoints the demos do not cover, written by transformers itself (sharded, untied head): qwen2_moe with a
+# shared expert, and qwen3 with head_dim != hidden / heads, as in Qwen3-0.6B (1024 / 16 heads, head_dim 128).
+_TINY = {
+    "vocab_size": 151_936,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "bos_token_id": 151_643,
+    "eos_token_id": 151_645,
+}
+TRANSFORMERS_BUILT = {
+    "qwen2_moe": lambda: transformers.Qwen2MoeForCausalLM(
+        transformers.Qwen2MoeConfig(
+            **_TINY,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+    ),
+    "qwen3_head_dim32": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**_TINY, head_dim=32)),
+}
+
+
+def transformers_checkpoint(kind: str, directory: Path, tokenizer_from: Path) -> Path:
+    torch.manual_seed(0)
+    TRANSFORMERS_BUILT[kind]().save_pretrained(directory, max_shard_size="30MB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_from / name, directory / name)
+    return directory
+
+
+class Case:
+    """One checkpoint loaded both ways: transformers (reference) and llama.cpp (converted f32 GGUF)."""
+
+    def __init__(self, checkpoint: Path, gguf_path: Path) -> None:
+        self.checkpoint = checkpoint
+        self.gguf = gguf_path
+        self.tokenizer = QwenTokenizer.from_dir(checkpoint)
+        self.hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        self.llm = load_llama(gguf_path)
+
+    def hf_logits(self, ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return self.hf(torch.tensor([ids])).logits[0].numpy()
+
+    def llama_logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)])
+
+    def hf_greedy(self, ids: list[int], n: int) -> list[int]:
+        out: list[int] = []
+        past, step = None, ids
+        with torch.no_grad():
+            for _ in range(n):
+                result = self.hf(torch.tensor([step]), past_key_values=past, use_cache=True)
+                past = result.past_key_values
+                out.append(int(result.logits[0, -1].argmax()))
+                step = out[-1:]
+        return out
+
+    def llama_greedy(self, ids: list[int], n: int) -> list[int]:
+        # One token at a time through llama.cpp's KV cache, as the engine decodes.
+        self.llm.reset()
+        self.llm.eval(ids)
+        out: list[int] = []
+        for _ in range(n):
+            out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            self.llm.eval(out[-1:])
+        return out
+
+
+def load_llama(path: Path, **overrides: object) -> llama_cpp.Llama:
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=256,
+        n_threads=2,
+        n_threads_batch=2,
+        logits_all=True,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        flash_attn=False,
+        verbose=False,
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def case(
+    demo_checkpoint: Callable[[str, str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str, str], Case]]:
+    """(arch, variant) → a Case, built once per module. Variants: "demo" (as shipped), "small" (the small
+    demo), "sharpened", and "yarn" (sharpened, with YaRN rope scaling that matters within a short prompt)."""
+    made: dict[tuple[str, str], Case] = {}
+
+    def get(arch: str, variant: str) -> Case:
+        if (arch, variant) not in made:
+            root = tmp_path_factory.mktemp(f"parity-{arch}-{variant}")
+            checkpoint = root / "checkpoint"
+            if arch in TRANSFORMERS_BUILT:
+                transformers_checkpoint(arch, checkpoint, demo_checkpoint("qwen3", "tiny"))
+            else:
+                shutil.copytree(demo_checkpoint(arch, "small" if variant == "small" else "tiny"), checkpoint)
+            if variant in ("sharpened", "yarn"):
+                sharpen(checkpoint)
+            if variant == "yarn":
+                config = json.loads((checkpoint / "config.json").read_text())
+                config["rope_scaling"] = {
+                    "type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+                (checkpoint / "config.json").write_text(json.dumps(config))
+            made[arch, variant] = Case(
+                checkpoint, convert_to_gguf(checkpoint, root / "model-f32.gguf", "f32")
+            )
+        return made[arch, variant]
+
+    yield get
+    for built in made.values():
+        built.llm.close()
+
+
+@pytest.mark.parametrize(
+    ("arch", "variant"),
+    [(arch, "demo") for arch in DEMO_ARCHS]
+    + [(arch, "sharpened") for arch in ARCHS]
+    + [("qwen3", "yarn"), pytest.param("qwen2", "yarn", marks=pytest.mark.slow)]
+    + [pytest.param(arch, "small", marks=pytest.mark.slow) for arch in DEMO_ARCHS],
+)
+def test_logits_match_transformers(
+    case: Callable[[str, str], Case], arch: str, variant: str, record_property: Callable[[str, object], None]
+) -> None:
+    c = case(arch, variant)
+    ids = c.tokenizer.encode(PROMPT)
+    reference, logits = c.hf_logits(ids), c.llama_logits(ids)
+    assert logits.shape == reference.shape == (len(ids), 151_936)
+    diff = float(np.abs(logits - reference).max())
+    std = float(reference.std())
+    record_property("max_abs_diff", diff)
+    record_property("diff_over_logit_std", diff / std)
+    if variant in ("sharpened", "yarn"):
+        assert std > 2.0, "sharpened weights should spread the logits over several units"
+    assert diff <= MAX_ABS_DIFF, f"max |Δlogit| {diff:.3g} (logit std {std:.3g}, relative {diff / std:.3g})"
+
+
+@pytest.mark.parametrize(
+    ("arch", "variant"),
+    # The demo's flat logits make greedy decoding repeat one token: a weak check, so it only runs as slow.
+    [(arch, "sharpened") for arch in ARCHS]
+    + [pytest.param(arch, "demo", marks=pytest.mark.slow) for arch in DEMO_ARCHS],
+)
+def test_greedy_generation_matches(case: Callable[[str, str], Case], arch: str, variant: str) -> None:
+    c = case(arch, variant)
+    ids = c.tokenizer.encode(PROMPT)
+    expected = c.hf_greedy(ids, GREEDY_TOKENS)
+    assert c.llama_greedy(ids, GREEDY_TOKENS) == expected
+    if variant == "sharpened":
+        assert len(set(expected)) > 2, "a sharpened model should not just repeat a token"
+
+
+def test_wrong_rope_base_is_caught(case: Callable[[str, str], Case]) -> None:
+    # The negative control: the comparison is sensitive to positions, not just to the weights.
+    c = case("qwen3", "sharpened")
+    ids = c.tokenizer.encode(PROMPT)
+    wrong = load_llama(c.gguf, kv_overrides={"qwen3.rope.freq_base": 10_000.0})
+    try:
+        wrong.eval(ids)
+        logits = np.array(wrong.scores[: len(ids)])
+    finally:
+        wrong.close()
+    diff = np.abs(logits - c.hf_logits(ids)).max(axis=1)
+    assert diff[0] <= MAX_ABS_DIFF  # position 0 has no rotation to get wrong
+    assert diff.max() > 100 * MAX_ABS_DIFF
+
+
+# --- tokenization ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vocab_only(demo_gguf: Callable[[str, str, str], Path]) -> Iterator[llama_cpp.Llama]:
+    llm = llama_cpp.Llama(model_path=str(demo_gguf("qwen3", "tiny", "f32")), vocab_only=True, verbose=False)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_checkpoint: Callable[[str, str], Path]) -> QwenTokenizer:
+    return QwenTokenizer.from_dir(demo_checkpoint("qwen3", "tiny"))
+
+
+def _chat_prompt() -> str:
+    tools = tools_from_openai(
+        [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "Weather for a city",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ]
+    )
+    messages = messages_from_openai(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Wie ist das Wetter in Zürich? 天气怎么样？"},
+            {
+                "role": "assistant",
+                "content": "",
+                "reasoning_content": "The user wants the weather; call the tool.",
+                "tool_calls": [
+                    {
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Zürich"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "content": '{"temp_c": 21, "sky": "sunny ☀️"}'},
+        ]
+    )
+    return render(messages, tools).text
+
+
+def test_chat_prompt_tokenizes_identically(vocab_only: llama_cpp.Llama, tokenizer: QwenTokenizer) -> None:
+    text = _chat_prompt()
+    for marker in ("<|im_start|>", "<think>", "<tool_call>", "<tool_response>", "<|im_end|>"):
+        assert marker in text
+    ids = tokenizer.encode(text)
+    assert ADDED_TOKEN_IDS["<tool_call>"] in ids and ADDED_TOKEN_IDS[THINK_START] in ids
+    assert vocab_only.tokenize(text.encode(), add_bos=False, special=True) == ids
+
+
+_SCRIPTS = (
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    "0123456789",
+    " \t\n\r  \n\n",
+    "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~",
+    "àáâãäåæçèéêëìíîïñòóôõöøùúûüýÿßœŒ",
+    "абвгдеёжзийклмнопрстуфхцчшщъыьэюяАБВГДЕЁЖ",
+    "αβγδεζηθικλμνξοπρστυφχψωΑΒΓΔ",
+    "的一是不了人我在有他这为之大来以个中上们到说国和地也子时道出而要于就下得可你年生",
+    "あいうえおかきくけこアイウエオカキクケコーッ",
+    "가나다라마바사아자차카타파하한국어",
+    "ابتثجحخدذرزسشصضطظعغفقكلمنهوي",
+    "אבגדהוזחטיכלמנסעפצקרשת",
+    "अआइईउऊएऐओऔकखगघचछजझटठडढणतथदधनपफबभमयरलवशषसह",
+    "กขคงจฉชซญดตถทธนบปผพฟภมยรลวศษสหฬอฮ",
+    "😀😂🥲👍🏽👩‍💻🇨🇭❤️✨🚀",
+    "\u0301\u0308\u200b\u200d\u00a0\u3000",
+)
+_WORDS = ("the", " the", "'s", "'ll", "don't", "I'm", "  ", "\n\n", "...", "1234567", "http://x.y/z?q=1", "ℌ")
+
+
+def _random_strings(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        pieces = []
+        for _ in range(rng.randint(1, 12)):
+            if rng.random() < 0.25:
+                pieces.append(rng.choice(_WORDS))
+            else:
+                script = rng.choice(_SCRIPTS)
+                pieces.append("".join(rng.choice(script) for _ in range(rng.randint(1, 8))))
+        out.append("".join(pieces))
+    return out
+
+
+def test_random_multilingual_text_tokenizes_identically(
+    vocab_only: llama_cpp.Llama, tokenizer: QwenTokenizer
+) -> None:
+    # Qwen's tokenizer.json NFC-normalises first; llama.cpp's BPE has no normaliser, so it gets NFC text.
+    strings = _random_strings(400)
+    assert any(unicodedata.normalize("NFC", text) != text for text in strings)  # the normaliser matters
+    mismatches = []
+    for text in strings:
+        expected = tokenizer.encode_text(text)
+        got = vocab_only.tokenize(unicodedata.normalize("NFC", text).encode(), add_bos=False, special=False)
+        if got != expected:
+            mismatches.append((text, got, expected))
+    assert not mismatches, f"{len(mismatches)} of {len(strings)} differ, e.g. {mismatches[0]!r}"
+
+
+def test_llama_cpp_does_not_normalise_text(vocab_only: llama_cpp.Llama, tokenizer: QwenTokenizer) -> None:
+    # Why the engine tokenizes with QwenTokenizer: "e" + U+0301 is "é" (one token) to Qwen, two to llama.cpp.
+    decomposed = "caf\u0065\u0301"
+    assert tokenizer.encode_text(decomposed) == tokenizer.encode_text("café")
+    assert vocab_only.tokenize(decomposed.encode(), add_bos=False, special=False) != tokenizer.encode_text(
+        "café"
+    )
+
+
+def test_llama_cpp_matches_user_defined_tokens_even_without_parse_special(
+    vocab_only: llama_cpp.Llama, tokenizer: QwenTokenizer
+) -> None:
+    # Why untrusted text must go through QwenTokenizer.encode_text: llama.cpp's parse_special=False still
+    # matches non-special added tokens (<think>, <tool_call>), only control tokens are left as text.
+    think = ADDED_TOKEN_IDS[THINK_START]
+    assert think in vocab_only.tokenize(b"a <think> b", add_bos=False, special=False)
+    assert think not in tokenizer.encode_text("a <think> b")
+    assert ADDED_TOKEN_IDS["<|im_start|>"] not in vocab_only.tokenize(
+        b"<|im_start|>", add_bos=False, special=False
+    )
