@@ -115,6 +115,28 @@ def test_prefix_reuse_gives_same_output(engine: LlamaCppEngine) -> None:
     assert first == second
 
 
+@pytest.mark.parametrize("unified", [False, True])
+def test_prefix_copied_from_a_running_sequence(demo_gguf: Callable[..., Path], unified: bool) -> None:
+    eng = LlamaCppEngine(
+        demo_gguf("qwen3", "tiny", "f32"), EngineConfig(n_ctx=1024, max_seqs=2, threads=2, kv_unified=unified)
+    )
+    try:
+        shared = prompt(13, 50)
+        solo, _, _ = run(eng, req("solo", (*shared, 1, 2)))
+        eng.scheduler.slots.evict_lru()  # forget the idle cache: the prefix must come from the running one
+        first: list[TokenEvent] = []
+        eng.submit(req("long", (*shared, 3), SamplingParams(temperature=0.0, max_tokens=200)), first.append)
+        for _ in range(3):
+            eng.step()
+        events = list(eng.generate_sync(req("copy", (*shared, 1, 2))))
+        assert events[-1].cached_tokens == 50
+        assert [t for ev in events for t in ev.token_ids] == solo
+        eng.abort("long")
+        eng.step()
+    finally:
+        eng.close()
+
+
 def test_chunked_prefill_equals_whole_prefill(demo_gguf: Callable[..., Path]) -> None:
     long_prompt = prompt(7, 300)
     results = []
@@ -147,7 +169,8 @@ def test_chunked_prefill_equals_whole_prefill(demo_gguf: Callable[..., Path]) ->
 
 
 def test_preemption_when_kv_runs_out(demo_gguf: Callable[..., Path]) -> None:
-    eng = LlamaCppEngine(demo_gguf("qwen3", "tiny", "f32"), EngineConfig(n_ctx=256, max_seqs=4, threads=2))
+    config = EngineConfig(n_ctx=256, max_seqs=4, threads=2, kv_unified=True)
+    eng = LlamaCppEngine(demo_gguf("qwen3", "tiny", "f32"), config)
     try:
         solo = [
             run(eng, req(f"solo{i}", prompt(20 + i, 30), SamplingParams(temperature=0.0, max_tokens=90)))[0]
@@ -258,7 +281,7 @@ def test_async_generate_serves_concurrent_requests_and_early_exit_aborts(
         return out
 
     async def leave_early() -> None:
-        agen = eng.generate(req("early", prompt(40), SamplingParams(temperature=0.0, max_tokens=1000)))
+        agen = eng.generate(req("early", prompt(40), SamplingParams(temperature=0.0, max_tokens=200)))
         async for _ in agen:
             break
         await agen.aclose()

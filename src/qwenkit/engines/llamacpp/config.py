@@ -18,7 +18,7 @@ KVType = Literal["f32", "f16", "q8_0"]
 class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    n_ctx: int = Field(default=4096, ge=64, description="KV cells shared by all sequences")
+    n_ctx: int = Field(default=4096, ge=64, description="KV cells in all; n_ctx / max_seqs per sequence")
     max_seqs: int = Field(default=8, ge=1, le=256, description="sequences decoded together")
     n_batch: int = Field(default=512, ge=16, description="tokens per llama_decode call at most")
     n_ubatch: int = Field(default=512, ge=16)
@@ -29,6 +29,8 @@ class EngineConfig(BaseModel):
         default=None, ge=8, description="prompt tokens per step while others decode; None = adaptive"
     )
     prefix_cache: bool = True
+    # One shared pool lets sequences differ in length, but every token then attends over every cell.
+    kv_unified: bool = False
     max_waiting: int = Field(default=256, ge=0)
 
     @classmethod

@@ -45,10 +45,10 @@ class LlamaCppEngine:
                 "n_batch must be at least max_seqs (every running sequence feeds a token per step)"
             )
         self.model = LlamaModel(Path(gguf_path), self.config)
-        self.n_ctx = self.model.n_ctx
+        self.n_ctx = self.model.n_ctx_seq  # the most tokens one sequence may hold
         self.scheduler = Scheduler(
-            SlotManager(self.model, self.config.max_seqs, self.config.prefix_cache),
-            self.n_ctx,
+            SlotManager(self.model, self.config.max_seqs, self.config.prefix_cache, self.config.kv_unified),
+            self.model.n_ctx,
             self.config.n_batch,
             self.config.max_seqs,
         )
@@ -331,7 +331,7 @@ class LlamaCppEngine:
             running=len(s.running),
             waiting=len(s.waiting) + len(self._inbox),
             kv_used=s.kv_used(),
-            kv_total=self.n_ctx,
+            kv_total=self.model.n_ctx,
             steps=self.steps,
             preemptions=s.preemptions,
         )

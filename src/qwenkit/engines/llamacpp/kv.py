@@ -3,6 +3,7 @@
 Contract: a running sequence owns one slot (its seq_id). When it ends, its cells stay as a prefix cache
 for the next request that starts with the same tokens (a shared system prompt, earlier chat turns), until
 the room is needed (least recently used first). Cell counts are upper bounds: shared cells count per slot.
+With per-sequence KV buffers (not unified) each slot has its own n_ctx / n_slots cells.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class SlotManager:
     model: LlamaModel
     n_slots: int
     enabled: bool = True
+    unified: bool = False
     _free: list[int] = field(init=False)
     _idle: dict[int, _Cached] = field(init=False, default_factory=dict)
     _clock: int = 0
@@ -66,6 +68,15 @@ class SlotManager:
             if n and (best is None or n > best.length):
                 best = PrefixMatch(n, slot, False)
         return best
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Give dst the first n cells of src."""
+        if self.unified:
+            self.model.seq_cp(src, dst, 0, n)  # shared cells: nothing is copied
+        else:
+            # Across per-sequence buffers llama.cpp copies whole buffers only; then drop the tail.
+            self.model.seq_cp(src, dst, -1, -1)
+            self.model.seq_rm(dst, n, -1)
 
     def take_idle(self, slot: int, keep: int) -> int:
         """Reuse an idle slot: keep its first `keep` cells, drop the rest."""

@@ -63,13 +63,14 @@ class LlamaModel:
             if config.flash_attn
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
-        cparams.kv_unified = True  # all sequences share one pool of cells (prefix sharing, uneven lengths)
+        cparams.kv_unified = config.kv_unified
         cparams.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise EngineError(f"llama.cpp could not create a context of {config.n_ctx} tokens; lower --ctx")
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self._ctx)
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._mem = llama_cpp.llama_get_memory(self._ctx)

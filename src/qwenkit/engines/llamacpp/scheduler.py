@@ -43,6 +43,10 @@ class Scheduler:
     def kv_used(self) -> int:
         return sum(s.n_cached for s in self.running) + self.slots.idle_cells
 
+    def _over(self, extra: int) -> bool:
+        # Per-sequence buffers cannot overflow: submit() caps each request at its buffer's size.
+        return self.slots.unified and self.kv_used() + extra > self.n_ctx
+
     def admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []
         while self.waiting and len(self.running) < self.max_seqs and self.slots.has_slot():
@@ -53,9 +57,9 @@ class Scheduler:
             reuse = min(match.length, len(seq.tokens) - 1) if match else 0
             need = len(seq.tokens) - reuse + len(self.running) + 1
             keep = match.slot if match and match.idle else None
-            while self.kv_used() + need > self.n_ctx and self.slots.evict_lru(keep=keep):
+            while self._over(need) and self.slots.evict_lru(keep=keep):
                 pass
-            if self.kv_used() + need > self.n_ctx:
+            if self._over(need):
                 break
             self.waiting.popleft()
             if match and reuse and match.idle:
@@ -63,7 +67,7 @@ class Scheduler:
             else:
                 seq.seq_id = self.slots.take(keep=match.slot if match else None)
                 if match and reuse:
-                    self.slots.model.seq_cp(match.slot, seq.seq_id, 0, reuse)
+                    self.slots.copy_prefix(match.slot, seq.seq_id, reuse)
             seq.n_cached = reuse
             if seq.n_generated == 0:
                 seq.cached_prompt = reuse
@@ -89,7 +93,7 @@ class Scheduler:
                 entries.append((seq, n))
                 prefill_budget -= n
         plan = StepPlan(entries)
-        while plan.entries and self.kv_used() + plan.n_tokens > self.n_ctx:
+        while plan.entries and self._over(plan.n_tokens):
             if self.slots.evict_lru():
                 continue
             victim = self.preempt_newest()
