@@ -38,6 +38,8 @@ from qwenkit.engines.sampling import SamplingParams
 PROMPT_LEN = 64
 NEW_TOKENS = 128
 CONCURRENCY = (1, 4, 8, 16)
+MAX_SEQS = 16
+CTX_PER_SEQ = 2304  # room for the 2,048-token prompt
 
 
 def prompt(i: int, n: int = PROMPT_LEN) -> list[int]:
@@ -97,9 +99,9 @@ def bare_loop(model_path: Path, n: int, threads: int, n_ctx: int) -> dict[str, f
     mparams = llama_cpp.llama_model_default_params()
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
     cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = n_ctx, 512, 512, max(n, 1)
+    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = n_ctx, 512, 512, MAX_SEQS
     cparams.n_threads = cparams.n_threads_batch = threads
-    cparams.kv_unified = True
+    cparams.kv_unified = False  # the engine's default: one KV buffer per sequence
     cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     batch = llama_cpp.llama_batch_init(512, 0, 1)
@@ -220,14 +222,15 @@ def main() -> None:
     long_len = 512 if args.quick else 2048
 
     llama_single = llama_direct_single(model_path, threads)
-    engine = LlamaCppEngine(model_path, EngineConfig(n_ctx=8192, max_seqs=16, n_batch=512, threads=threads))
+    config = EngineConfig(n_ctx=MAX_SEQS * CTX_PER_SEQ, max_seqs=MAX_SEQS, n_batch=512, threads=threads)
+    engine = LlamaCppEngine(model_path, config)
     engine.start()
     try:
         ours_single = engine_single(engine)
         rows = []
         for n in concurrency:
             ours = engine_run(engine, n, f"c{n}")
-            bare = bare_loop(model_path, n, threads, n_ctx=4096)
+            bare = bare_loop(model_path, n, threads, n_ctx=MAX_SEQS * CTX_PER_SEQ)
             rows.append(
                 {
                     "streams": n,

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from qwenkit import __version__
-from qwenkit.cli import convert, demo, render, run
+from qwenkit.cli import convert, demo, render, run, serve
 
 app = typer.Typer(
     name="qwenkit",
@@ -17,6 +17,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(demo.app, name="demo")
+app.command("serve")(serve.serve_command)
 app.command("generate")(run.generate_command)
 app.command("chat")(run.chat_command)
 app.command("render")(render.render_command)

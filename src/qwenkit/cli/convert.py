@@ -9,16 +9,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
     SpinnerColumn,
     TextColumn,
@@ -26,7 +22,7 @@ from rich.progress import (
 )
 
 from qwenkit.checkpoints.resolve import ResolvedModel
-from qwenkit.cli.common import ModelOption, load_model
+from qwenkit.cli.common import ModelOption, load_model, progress_bar
 from qwenkit.cli.errors import err_console, friendly_errors
 
 if TYPE_CHECKING:
@@ -138,22 +134,10 @@ def _quantized_name(src: Path, qtype: str) -> Path:
     return src.with_name(f"{stem}-{qtype}.gguf")
 
 
-@contextmanager
-def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeElapsedColumn(), console=err_console, transient=True) as progress:
-        task = progress.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        yield update
-
-
 def _convert(checkpoint: Path, target: Path, outtype: str) -> None:
     from qwenkit.gguf.convert import convert_to_gguf
 
-    with _progress_bar(f"converting to {outtype} tensors") as update:
+    with progress_bar(f"converting to {outtype} tensors") as update:
         convert_to_gguf(checkpoint, target, outtype, progress=update)  # type: ignore[arg-type]
 
 

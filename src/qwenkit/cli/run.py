@@ -10,25 +10,25 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from qwenkit.chat.messages import Message, Tool, messages_from_openai, tools_from_openai
 from qwenkit.chat.parse import ParseAccumulator, ParseDelta, ParsedOutput
 from qwenkit.chat.pipeline import PreparedChat, prepare_chat
 from qwenkit.checkpoints.demo import DEMO_NOTICE
-from qwenkit.cli.common import AllowPickleOption, ModelOption, load_model
+from qwenkit.cli.common import AllowPickleOption, ModelOption, QuantOption, open_model_files
 from qwenkit.cli.errors import err_console, friendly_errors
 from qwenkit.engines.grammar import grammar_from_json_schema
 from qwenkit.engines.llamacpp.config import EngineConfig
-from qwenkit.engines.llamacpp.engine import LlamaCppEngine
-from qwenkit.engines.loader import ModelFiles, open_engine, prepare_files
 from qwenkit.engines.request import Grammar
-from qwenkit.gguf.convert import OutType
 from qwenkit.hardware import physical_cores
+
+if TYPE_CHECKING:
+    from qwenkit.engines.llamacpp.engine import LlamaCppEngine
+    from qwenkit.engines.loader import ModelFiles
 
 ThinkOption = Annotated[
     bool | None, typer.Option("--think/--no-think", help="Thinking mode; default: soft switches, else on.")
@@ -46,9 +46,6 @@ CtxOption = Annotated[
     int | None, typer.Option("--ctx", min=64, help="Context length (default: sized to the need).")
 ]
 ThreadsOption = Annotated[int | None, typer.Option(min=1, help="CPU threads (default: physical cores).")]
-QuantOption = Annotated[
-    str, typer.Option("--quant", help="GGUF type an HF checkpoint is converted to: f32, f16, bf16, q8_0.")
-]
 
 
 @dataclass
@@ -70,18 +67,9 @@ def _load_tools(path: Path | None) -> list[Tool] | None:
 def _open(
     model: str | None, allow_pickle: bool, quant: str, n_ctx: int, threads: int | None
 ) -> tuple[ModelFiles, LlamaCppEngine]:
-    resolved = load_model(model, allow_pickle)
-    with Progress(
-        TextColumn("converting to GGUF"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("convert", total=None)
-        files = prepare_files(
-            resolved, quant, progress=lambda done, total: progress.update(task, completed=done, total=total)
-        )
+    from qwenkit.engines.loader import open_engine  # llama.cpp loads only when a model is run
+
+    files = open_model_files(model, allow_pickle, quant)
     if files.n_ctx_train:
         n_ctx = min(n_ctx, files.n_ctx_train)
     config = EngineConfig(n_ctx=n_ctx, max_seqs=1, threads=threads or physical_cores())
@@ -211,7 +199,7 @@ def generate_command(
     raw: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     raw.append({"role": "user", "content": prompt})
     messages = messages_from_openai(raw)
-    files, engine = _open(model, allow_pickle, _quant(quant), ctx or 1 << 30, threads)
+    files, engine = _open(model, allow_pickle, quant, ctx or 1 << 30, threads)
     try:
         prepared = _prepare(files, messages, opts, engine)
         for warning in prepared.warnings:
@@ -222,14 +210,6 @@ def generate_command(
             err_console.print(f"[yellow]{DEMO_NOTICE}[/]", soft_wrap=True)
     finally:
         engine.close()
-
-
-def _quant(quant: str) -> OutType:
-    if quant not in ("f32", "f16", "bf16", "q8_0"):
-        raise ValueError(
-            f"--quant must be f32, f16, bf16 or q8_0 (got {quant!r}); use `qwenkit quantize` for others"
-        )
-    return quant  # type: ignore[return-value]
 
 
 def _prepare(
@@ -280,7 +260,7 @@ def chat_command(
 ) -> None:
     """Chat in the terminal. /think and /no_think switch thinking mode; /reset forgets; /exit quits."""
     opts = _options(max_tokens, temperature, top_p, top_k, seed, thinking_budget, think, tools, None)
-    files, engine = _open(model, allow_pickle, _quant(quant), ctx, threads)
+    files, engine = _open(model, allow_pickle, quant, ctx, threads)
     console = Console(highlight=False)
     history: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     base = list(history)

@@ -1,0 +1,288 @@
+"""`qwenkit serve` speed, side by side in one run (issue: the OpenAI-compatible server).
+
+    python benchmarks/serve.py           # random-weight Qwen2.5-0.5B shape, q4_0, 2 threads
+    python benchmarks/serve.py --quick   # the tiny demo model, 1 and 4 streams
+
+Same GGUF and threads for all three: at 1/4/8/16 concurrent streaming requests (a ~64-token prompt,
+128 new tokens, greedy), aggregate tok/s and TTFT p50/p95 through HTTP to `qwenkit serve`, the same load
+on the engine in-process (goal: HTTP costs <= 5% throughput), and HTTP to llama-cpp-python's server
+(`python -m llama_cpp.server --interrupt_requests False`; goal: qwenkit >= 1.9x its aggregate at 16
+streams and TTFT p50 <= 1/4 of its). Writes benchmarks/results/serve-*.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import bench_model, machine, median, pct, write_results
+from engine import MAX_SEQS, NEW_TOKENS, Recorder
+
+from qwenkit.engines.llamacpp.config import EngineConfig
+from qwenkit.engines.llamacpp.engine import LlamaCppEngine
+from qwenkit.engines.request import GenerationRequest
+from qwenkit.engines.sampling import SamplingParams
+from qwenkit.gguf.vocab import tokenizer_from_gguf
+
+CONCURRENCY = (1, 4, 8, 16)
+CTX_PER_SEQ = 512
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+]
+
+
+def prompt_text(i: int) -> str:
+    # ~64 tokens of plain words, different per request so no prefix is shared by accident.
+    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] + str((i * 31 + j) % 97) for j in range(24))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early ({proc.returncode}): {url}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready: {url}")
+
+
+async def one_stream(client: httpx.AsyncClient, base: str, model: str, i: int, t0: float) -> dict[str, float]:
+    body = {
+        "model": model,
+        "prompt": prompt_text(i),
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0.0,
+        "stream": True,
+    }
+    first: float | None = None
+    n_chunks = 0
+    async with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            text = "".join(c.get("text") or "" for c in chunk.get("choices", []))
+            if text:
+                n_chunks += 1
+                first = first or time.perf_counter()
+    return {"ttft": (first or time.perf_counter()) - t0, "end": time.perf_counter(), "chunks": n_chunks}
+
+
+async def http_load(base: str, model: str, n: int, tokens_per_request: int) -> dict[str, float]:
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        await one_stream(client, base, model, 999, time.perf_counter())  # warm-up
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(client, base, model, i, t0) for i in range(n)))
+    end = max(r["end"] for r in results)
+    ttft = [r["ttft"] for r in results]
+    return {
+        "aggregate_tok_s": n * tokens_per_request / (end - t0),
+        "ttft_p50_s": median(ttft),
+        "ttft_p95_s": pct(ttft, 95),
+        "chunks_per_stream": median([r["chunks"] for r in results]),
+    }
+
+
+def in_process(model_path: Path, threads: int, n: int) -> dict[str, float]:
+    tokenizer = tokenizer_from_gguf(model_path)
+    engine = LlamaCppEngine(
+        model_path, EngineConfig(n_ctx=MAX_SEQS * CTX_PER_SEQ, max_seqs=MAX_SEQS, threads=threads)
+    )
+    engine.start()
+    try:
+        rec = Recorder()
+        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)
+        t0 = time.perf_counter()
+        for i in range(n):
+            ids = tuple(tokenizer.encode_text(prompt_text(i)))
+            engine.submit(GenerationRequest(f"r{i}", ids, params), rec.sink(f"r{i}"))
+        rec.done.wait()
+        end = max(ts[-1] for ts in rec.times.values())
+        ttft = [ts[0] - t0 for ts in rec.times.values()]
+        return {
+            "aggregate_tok_s": sum(len(ts) for ts in rec.times.values()) / (end - t0),
+            "ttft_p50_s": median(ttft),
+            "ttft_p95_s": pct(ttft, 95),
+        }
+    finally:
+        engine.shutdown(timeout=5)
+
+
+def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quant", default="q4_0")
+    args = ap.parse_args()
+    arch, size = ("qwen3", "tiny") if args.quick else ("qwen2", "0.5b")
+    model_path = bench_model(arch, size, "q8_0" if args.quick else args.quant)
+    concurrency = (1, 4) if args.quick else CONCURRENCY
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    exe = Path(sys.executable)
+
+    rows: list[dict[str, Any]] = []
+    ours_port, theirs_port = free_port(), free_port()
+    ours = start(
+        [
+            str(exe.parent / "qwenkit"),
+            "serve",
+            "--model",
+            str(model_path),
+            "--port",
+            str(ours_port),
+            "--threads",
+            str(args.threads),
+            "--max-seqs",
+            str(MAX_SEQS),
+            "--ctx",
+            str(MAX_SEQS * CTX_PER_SEQ),
+            "--served-model-name",
+            "bench",
+        ],
+        env,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{ours_port}/health", ours)
+        ours_http = {
+            n: asyncio.run(http_load(f"http://127.0.0.1:{ours_port}", "bench", n, NEW_TOKENS))
+            for n in concurrency
+        }
+    finally:
+        stop(ours)
+    engine = {n: in_process(model_path, args.threads, n) for n in concurrency}
+    theirs = start(
+        [
+            str(exe),
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model_path),
+            "--port",
+            str(theirs_port),
+            "--n_threads",
+            str(args.threads),
+            "--n_threads_batch",
+            str(args.threads),
+            "--n_ctx",
+            "2048",
+            "--interrupt_requests",
+            "False",
+            "--model_alias",
+            "bench",
+        ],
+        env,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{theirs_port}/v1/models", theirs)
+        theirs_http = {
+            n: asyncio.run(http_load(f"http://127.0.0.1:{theirs_port}", "bench", n, NEW_TOKENS))
+            for n in concurrency
+        }
+    finally:
+        stop(theirs)
+
+    for n in concurrency:
+        rows.append(
+            {
+                "streams": n,
+                "qwenkit_http": ours_http[n],
+                "engine_in_process": engine[n],
+                "llama_cpp_server": theirs_http[n],
+                "http_cost": 1 - ours_http[n]["aggregate_tok_s"] / engine[n]["aggregate_tok_s"],
+                "vs_llama_cpp_server": ours_http[n]["aggregate_tok_s"] / theirs_http[n]["aggregate_tok_s"],
+                "ttft_p50_ratio": ours_http[n]["ttft_p50_s"] / theirs_http[n]["ttft_p50_s"],
+            }
+        )
+    payload = {
+        "model": {"path": str(model_path), "arch": arch, "size": size},
+        "threads": args.threads,
+        "machine": machine(),
+        "rows": rows,
+        "goals": {
+            "http_cost_max": 0.05,
+            "vs_llama_cpp_server_at_16_min": 1.9,
+            "ttft_p50_ratio_at_16_max": 0.25,
+        },
+    }
+    table = Table(
+        title=f"qwenkit serve vs engine in-process vs llama_cpp.server: {model_path.name}, {args.threads} thr"
+    )
+    for col in (
+        "streams",
+        "qwenkit HTTP tok/s",
+        "in-process tok/s",
+        "HTTP cost",
+        "llama_cpp.server tok/s",
+        "ratio",
+        "TTFT p50 ours / theirs s",
+    ):
+        table.add_column(col)
+    for r in rows:
+        o, e, t = r["qwenkit_http"], r["engine_in_process"], r["llama_cpp_server"]
+        table.add_row(
+            str(r["streams"]),
+            f"{o['aggregate_tok_s']:.1f}",
+            f"{e['aggregate_tok_s']:.1f}",
+            f"{r['http_cost']:.1%}",
+            f"{t['aggregate_tok_s']:.1f}",
+            f"{r['vs_llama_cpp_server']:.2f}x",
+            f"{o['ttft_p50_s']:.2f} / {t['ttft_p50_s']:.2f}",
+        )
+    write_results("serve-quick" if args.quick else "serve", payload, table)
+
+
+if __name__ == "__main__":
+    main()

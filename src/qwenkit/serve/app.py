@@ -1,0 +1,175 @@
+"""create_app(): the FastAPI app of `qwenkit serve` — routes over the handlers, middleware, lifespan.
+
+Contract: one app per engine; everything it keeps (metrics registry, rate-limit buckets, grammar cache,
+the ServeContext at app.state.qwenkit) belongs to that app, nothing to the module. The lifespan starts the
+engine and, with manage_engine, shuts it down when the app stops. Routes: POST /v1/chat/completions,
+POST /v1/completions, GET /v1/models[/{id}], GET /health (no key needed; 503 while draining), GET /metrics.
+Bodies are parsed here (JSON content type, strict pydantic models) so every malformed one is a 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from starlette.middleware import Middleware
+
+from qwenkit.chat.flavor import Flavor
+from qwenkit.engines.base import Engine
+from qwenkit.serve.config import ServeConfig
+from qwenkit.serve.errors import APIError, install_handlers
+from qwenkit.serve.handlers import ServeContext, plan_chat, plan_completion, respond
+from qwenkit.serve.logprobs import TokenTexts
+from qwenkit.serve.logs import AccessMiddleware, RequestInfo, request_info
+from qwenkit.serve.metrics import ServeMetrics
+from qwenkit.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, first_error
+from qwenkit.serve.security import RateLimiter, SecurityMiddleware
+from qwenkit.tokenizer.tokenizer import QwenTokenizer
+
+T = TypeVar("T", bound=BaseModel)
+ENGINE_SHUTDOWN_TIMEOUT_S = 5.0
+
+
+async def parse_body(request: Request, model: type[T]) -> T:
+    """The JSON body as `model`, or an APIError (415 for a non-JSON content type, 400 for the rest)."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        mime = content_type.split(";", 1)[0].strip().lower()
+        if mime != "application/json" and not mime.endswith("+json"):
+            raise APIError(
+                415,
+                "send the body as JSON with the header 'Content-Type: application/json'",
+                code="unsupported_media_type",
+            )
+    body = await request.body()
+    if not body.strip():
+        raise APIError(400, "the body is empty; send a JSON object")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        param, message = first_error(exc)
+        raise APIError(400, message, param=param or None) from None
+
+
+def _info(request: Request) -> RequestInfo:
+    info = request_info(request.scope)
+    if info is None:  # the app runs without AccessMiddleware only if someone mounts its router elsewhere
+        info = RequestInfo(
+            id=request.headers.get("x-request-id", "local"), method=request.method, route="", client=None
+        )
+    return info
+
+
+def create_app(
+    engine: Engine,
+    tokenizer: QwenTokenizer,
+    flavor: Flavor,
+    model_name: str,
+    config: ServeConfig | None = None,
+    *,
+    manage_engine: bool = True,
+    clock: Callable[[], float] | None = None,
+) -> FastAPI:
+    """The OpenAI-compatible app for one engine. clock: the rate limiter's time source (tests)."""
+    config = config or ServeConfig()
+    metrics = ServeMetrics(engine)
+    limiter = RateLimiter(config.rate_limit_rpm, config.rate_limit_tpm, *([clock] if clock else []))
+    ctx = ServeContext(
+        engine=engine,
+        tokenizer=tokenizer,
+        flavor=flavor,
+        model_name=config.served_model_name or model_name,
+        config=config,
+        metrics=metrics,
+        limiter=limiter,
+        texts=TokenTexts(tokenizer),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            ctx.begin_drain()
+            ctx.abort_all()
+            if manage_engine:
+                await asyncio.to_thread(engine.shutdown, ENGINE_SHUTDOWN_TIMEOUT_S)
+
+    app = FastAPI(
+        title="qwenkit",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        middleware=[
+            Middleware(AccessMiddleware, metrics=metrics),
+            Middleware(
+                SecurityMiddleware,
+                api_keys=[k.get_secret_value() for k in config.api_keys],
+                limiter=limiter,
+                max_body_bytes=config.max_body_bytes,
+            ),
+        ],
+    )
+    app.state.qwenkit = ctx
+    install_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await parse_body(request, ChatCompletionRequest)
+        info = _info(request)
+        return await respond(ctx, plan_chat(ctx, body, info), info, request.receive)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await parse_body(request, CompletionRequest)
+        info = _info(request)
+        return await respond(ctx, plan_completion(ctx, body, info), info, request.receive)
+
+    def card() -> ModelCard:
+        return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=engine.n_ctx)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse(ModelList(data=[card()]).model_dump(mode="json"))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        if model_id != ctx.model_name:
+            raise APIError(
+                404, f"model {model_id!r} is not served here", param="model", code="model_not_found"
+            )
+        return JSONResponse(card().model_dump(mode="json"))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        stats = engine.stats()
+        body = {
+            "status": "draining" if ctx.draining else "ok",
+            "model": ctx.model_name,
+            "engine": {
+                "running": stats.running,
+                "waiting": stats.waiting,
+                "kv_used": stats.kv_used,
+                "kv_total": stats.kv_total,
+            },
+        }
+        return JSONResponse(body, status_code=503 if ctx.draining else 200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve_context(app: FastAPI) -> ServeContext:
+    """The ServeContext of an app made by create_app (for the server runner and tests)."""
+    return app.state.qwenkit

@@ -1,0 +1,160 @@
+"""OpenAI-style errors: one exception type, one body shape, and the handlers that make every failure one.
+
+Contract: raise APIError(status, message, ...) anywhere in the server; the client gets
+{"error": {"message", "type", "param", "code"}} with that status, the message cut to MAX_MESSAGE_CHARS (a
+message never echoes a huge input back). Engine errors map to statuses here (overloaded → 503 with
+Retry-After, too long → 400 context_length_exceeded). Unexpected exceptions become a bare 500; the traceback
+goes to the server log only. `reason` labels the rejected-requests metric.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
+
+from qwenkit.engines.request import EngineError, EngineOverloaded, GrammarError, RequestTooLong
+from qwenkit.serve.logs import request_info
+
+MAX_MESSAGE_CHARS = 300
+RETRY_AFTER_OVERLOADED_S = 1
+
+_TYPE_BY_STATUS = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+_REASON_BY_STATUS = {
+    401: "auth",
+    404: "not_found",
+    405: "not_found",
+    413: "body_too_large",
+    415: "content_type",
+    429: "rate_limit",
+    503: "overloaded",
+}
+
+log = logging.getLogger("qwenkit.serve")
+
+
+def short(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """One line of at most `limit` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+class APIError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        reason: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = short(message)
+        self.type = type or _TYPE_BY_STATUS.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+        self.param = None if param is None else short(param, 80)
+        self.code = code
+        self.reason = reason or _REASON_BY_STATUS.get(status, "invalid" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    async def send(self, send: Send) -> None:
+        """Answer at the ASGI level (for middleware, before any route runs)."""
+        payload = json.dumps(self.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def from_engine_error(exc: EngineError) -> APIError:
+    """The HTTP answer to an error the engine raised when a request was submitted."""
+    if isinstance(exc, EngineOverloaded):
+        return APIError(
+            503,
+            str(exc),
+            code="server_overloaded",
+            reason="queue_full",
+            headers={"Retry-After": str(RETRY_AFTER_OVERLOADED_S)},
+        )
+    if isinstance(exc, RequestTooLong):
+        return APIError(400, str(exc), code="context_length_exceeded", param="messages", reason="too_long")
+    if isinstance(exc, GrammarError):
+        return APIError(400, str(exc), param="response_format", code="invalid_schema")
+    return APIError(400, str(exc))
+
+
+def shutting_down() -> APIError:
+    return APIError(
+        503,
+        "the server is shutting down; retry on another instance",
+        code="shutting_down",
+        reason="shutting_down",
+        headers={"Retry-After": str(RETRY_AFTER_OVERLOADED_S)},
+    )
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Every exception a route can raise becomes an OpenAI error body."""
+
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        _remember(request, exc)
+        return exc.response()
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            err = APIError(404, f"no route {request.url.path[:100]!r}; see GET /v1/models", code="not_found")
+        elif exc.status_code == 405:
+            err = APIError(405, f"method {request.method} is not allowed here", code="method_not_allowed")
+        else:
+            err = APIError(exc.status_code, str(exc.detail))
+        _remember(request, err)
+        return err.response()
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        err = APIError(400, "invalid request")
+        _remember(request, err)
+        return err.response()
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error in %s", request.url.path, exc_info=exc)
+        err = APIError(500, "internal server error; the server log has the details", code="internal_error")
+        _remember(request, err)
+        return err.response()
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _remember(request: Request, err: APIError) -> None:
+    # The access log and the rejected-requests metric read the outcome from the request's scope.
+    info = request_info(request.scope)
+    if info is not None:
+        info.rejected = err.reason
+        info.error_type = err.type

@@ -1,0 +1,846 @@
+"""Request handling: OpenAI requests → GenerationRequests → engine events → OpenAI responses and chunks.
+
+Contract: plan_chat()/plan_completion() validate a parsed request against the ServeConfig caps and the
+context, render and tokenize it (chat through chat.pipeline.prepare_chat, completions through encode_text
+— special-token injection is impossible either way) and return a Plan, raising APIError for anything the
+client must fix. respond() runs a Plan on the engine (n choices concurrently, one engine request each,
+seeds seed, seed+1, ...) and answers JSON or a server-sent-event stream. Both answers come from the same
+per-event translation, so a stream's concatenated deltas equal the non-stream response. A client that
+disconnects (noticed on the ASGI receive channel) has its engine requests aborted at once. Depends only
+on the Engine protocol and the request types, never on a concrete engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, TypeVar
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.types import Receive
+
+from qwenkit.chat.flavor import Flavor
+from qwenkit.chat.messages import ChatInputError, messages_from_openai, tools_from_openai
+from qwenkit.chat.parse import OutputParser, ParseDelta
+from qwenkit.chat.pipeline import prepare_chat
+from qwenkit.engines.base import Engine
+from qwenkit.engines.grammar import json_object_grammar
+from qwenkit.engines.request import EngineError, GenerationRequest, Grammar, GrammarError, TokenEvent
+from qwenkit.engines.sampling import SamplingError, resolve_sampling
+from qwenkit.serve.config import ServeConfig
+from qwenkit.serve.errors import APIError, from_engine_error, shutting_down
+from qwenkit.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from qwenkit.serve.logs import RequestInfo, UserHasher
+from qwenkit.serve.metrics import ServeMetrics
+from qwenkit.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Delta,
+    DeltaFunction,
+    DeltaToolCall,
+    FunctionCall,
+    NamedToolChoice,
+    PromptTokensDetails,
+    TokenLogprob,
+    ToolCall,
+    Usage,
+)
+from qwenkit.serve.security import RateLimiter
+from qwenkit.serve.tools import GrammarCache, ToolChoiceError, ToolMode, plan_tools
+from qwenkit.tokenizer.specials import ENDOFTEXT, IM_END
+from qwenkit.tokenizer.tokenizer import QwenTokenizer
+
+CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking"})
+SEED_MODULUS = 2**32  # engines take 32-bit seeds; OpenAI clients send any int64
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_R = TypeVar("_R", ChatCompletion, ChatCompletionChunk, Completion)
+
+
+@dataclass
+class ServeContext:
+    """Everything the handlers share for one app: the model, the engine, the caps and the bookkeeping."""
+
+    engine: Engine
+    tokenizer: QwenTokenizer
+    flavor: Flavor
+    model_name: str
+    config: ServeConfig
+    metrics: ServeMetrics
+    limiter: RateLimiter
+    texts: TokenTexts
+    grammars: GrammarCache = field(default_factory=GrammarCache)
+    hash_user: UserHasher = field(default_factory=UserHasher)
+    created: int = field(default_factory=lambda: int(time.time()))
+    active: set[str] = field(default_factory=set)  # engine request ids in flight
+    draining: bool = False
+
+    def begin_drain(self) -> None:
+        """Stop admitting requests (503); in-flight ones go on until abort_all()."""
+        self.draining = True
+
+    def abort_all(self) -> None:
+        for request_id in list(self.active):
+            self.engine.abort(request_id)
+
+
+# ---- planning -----------------------------------------------------------------------------------------
+
+
+class Job(Protocol):
+    """Turns one request's engine events into chunks (streaming) and a final response (both from one path)."""
+
+    def start(self) -> list[BaseModel]: ...
+
+    def on_event(self, index: int, event: TokenEvent) -> list[BaseModel]: ...
+
+    def response(self, usage: Usage) -> BaseModel: ...
+
+    def usage_chunk(self, usage: Usage) -> BaseModel: ...
+
+    def completion_text(self, index: int) -> str: ...
+
+
+@dataclass
+class Plan:
+    requests: list[GenerationRequest]
+    prompt_tokens: int
+    stream: bool
+    include_usage: bool
+    job: Job
+    prompt_text: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _check_common(
+    ctx: ServeContext, body: ChatCompletionRequest | CompletionRequest, info: RequestInfo
+) -> None:
+    if ctx.draining:
+        raise shutting_down()
+    if body.model != ctx.model_name:
+        raise APIError(
+            404,
+            f"model {body.model!r} is not served here; use {ctx.model_name!r} (GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
+    cfg = ctx.config
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stops) > cfg.max_stop:
+        raise APIError(400, f"stop: at most {cfg.max_stop} stop sequences", param="stop")
+    if any(not s or len(s) > cfg.max_stop_chars for s in stops):
+        raise APIError(
+            400, f"stop: each stop sequence needs 1 to {cfg.max_stop_chars} characters", param="stop"
+        )
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server; leave it out", param="logit_bias")
+    info.model = body.model
+    info.stream = bool(body.stream)
+    if body.user:
+        info.user = ctx.hash_user(body.user)
+
+
+def _check_n(cfg: ServeConfig, n: int) -> None:
+    if n > cfg.max_n:
+        raise APIError(400, f"n: at most {cfg.max_n} choices per request on this server", param="n")
+
+
+def _sampling_fields(
+    body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None
+) -> dict[str, object]:
+    return {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "repetition_penalty": body.repetition_penalty,
+        "seed": None if body.seed is None else body.seed % SEED_MODULUS,
+        "stop": body.stop,
+        "max_tokens": max_tokens,
+    }
+
+
+def _max_tokens(ctx: ServeContext, asked: int | None, prompt_tokens: int, param: str) -> int | None:
+    """The max_tokens to run with, or APIError when the prompt and the request do not fit."""
+    n_ctx = ctx.engine.n_ctx
+    cap = ctx.config.max_tokens
+    if asked is not None and cap is not None and asked > cap:
+        raise APIError(400, f"max_tokens: at most {cap} on this server", param="max_tokens")
+    room = n_ctx - prompt_tokens
+    if room < 1 or (asked is not None and asked > room):
+        raise APIError(
+            400,
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({asked or 1}) exceeds the context "
+            f"({n_ctx} tokens); shorten the {param} or lower max_tokens",
+            param=param if room < 1 else "max_tokens",
+            code="context_length_exceeded",
+            reason="too_long",
+        )
+    if asked is None and cap is not None:
+        return min(cap, room)
+    return asked
+
+
+def _fan_out(request: GenerationRequest, n: int, index0: int, base_id: str) -> list[GenerationRequest]:
+    """n engine requests for one prompt: seeds seed, seed+1, ... so choices differ but stay reproducible."""
+    out = []
+    for j in range(n):
+        sampling = request.sampling
+        if sampling.seed is not None and j:
+            sampling = sampling.model_copy(update={"seed": (sampling.seed + j) % SEED_MODULUS})
+        out.append(replace(request, request_id=f"{base_id}-{index0 + j}", sampling=sampling))
+    return out
+
+
+def _thinking_switch(kwargs: Mapping[str, Any] | None) -> bool | None:
+    if not kwargs:
+        return None
+    unknown = sorted(set(kwargs) - CHAT_TEMPLATE_KWARGS)
+    if unknown:
+        raise APIError(
+            400,
+            f"chat_template_kwargs: unknown key {unknown[0]!r}; only enable_thinking is accepted",
+            param="chat_template_kwargs",
+        )
+    value = kwargs.get("enable_thinking")
+    if value is not None and not isinstance(value, bool):
+        raise APIError(
+            400, "chat_template_kwargs.enable_thinking must be true or false", param="chat_template_kwargs"
+        )
+    return value
+
+
+def _response_grammar(ctx: ServeContext, body: ChatCompletionRequest) -> Grammar | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    try:
+        if fmt.type == "json_object" or fmt.json_schema is None or fmt.json_schema.json_schema is None:
+            if fmt.type == "json_schema" and fmt.json_schema is None:
+                raise APIError(
+                    400, "response_format: json_schema needs a 'json_schema' object", param="response_format"
+                )
+            return ctx.grammars.get("json_object", json_object_grammar)
+        return ctx.grammars.json_schema(fmt.json_schema.json_schema)
+    except GrammarError as exc:
+        raise APIError(
+            400, f"response_format: {exc}", param="response_format", code="invalid_schema"
+        ) from None
+
+
+def _tools(ctx: ServeContext, body: ChatCompletionRequest) -> tuple[list[Any], str | None, str | None]:
+    cfg = ctx.config
+    raw = body.tools or []
+    if len(raw) > cfg.max_tools:
+        raise APIError(400, f"tools: at most {cfg.max_tools} tools per request", param="tools")
+    for i, tool in enumerate(raw):
+        if len(json.dumps(tool, ensure_ascii=False).encode()) > cfg.max_tool_bytes:
+            raise APIError(400, f"tools[{i}]: larger than {cfg.max_tool_bytes} bytes as JSON", param="tools")
+    try:
+        tools = tools_from_openai(raw)
+    except ChatInputError as exc:
+        raise APIError(400, str(exc), param="tools") from None
+    if len({t.name for t in tools}) != len(tools):
+        raise APIError(400, "tools: two tools share a name; give each function a unique name", param="tools")
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        return tools, "named", choice.function.name
+    return tools, choice, None
+
+
+def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo) -> Plan:
+    """Validate and prepare a chat completion; APIError for anything the client must fix."""
+    _check_common(ctx, body, info)
+    cfg = ctx.config
+    if body.chat_template is not None:
+        raise APIError(
+            400,
+            "chat_template is refused: this server renders every prompt with the model's own template "
+            "(a request-supplied template could emit any special token)",
+            param="chat_template",
+        )
+    if len(body.messages) > cfg.max_messages:
+        raise APIError(400, f"messages: at most {cfg.max_messages} messages per request", param="messages")
+    n = body.n or 1
+    _check_n(cfg, n)
+    top = 0
+    if body.top_logprobs is not None:
+        if body.top_logprobs > cfg.max_top_logprobs:
+            raise APIError(400, f"top_logprobs: at most {cfg.max_top_logprobs}", param="top_logprobs")
+        if not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        top = body.top_logprobs
+    enable_thinking = _thinking_switch(body.chat_template_kwargs)
+    try:
+        messages = messages_from_openai(body.messages)
+    except ChatInputError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    tools, choice, named = _tools(ctx, body)
+    try:
+        tool_plan = plan_tools(tools, choice, named, body.parallel_tool_calls is not False, ctx.grammars)
+    except ToolChoiceError as exc:
+        raise APIError(400, f"tool_choice: {exc}", param="tool_choice") from None
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param="tools", code="invalid_schema") from None
+    answer_grammar = _response_grammar(ctx, body)
+    if answer_grammar is not None and tool_plan.grammar is not None:
+        raise APIError(
+            400,
+            "response_format json cannot be combined with tool_choice required or a named function",
+            param="response_format",
+        )
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    sampling = {**_sampling_fields(body, None), "thinking_budget": body.thinking_budget}
+    response_id = f"chatcmpl-{info.id}"
+    try:
+        prepared = prepare_chat(
+            ctx.tokenizer,
+            messages,
+            flavor=ctx.flavor,
+            tools=tool_plan.render or None,
+            enable_thinking=enable_thinking,
+            sampling=sampling,
+            grammar=tool_plan.grammar or answer_grammar,
+            logprobs=top if body.logprobs else None,
+            request_id=response_id,
+        )
+    except (ChatInputError, SamplingError) as exc:
+        raise APIError(400, str(exc), param=_param_of(str(exc))) from None
+    prompt_tokens = len(prepared.request.prompt_token_ids)
+    max_tokens = _max_tokens(ctx, asked, prompt_tokens, "messages")
+    request = prepared.request
+    if max_tokens is not None:
+        request = replace(request, sampling=request.sampling.model_copy(update={"max_tokens": max_tokens}))
+    job = ChatJob(
+        ctx,
+        response_id,
+        n,
+        parser=prepared.parser,
+        tool_mode=tool_plan.mode,
+        tool_names=tool_plan.names,
+        logprobs=bool(body.logprobs),
+        top=top,
+        include_usage=_include_usage(body),
+    )
+    info.n = n
+    return Plan(
+        requests=_fan_out(request, n, 0, response_id),
+        prompt_tokens=prompt_tokens,
+        stream=bool(body.stream),
+        include_usage=_include_usage(body),
+        job=job,
+        prompt_text=prepared.prompt.text,
+        warnings=list(prepared.warnings),
+    )
+
+
+def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(body.stream and body.stream_options and body.stream_options.include_usage)
+
+
+def _param_of(message: str) -> str | None:
+    head = message.split(":", 1)[0]
+    return head if head and " " not in head else None
+
+
+def plan_completion(ctx: ServeContext, body: CompletionRequest, info: RequestInfo) -> Plan:
+    """Validate and prepare a legacy text completion; the prompt is text, tokenized without special tokens."""
+    _check_common(ctx, body, info)
+    cfg = ctx.config
+    n = body.n or 1
+    if body.suffix:
+        raise APIError(400, "suffix is not supported; put the text in the prompt", param="suffix")
+    if body.best_of is not None and body.best_of != n:
+        raise APIError(400, "best_of is not supported (other than best_of = n)", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs is not supported (no prompt log-probabilities)", param="echo")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise APIError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+    if len(prompts) * n > cfg.max_n:
+        raise APIError(400, f"prompts × n: at most {cfg.max_n} choices per request on this server", param="n")
+    if body.logprobs is not None and body.logprobs > cfg.max_top_logprobs:
+        raise APIError(400, f"logprobs: at most {cfg.max_top_logprobs}", param="logprobs")
+    encoded = [ctx.tokenizer.encode_text(p) for p in prompts]
+    if any(not ids for ids in encoded):
+        raise APIError(400, "prompt: empty prompt; give at least one character", param="prompt")
+    longest = max(len(ids) for ids in encoded)
+    max_tokens = _max_tokens(ctx, body.max_tokens, longest, "prompt")
+    try:
+        sampling, warnings = resolve_sampling(_sampling_fields(body, max_tokens), thinking=False)
+    except SamplingError as exc:
+        raise APIError(400, str(exc), param=_param_of(str(exc))) from None
+    response_id = f"cmpl-{info.id}"
+    stop_ids = frozenset({ctx.tokenizer.eos_token_id, *_special_ids(ctx.tokenizer, (ENDOFTEXT, IM_END))})
+    requests: list[GenerationRequest] = []
+    for i, ids in enumerate(encoded):
+        base = GenerationRequest(
+            request_id=response_id,
+            prompt_token_ids=tuple(ids),
+            sampling=sampling,
+            stop_token_ids=stop_ids,
+            logprobs=body.logprobs,
+        )
+        requests += _fan_out(base, n, i * n, response_id)
+    echo = [prompts[i // n] for i in range(len(requests))] if body.echo else None
+    info.n = len(requests)
+    job = CompletionJob(ctx, response_id, len(requests), body.logprobs, echo, _include_usage(body))
+    return Plan(
+        requests=requests,
+        prompt_tokens=sum(len(ids) for ids in encoded),
+        stream=bool(body.stream),
+        include_usage=_include_usage(body),
+        job=job,
+        prompt_text="\n".join(prompts),
+        warnings=warnings,
+    )
+
+
+def _special_ids(tokenizer: QwenTokenizer, tokens: tuple[str, ...]) -> list[int]:
+    ids = []
+    for token in tokens:
+        with contextlib.suppress(ValueError):
+            ids.append(tokenizer.special_id(token))
+    return ids
+
+
+# ---- translating events ----------------------------------------------------------------------------------
+
+
+def _merge(a: ParseDelta, b: ParseDelta) -> ParseDelta:
+    return ParseDelta(
+        a.reasoning + b.reasoning,
+        a.content + b.content,
+        [*a.tool_calls, *b.tool_calls],
+        b.reasoning_truncated,
+    )
+
+
+def _finish_reason(event: TokenEvent, ctx: ServeContext, made_calls: bool) -> str:
+    """OpenAI's finish_reason for an engine's; errors and aborts become APIErrors."""
+    if event.finish_reason == "length":
+        return "length"
+    if event.finish_reason == "stop":
+        return "tool_calls" if made_calls else "stop"
+    if event.finish_reason == "abort":
+        raise shutting_down() if ctx.draining else APIError(500, "the request was aborted", code="aborted")
+    raise APIError(500, f"generation failed: {event.error or 'engine error'}", code="engine_error")
+
+
+class _Envelope:
+    """The id, creation time and model name every response object and chunk of one request shares."""
+
+    def __init__(self, ctx: ServeContext, response_id: str) -> None:
+        self.ctx = ctx
+        self.id = response_id
+        self.created = int(time.time())
+
+    def wrap(self, kind: type[_R], choices: list[Any], usage: Usage | None = None) -> _R:
+        return kind(id=self.id, created=self.created, model=self.ctx.model_name, choices=choices, usage=usage)
+
+
+@dataclass
+class _ChatChoiceState:
+    parser: OutputParser
+    reasoning: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+    finish: str | None = None
+
+
+class ChatJob(_Envelope):
+    """Chat events → parser deltas → chunks; the non-stream response is the chunks added up."""
+
+    def __init__(
+        self,
+        ctx: ServeContext,
+        response_id: str,
+        n: int,
+        *,
+        parser: Callable[[], OutputParser],
+        tool_mode: ToolMode,
+        tool_names: frozenset[str],
+        logprobs: bool,
+        top: int,
+        include_usage: bool,
+    ) -> None:
+        super().__init__(ctx, response_id)
+        self.choices = [_ChatChoiceState(parser()) for _ in range(n)]
+        self.tool_mode = tool_mode
+        self.tool_names = tool_names
+        self.want_logprobs = logprobs
+        self.top = top
+        self.include_usage = include_usage
+
+    def _chunk(self, choice: ChunkChoice) -> ChatCompletionChunk:
+        return self.wrap(ChatCompletionChunk, [choice])
+
+    def start(self) -> list[BaseModel]:
+        return [
+            self._chunk(ChunkChoice(index=i, delta=Delta(role="assistant", content="")))
+            for i in range(len(self.choices))
+        ]
+
+    def on_event(self, index: int, event: TokenEvent) -> list[BaseModel]:
+        state = self.choices[index]
+        state.raw.append(event.text)
+        delta = state.parser.feed(event.text)
+        if event.finished:
+            delta = _merge(delta, state.parser.finish())
+        content = delta.content
+        calls: list[DeltaToolCall] = []
+        for call in delta.tool_calls:
+            if self.tool_mode == "none" or call.name not in self.tool_names:
+                # Calls the client did not offer (or turned off) are returned as the text the model wrote.
+                call_json = f'{{"name": {json.dumps(call.name)}, "arguments": {call.arguments}}}'
+                text = f"<tool_call>\n{call_json}\n</tool_call>"
+                content += ("\n\n" if state.content or content else "") + text
+                continue
+            out = ToolCall(
+                id=call.id or "", function=FunctionCall(name=call.name or "", arguments=call.arguments)
+            )
+            calls.append(
+                DeltaToolCall(
+                    index=len(state.calls),
+                    id=out.id,
+                    type="function",
+                    function=DeltaFunction(name=out.function.name, arguments=out.function.arguments),
+                )
+            )
+            state.calls.append(out)
+        if delta.reasoning:
+            state.reasoning.append(delta.reasoning)
+        if content:
+            state.content.append(content)
+        logprobs = None
+        if self.want_logprobs and event.logprobs:
+            logprobs = chat_logprobs(self.ctx.texts, event.logprobs, self.top)
+            state.logprobs += logprobs
+        chunks: list[BaseModel] = []
+        out_delta = Delta(
+            reasoning_content=delta.reasoning or None,
+            reasoning=delta.reasoning or None,
+            content=content or None,
+            tool_calls=calls or None,
+        )
+        if delta.reasoning or content or calls or logprobs:
+            lp = ChoiceLogprobs(content=logprobs) if logprobs else None
+            chunks.append(self._chunk(ChunkChoice(index=index, delta=out_delta, logprobs=lp)))
+        if event.finished:
+            state.finish = _finish_reason(event, self.ctx, bool(state.calls))
+            chunks.append(self._chunk(ChunkChoice(index=index, delta=Delta(), finish_reason=state.finish)))
+        return chunks
+
+    def response(self, usage: Usage) -> BaseModel:
+        choices = []
+        for i, state in enumerate(self.choices):
+            text = "".join(state.reasoning)
+            message = AssistantMessage(
+                content="".join(state.content) or None,
+                reasoning_content=text or None,
+                reasoning=text or None,
+                tool_calls=state.calls or None,
+            )
+            lp = ChoiceLogprobs(content=state.logprobs) if self.want_logprobs else None
+            choices.append(ChatChoice(index=i, message=message, logprobs=lp, finish_reason=state.finish))
+        return self.wrap(ChatCompletion, choices, usage)
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return self.wrap(ChatCompletionChunk, [], usage)
+
+    def completion_text(self, index: int) -> str:
+        return "".join(self.choices[index].raw)
+
+
+@dataclass
+class _TextChoiceState:
+    text: list[str] = field(default_factory=list)
+    logprobs: list[CompletionLogprobs] = field(default_factory=list)
+    chars: int = 0
+    finish: str | None = None
+
+
+class CompletionJob(_Envelope):
+    """Text completion events → chunks and the response (text as generated, stop strings already cut)."""
+
+    def __init__(
+        self,
+        ctx: ServeContext,
+        response_id: str,
+        n: int,
+        logprobs: int | None,
+        echo: list[str] | None,
+        include_usage: bool,
+    ) -> None:
+        super().__init__(ctx, response_id)
+        self.choices = [_TextChoiceState() for _ in range(n)]
+        self.logprobs = logprobs
+        self.echo = echo
+        self.include_usage = include_usage
+
+    def _chunk(self, choice: CompletionChoice) -> Completion:
+        return self.wrap(Completion, [choice])
+
+    def start(self) -> list[BaseModel]:
+        if not self.echo:
+            return []
+        chunks: list[BaseModel] = []
+        for i, prompt in enumerate(self.echo):
+            self.choices[i].text.append(prompt)
+            self.choices[i].chars += len(prompt)
+            chunks.append(self._chunk(CompletionChoice(index=i, text=prompt)))
+        return chunks
+
+    def on_event(self, index: int, event: TokenEvent) -> list[BaseModel]:
+        state = self.choices[index]
+        logprobs = None
+        if self.logprobs is not None and event.logprobs:
+            logprobs = completion_logprobs(self.ctx.texts, event.logprobs, self.logprobs, state.chars)
+            state.logprobs.append(logprobs)
+        state.text.append(event.text)
+        state.chars += len(event.text)
+        finish = None
+        if event.finished:
+            finish = state.finish = _finish_reason(event, self.ctx, made_calls=False)
+        if not (event.text or logprobs or finish):
+            return []
+        return [
+            self._chunk(
+                CompletionChoice(index=index, text=event.text, logprobs=logprobs, finish_reason=finish)
+            )
+        ]
+
+    def response(self, usage: Usage) -> BaseModel:
+        choices = []
+        for i, state in enumerate(self.choices):
+            lp = None
+            if self.logprobs is not None:
+                lp = CompletionLogprobs(
+                    tokens=[t for p in state.logprobs for t in p.tokens],
+                    token_logprobs=[v for p in state.logprobs for v in p.token_logprobs],
+                    top_logprobs=[d for p in state.logprobs for d in p.top_logprobs or []],
+                    text_offset=[o for p in state.logprobs for o in p.text_offset],
+                )
+            choices.append(
+                CompletionChoice(index=i, text="".join(state.text), logprobs=lp, finish_reason=state.finish)
+            )
+        return self.wrap(Completion, choices, usage)
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return self.wrap(Completion, [], usage)
+
+    def completion_text(self, index: int) -> str:
+        return "".join(self.choices[index].text)
+
+
+# ---- running on the engine --------------------------------------------------------------------------------
+
+
+class ClientGone(Exception):
+    """The client disconnected; its engine requests were aborted."""
+
+
+_DISCONNECTED = object()
+
+
+async def _engine_events(
+    ctx: ServeContext, requests: list[GenerationRequest], receive: Receive | None
+) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(choice index, event) from all requests as they arrive. Leaving early aborts every unfinished one."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    finished = [False] * len(requests)
+
+    async def pump(index: int, request: GenerationRequest) -> None:
+        ctx.active.add(request.request_id)
+        events = ctx.engine.generate(request)
+        try:
+            async for event in events:
+                queue.put_nowait((index, event))
+        except Exception as exc:  # raised at submit (EngineError) or an engine bug: reported, not lost
+            queue.put_nowait((index, exc))
+        finally:
+            ctx.active.discard(request.request_id)
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def watch() -> None:
+        assert receive is not None
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        queue.put_nowait(_DISCONNECTED)
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    if receive is not None:
+        tasks.append(asyncio.create_task(watch()))
+    try:
+        while not all(finished):
+            item = await queue.get()
+            if item is _DISCONNECTED:
+                raise ClientGone
+            index, event = item
+            if isinstance(event, EngineError):
+                raise from_engine_error(event)
+            if isinstance(event, Exception):
+                raise APIError(500, f"engine error: {event}", code="engine_error") from event
+            finished[index] = event.finished
+            yield index, event
+    finally:
+        # Abort at once (not when the tasks get to run): the slot is freed within one engine step.
+        for request, done in zip(requests, finished, strict=True):
+            if not done:
+                ctx.engine.abort(request.request_id)
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Tally:
+    """Usage, timings and metrics of one request as its events go by."""
+
+    def __init__(self, ctx: ServeContext, plan: Plan, info: RequestInfo, start: float) -> None:
+        self.ctx, self.plan, self.info, self.start = ctx, plan, info, start
+        self.last: dict[int, float] = {}
+        self.completion = 0
+        self.cached = 0
+        self.final: dict[int, TokenEvent] = {}
+        self.charged = False
+
+    def see(self, index: int, event: TokenEvent) -> None:
+        now = time.perf_counter()
+        metrics = self.ctx.metrics
+        if event.token_ids:
+            if self.info.ttft_ms is None:
+                self.info.ttft_ms = round((now - self.start) * 1000, 2)
+                metrics.ttft.observe(now - self.start)
+            previous = self.last.get(index)
+            if previous is not None:
+                metrics.itl.observe(now - previous)
+            self.last[index] = now
+            self.completion += len(event.token_ids)
+        if event.finished:
+            self.final[index] = event
+            self.cached = max(self.cached, event.cached_tokens)
+            metrics.prompt_tokens.inc(event.prompt_tokens)
+            metrics.generated_tokens.inc(event.completion_tokens)
+
+    def usage(self) -> Usage:
+        completion = sum(e.completion_tokens for e in self.final.values()) if self.final else self.completion
+        return Usage(
+            prompt_tokens=self.plan.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.plan.prompt_tokens + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached),
+        )
+
+    def close(self) -> None:
+        """Record what was used (also for failed or abandoned requests)."""
+        if self.charged:
+            return
+        self.charged = True
+        info, job = self.info, self.plan.job
+        info.completion_tokens = self.completion
+        info.cached_tokens = self.cached
+        info.finish_reasons = [self.final[i].finish_reason or "" for i in sorted(self.final)]
+        self.ctx.limiter.charge_tokens(info.rate_key, self.completion)
+        if self.ctx.config.log_content:
+            info.completion = [job.completion_text(i) for i in range(len(self.plan.requests))]
+
+
+def _sse(model: BaseModel, include_usage: bool) -> str:
+    exclude = None if include_usage or not isinstance(model, ChatCompletionChunk | Completion) else {"usage"}
+    return f"data: {model.model_dump_json(exclude=exclude)}\n\n"
+
+
+async def respond(
+    ctx: ServeContext, plan: Plan, info: RequestInfo, receive: Receive | None
+) -> JSONResponse | StreamingResponse:
+    """Run a plan: a JSON response, or a stream once every choice has its first event."""
+    start = time.perf_counter()
+    info.prompt_tokens = plan.prompt_tokens
+    info.warnings = plan.warnings
+    if ctx.config.log_content:
+        info.prompt = plan.prompt_text
+    ctx.limiter.charge_tokens(info.rate_key, plan.prompt_tokens)
+    tally = _Tally(ctx, plan, info, start)
+    headers = {"x-qwenkit-warning": " | ".join(plan.warnings)[:500]} if plan.warnings else {}
+    events = _engine_events(ctx, plan.requests, receive)
+    head: list[tuple[int, TokenEvent]] = []
+    streaming = False
+    try:
+        if plan.stream:
+            # Wait for each choice's first event so that submit errors (503, 400) are still HTTP statuses.
+            seen: set[int] = set()
+            while len(seen) < len(plan.requests):
+                index, event = await events.__anext__()
+                head.append((index, event))
+                seen.add(index)
+            streaming = True
+            return StreamingResponse(
+                _stream(plan, tally, head, events),
+                media_type="text/event-stream",
+                headers={**SSE_HEADERS, **headers},
+            )
+        plan.job.start()
+        async for index, event in events:
+            tally.see(index, event)
+            plan.job.on_event(index, event)  # the chunks a stream would send; the job adds them up
+        return JSONResponse(plan.job.response(tally.usage()).model_dump(mode="json"), headers=headers)
+    except ClientGone:
+        info.disconnected = True
+        raise APIError(499, "client closed the request", reason="disconnected") from None
+    finally:
+        if not streaming:
+            await events.aclose()
+            tally.close()
+
+
+async def _stream(
+    plan: Plan,
+    tally: _Tally,
+    head: list[tuple[int, TokenEvent]],
+    events: AsyncIterator[tuple[int, TokenEvent]],
+) -> AsyncIterator[str]:
+    job, usage_on = plan.job, plan.include_usage
+    try:
+        for chunk in job.start():
+            yield _sse(chunk, usage_on)
+        for index, event in head:
+            tally.see(index, event)
+            for chunk in job.on_event(index, event):
+                yield _sse(chunk, usage_on)
+        async for index, event in events:
+            tally.see(index, event)
+            for chunk in job.on_event(index, event):
+                yield _sse(chunk, usage_on)
+        if usage_on:
+            yield _sse(job.usage_chunk(tally.usage()), True)
+        yield "data: [DONE]\n\n"
+    except APIError as err:
+        tally.info.rejected, tally.info.error_type = err.reason, err.type
+        yield f"data: {json.dumps(err.body())}\n\n"
+    except ClientGone:
+        tally.info.disconnected = True
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        tally.close()

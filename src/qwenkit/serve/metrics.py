@@ -1,0 +1,78 @@
+"""Prometheus metrics for one server: its own CollectorRegistry, never the process-wide default.
+
+Contract: ServeMetrics holds the counters and histograms the request path updates (requests by route and
+status, rejected requests by reason, TTFT, inter-token latency, prompt and generated tokens) and reads
+the engine's running/waiting sequences and KV usage at scrape time, so /metrics is never stale.
+`route_label` keeps label cardinality bounded: unknown paths all count as "other".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from qwenkit.engines.base import Engine
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5)
+
+
+def route_label(path: str) -> str:
+    if path in ROUTES:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
+
+
+class _EngineCollector(Collector):
+    """Engine gauges, read from engine.stats() when Prometheus scrapes."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._engine.stats()
+        yield GaugeMetricFamily("qwenkit_running_sequences", "Sequences being decoded", stats.running)
+        yield GaugeMetricFamily("qwenkit_waiting_sequences", "Sequences waiting for a slot", stats.waiting)
+        yield GaugeMetricFamily("qwenkit_kv_cache_used_tokens", "KV cells in use", stats.kv_used)
+        yield GaugeMetricFamily("qwenkit_kv_cache_total_tokens", "KV cells in all", stats.kv_total)
+        usage = stats.kv_used / stats.kv_total if stats.kv_total else 0.0
+        yield GaugeMetricFamily("qwenkit_kv_cache_usage_ratio", "Fraction of KV cells in use", usage)
+        yield CounterMetricFamily("qwenkit_engine_steps", "Engine decode steps", stats.steps)
+        yield CounterMetricFamily("qwenkit_engine_preemptions", "Sequences preempted", stats.preemptions)
+
+
+class ServeMetrics:
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "qwenkit_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.rejected = Counter(
+            "qwenkit_rejected_requests", "Requests refused, by reason", ["reason"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "qwenkit_request_duration_seconds",
+            "Request duration",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "qwenkit_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "qwenkit_inter_token_latency_seconds", "Time between tokens", buckets=_ITL_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("qwenkit_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("qwenkit_generation_tokens", "Tokens generated", registry=r)
+        r.register(_EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,161 @@
+"""Helpers for the server tests: a scripted fake Engine, an in-process client, a real server on loopback.
+
+FakeEngine implements the Engine protocol exactly (async generate, abort, stats) and answers every request
+with scripted text, so protocol translation can be checked to the byte; live_server() runs the real
+uvicorn server with the tiny qwen3 demo model on 127.0.0.1 (a free port) in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from qwenkit.chat.flavor import Flavor
+from qwenkit.engines.llamacpp.config import EngineConfig
+from qwenkit.engines.llamacpp.engine import LlamaCppEngine
+from qwenkit.engines.request import EngineError, EngineStats, GenerationRequest, TokenEvent, TokenLogprob
+from qwenkit.serve.app import create_app
+from qwenkit.serve.config import ServeConfig
+from qwenkit.serve.server import bind_socket, make_server
+from qwenkit.tokenizer.tokenizer import QwenTokenizer
+
+MODEL = "qwen3-demo"
+API_KEY = "sk-test-0123456789abcdef"
+
+
+@dataclass
+class FakeEngine:
+    """Answers each request with `script(request)` split into `chunk`-character events.
+
+    hold=True: emit the first chunk, then wait until aborted (to test disconnects). submit_error: raised
+    when a request is submitted, as a real engine does for what it cannot run.
+    """
+
+    tokenizer: QwenTokenizer
+    script: Callable[[GenerationRequest], str] = lambda request: "hello world"
+    chunk: int = 3
+    finish: str = "stop"
+    hold: bool = False
+    submit_error: EngineError | None = None
+    n_ctx: int = 2048
+    requests: list[GenerationRequest] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    running: set[str] = field(default_factory=set)
+    started: bool = False
+    shut_down: bool = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self.running:
+            self.aborted.append(request_id)
+            self.running.discard(request_id)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.running),
+            waiting=0,
+            kv_used=7 * len(self.running),
+            kv_total=self.n_ctx,
+            steps=0,
+            preemptions=0,
+        )
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self.shut_down = True
+
+    def _logprobs(self, ids: list[int], k: int | None) -> list[TokenLogprob] | None:
+        if k is None:
+            return None
+        return [TokenLogprob(t, -0.5, tuple((t + j, -0.5 - j) for j in range(k))) for t in ids]
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        if self.submit_error is not None:
+            raise self.submit_error
+        self.requests.append(request)
+        self.running.add(request.request_id)
+        text = self.script(request)
+        pieces = [text[i : i + self.chunk] for i in range(0, len(text), self.chunk)] or [""]
+        produced = 0
+        rid = request.request_id
+        try:
+            for i, piece in enumerate(pieces):
+                await asyncio.sleep(0)
+                if rid not in self.running:
+                    yield TokenEvent(rid, [], "", "abort", len(request.prompt_token_ids), produced)
+                    return
+                ids = self.tokenizer.encode(piece)
+                produced += len(ids)
+                last = i == len(pieces) - 1
+                if self.hold and i == 1:
+                    while rid in self.running:
+                        await asyncio.sleep(0.01)
+                    yield TokenEvent(rid, [], "", "abort", len(request.prompt_token_ids), produced)
+                    return
+                yield TokenEvent(
+                    rid,
+                    ids,
+                    piece,
+                    self.finish if last else None,  # type: ignore[arg-type]
+                    prompt_tokens=len(request.prompt_token_ids),
+                    completion_tokens=produced,
+                    logprobs=self._logprobs(ids, request.logprobs),
+                )
+        finally:
+            self.running.discard(rid)
+
+
+def fake_app(engine: FakeEngine, config: ServeConfig | None = None, **kw: object) -> FastAPI:
+    return create_app(engine, engine.tokenizer, Flavor.QWEN3, MODEL, config, **kw)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def in_process(app: FastAPI) -> Iterator[TestClient]:
+    """An in-process client; the app's lifespan runs around it."""
+    with TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000)) as client:
+        yield client
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    engine: LlamaCppEngine
+    app: FastAPI
+    api_key: str | None
+
+
+@contextlib.contextmanager
+def live_server(
+    gguf: Path, checkpoint: Path, config: ServeConfig | None = None, n_ctx: int = 4096, max_seqs: int = 8
+) -> Iterator[LiveServer]:
+    """The real server (uvicorn, the llama.cpp engine, the tiny demo model) on 127.0.0.1, any free port.
+    n_ctx: the most tokens one request may use."""
+    engine = LlamaCppEngine(gguf, EngineConfig.for_workload(max_seqs, n_ctx, threads=2, max_waiting=64))
+    config = config or ServeConfig()
+    app = create_app(engine, QwenTokenizer.from_dir(checkpoint), Flavor.QWEN3, MODEL, config)
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = make_server(app, shutdown_timeout=5)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    key = config.api_keys[0].get_secret_value() if config.api_keys else None
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", engine, app, key)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
