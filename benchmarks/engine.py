@@ -9,7 +9,8 @@ Measures, on the same GGUF file and thread count:
      p50/p95, next to the ceiling: a bare loop doing the same prefill and one llama_decode per step for
      all sequences and nothing else (goal >= 0.90x at every concurrency);
   3. a 2,048-token prompt arriving while 8 streams decode: their inter-token latency p95 / median (goal <= 3);
-and reports this machine's read bandwidth and the batch-1 roofline (bandwidth / weight bytes).
+and reports this machine's read bandwidth and the batch-1 roofline (bandwidth / weight bytes). The machine is
+shared and noisy, so each side runs in alternating rounds and its best round is kept (--rounds).
 Writes benchmarks/results/engine-*.json and prints a table.
 """
 
@@ -210,6 +211,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny demo model, fewer settings")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quant", default="q4_0")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per setting; best round kept")
     args = ap.parse_args()
     from qwenkit.hardware import physical_cores
 
@@ -221,16 +223,24 @@ def main() -> None:
     concurrency = (1, 4) if args.quick else CONCURRENCY
     long_len = 512 if args.quick else 2048
 
-    llama_single = llama_direct_single(model_path, threads)
+    # The machine is shared and noisy: alternate the two sides and keep each side's best round.
     config = EngineConfig(n_ctx=MAX_SEQS * CTX_PER_SEQ, max_seqs=MAX_SEQS, n_batch=512, threads=threads)
     engine = LlamaCppEngine(model_path, config)
     engine.start()
     try:
-        ours_single = engine_single(engine)
+        llama_rounds, ours_rounds = [], []
+        for _ in range(args.rounds + 1):
+            llama_rounds.append(llama_direct_single(model_path, threads))
+            ours_rounds.append(engine_single(engine))
+        llama_single, ours_single = max(llama_rounds), max(ours_rounds)
         rows = []
         for n in concurrency:
-            ours = engine_run(engine, n, f"c{n}")
-            bare = bare_loop(model_path, n, threads, n_ctx=MAX_SEQS * CTX_PER_SEQ)
+            ours_runs, bare_runs = [], []
+            for _ in range(args.rounds):
+                ours_runs.append(engine_run(engine, n, f"c{n}-{len(ours_runs)}"))
+                bare_runs.append(bare_loop(model_path, n, threads, n_ctx=MAX_SEQS * CTX_PER_SEQ))
+            ours = max(ours_runs, key=lambda r: r["aggregate_tok_s"])
+            bare = max(bare_runs, key=lambda r: r["aggregate_tok_s"])
             rows.append(
                 {
                     "streams": n,
@@ -238,6 +248,7 @@ def main() -> None:
                     "bare_loop": bare,
                     "aggregate_ratio": ours["aggregate_tok_s"] / bare["aggregate_tok_s"],
                     "decode_ratio": ours["decode_tok_s"] / bare["decode_tok_s"],
+                    "rounds": {"engine": ours_runs, "bare_loop": bare_runs},
                 }
             )
         chunked = long_prompt_run(engine, long_len)
@@ -250,7 +261,10 @@ def main() -> None:
         "machine": machine(),
         "read_bandwidth_gb_s": bandwidth,
         "batch1_roofline_tok_s": bandwidth * 1e9 / weight_bytes,
+        "rounds": args.rounds,
         "single_stream": {
+            "rounds_engine": ours_rounds,
+            "rounds_llama": llama_rounds,
             "engine_tok_s": ours_single,
             "llama_cpp_Llama_tok_s": llama_single,
             "ratio": ours_single / llama_single,

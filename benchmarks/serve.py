@@ -161,6 +161,19 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
+def measure_server(
+    cmd: list[str], port: int, ready_path: str, concurrency: tuple[int, ...], env: dict[str, str]
+) -> dict[int, dict[str, float]]:
+    """Start a server, load it at each concurrency, stop it."""
+    proc = start(cmd, env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base + ready_path, proc)
+        return {n: asyncio.run(http_load(base, "bench", n, NEW_TOKENS)) for n in concurrency}
+    finally:
+        stop(proc)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -175,64 +188,29 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     ours_port, theirs_port = free_port(), free_port()
-    ours = start(
-        [
-            str(exe.parent / "qwenkit"),
-            "serve",
-            "--model",
-            str(model_path),
-            "--port",
-            str(ours_port),
-            "--threads",
-            str(args.threads),
-            "--max-seqs",
-            str(MAX_SEQS),
-            "--ctx",
-            str(MAX_SEQS * CTX_PER_SEQ),
-            "--served-model-name",
-            "bench",
-        ],
-        env,
-    )
-    try:
-        wait_ready(f"http://127.0.0.1:{ours_port}/health", ours)
-        ours_http = {
-            n: asyncio.run(http_load(f"http://127.0.0.1:{ours_port}", "bench", n, NEW_TOKENS))
-            for n in concurrency
-        }
-    finally:
-        stop(ours)
+    ours_cmd = [str(exe.parent / "qwenkit"), "serve", "--model", str(model_path), "--port", str(ours_port)]
+    ours_cmd += [
+        "--threads",
+        str(args.threads),
+        "--max-seqs",
+        str(MAX_SEQS),
+        "--ctx",
+        str(MAX_SEQS * CTX_PER_SEQ),
+    ]
+    ours_cmd += ["--served-model-name", "bench"]
+    ours_http = measure_server(ours_cmd, ours_port, "/health", concurrency, env)
     engine = {n: in_process(model_path, args.threads, n) for n in concurrency}
-    theirs = start(
-        [
-            str(exe),
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(model_path),
-            "--port",
-            str(theirs_port),
-            "--n_threads",
-            str(args.threads),
-            "--n_threads_batch",
-            str(args.threads),
-            "--n_ctx",
-            "2048",
-            "--interrupt_requests",
-            "False",
-            "--model_alias",
-            "bench",
-        ],
-        env,
-    )
-    try:
-        wait_ready(f"http://127.0.0.1:{theirs_port}/v1/models", theirs)
-        theirs_http = {
-            n: asyncio.run(http_load(f"http://127.0.0.1:{theirs_port}", "bench", n, NEW_TOKENS))
-            for n in concurrency
-        }
-    finally:
-        stop(theirs)
+    theirs_cmd = [str(exe), "-m", "llama_cpp.server", "--model", str(model_path), "--port", str(theirs_port)]
+    theirs_cmd += [
+        "--n_threads",
+        str(args.threads),
+        "--n_threads_batch",
+        str(args.threads),
+        "--n_ctx",
+        "2048",
+    ]
+    theirs_cmd += ["--interrupt_requests", "False", "--model_alias", "bench"]
+    theirs_http = measure_server(theirs_cmd, theirs_port, "/v1/models", concurrency, env)
 
     for n in concurrency:
         rows.append(

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-GGUF_MAGIC = b"GGUF"
+from qwenkit.gguf.reader import GGUFReadError, check_gguf_magic
+
 TEXT_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 SUPPORTED_MODEL_TYPES = TEXT_MODEL_TYPES + VISION_MODEL_TYPES
@@ -101,13 +102,10 @@ def _resolve_local(path: Path, allow_pickle: bool) -> ResolvedModel:
 
 
 def _check_gguf(path: Path) -> ResolvedModel:
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelRefError(
-            f"{path} is not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}): "
-            "re-download or re-convert it"
-        )
+    try:
+        check_gguf_magic(path)
+    except GGUFReadError as exc:
+        raise ModelRefError(str(exc)) from None
     path = path.absolute()  # not resolve(): a hub cache's symlink names the blob, not the model
     return ResolvedModel(
         path=path,

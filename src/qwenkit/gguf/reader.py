@@ -92,11 +92,8 @@ class MetadataReader(gguf.GGUFReader):
         return 12 + int(values.nbytes), [item_type, count, values], [2], types
 
 
-def read_gguf_info(path: Path) -> GGUFInfo:
-    """Metadata of the Qwen GGUF at `path` (see the module docstring for the errors)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise GGUFReadError(f"no such GGUF file: {path}: pass an existing .gguf file")
+def check_gguf_magic(path: Path) -> None:
+    """Raise GGUFReadError unless the file starts with the GGUF magic bytes."""
     with path.open("rb") as f:
         magic = f.read(4)
     if magic != _MAGIC:
@@ -104,6 +101,14 @@ def read_gguf_info(path: Path) -> GGUFInfo:
             f"{path} is not a GGUF file (starts with {magic!r}, not {_MAGIC!r}): pass a .gguf file "
             "or convert the checkpoint with `qwenkit convert`"
         )
+
+
+def read_gguf_info(path: Path) -> GGUFInfo:
+    """Metadata of the Qwen GGUF at `path` (see the module docstring for the errors)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise GGUFReadError(f"no such GGUF file: {path}: pass an existing .gguf file")
+    check_gguf_magic(path)
     size = path.stat().st_size
     try:
         reader = MetadataReader(path)
