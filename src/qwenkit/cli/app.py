@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from qwenkit import __version__
-from qwenkit.cli import convert, demo, render, run, serve
+from qwenkit.cli import convert, demo, models, plan, render, run, serve
 
 app = typer.Typer(
     name="qwenkit",
@@ -17,12 +17,16 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(demo.app, name="demo")
+app.add_typer(models.app, name="models")
 app.command("serve")(serve.serve_command)
 app.command("generate")(run.generate_command)
 app.command("chat")(run.chat_command)
 app.command("render")(render.render_command)
 app.command("convert")(convert.convert_command)
 app.command("quantize")(convert.quantize_command)
+app.command("plan")(plan.plan_command)
+app.command("select")(plan.select_command)
+app.command("doctor")(plan.doctor_command)
 
 
 def _version(value: bool) -> None:

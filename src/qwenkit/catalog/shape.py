@@ -1,0 +1,266 @@
+"""The shape of a Qwen model as the planner needs it: dimensions, tensors, parameter counts, KV bytes.
+
+Contract: ModelShape is immutable and comes from a catalog entry, a Hugging Face config.json or a GGUF's
+metadata; tensors() lists the text model's tensors under llama.cpp's GGUF names with their row length
+(ggml ne0) and row count, which is what quantization recipes and memory formulas work on. Parameter
+counts are computed from the tensors, so they can be checked against the published figures. A config
+that lacks a dimension raises ShapeError (a ValueError) naming the missing field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qwenkit.gguf.reader import GGUFInfo
+
+__all__ = ["ModelShape", "ShapeError", "TensorSpec"]
+
+# GGUF architectures (general.architecture) → the HF model_type they come from.
+_GGUF_ARCHES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# Families whose attention has q/k/v biases (Qwen, Qwen1.5, Qwen2, Qwen2.5 and their VL/Audio/Math kin).
+_QKV_BIAS = {"qwen", "qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl", "qwen2_audio"}
+_QK_NORM = {"qwen3", "qwen3_moe"}
+
+
+class ShapeError(ValueError):
+    """A model description without the dimensions the planner needs; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One weight tensor: `ne0` is its row length (ggml's ne[0]), `rows` its row count over all experts."""
+
+    name: str
+    role: str
+    layer: int | None
+    ne0: int
+    rows: int
+    experts: int = 1
+
+    @property
+    def elements(self) -> int:
+        return self.ne0 * self.rows
+
+    @property
+    def is_matrix(self) -> bool:
+        return self.role not in ("norm", "bias")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Dimensions of the text model (plus encoder parameters outside it, for VL and audio models)."""
+
+    name: str
+    model_type: str
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    experts: int = 0
+    experts_used: int = 0
+    moe_ffn: int = 0
+    shared_ffn: int = 0
+    encoder_params: int = 0
+    context_native: int | None = None
+    context_extended: int | None = None
+    _tensors: tuple[TensorSpec, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "vocab"):
+            if getattr(self, name) < 1:
+                raise ShapeError(f"{self.name}: {name} must be positive")
+        if self.heads % self.kv_heads:
+            raise ShapeError(f"{self.name}: {self.heads} attention heads do not group into {self.kv_heads}")
+        if self.is_moe and not (0 < self.experts_used <= self.experts and self.moe_ffn > 0):
+            raise ShapeError(f"{self.name}: an MoE model needs experts, experts_used and moe_ffn")
+        if not self.is_moe and self.ffn < 1:
+            raise ShapeError(f"{self.name}: a dense model needs its feed-forward size")
+        object.__setattr__(self, "_tensors", tuple(self._build_tensors()))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type in _QKV_BIAS
+
+    # ---- tensors and parameters --------------------------------------------------------------------
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        """The text model's tensors in GGUF order (embeddings, blocks, output)."""
+        return self._tensors
+
+    def _build_tensors(self) -> list[TensorSpec]:
+        h, d = self.hidden, self.head_dim
+        q_out, kv_out = self.heads * d, self.kv_heads * d
+        out = [TensorSpec("token_embd.weight", "embed", None, h, self.vocab)]
+        for i in range(self.layers):
+            p = f"blk.{i}."
+            out.append(TensorSpec(p + "attn_norm.weight", "norm", i, h, 1))
+            if self.model_type == "qwen":  # first-generation Qwen fuses q, k and v
+                out.append(TensorSpec(p + "attn_qkv.weight", "attn_qkv", i, h, q_out + 2 * kv_out))
+                out.append(TensorSpec(p + "attn_qkv.bias", "bias", i, q_out + 2 * kv_out, 1))
+            else:
+                for name, rows in (("q", q_out), ("k", kv_out), ("v", kv_out)):
+                    out.append(TensorSpec(f"{p}attn_{name}.weight", f"attn_{name}", i, h, rows))
+                    if self.qkv_bias:
+                        out.append(TensorSpec(f"{p}attn_{name}.bias", "bias", i, rows, 1))
+            if self.model_type in _QK_NORM:
+                out.append(TensorSpec(p + "attn_q_norm.weight", "norm", i, d, 1))
+                out.append(TensorSpec(p + "attn_k_norm.weight", "norm", i, d, 1))
+            out.append(TensorSpec(p + "attn_output.weight", "attn_output", i, q_out, h))
+            out.append(TensorSpec(p + "ffn_norm.weight", "norm", i, h, 1))
+            out.extend(self._ffn_tensors(p, i))
+        out.append(TensorSpec("output_norm.weight", "norm", None, h, 1))
+        if not self.tied:
+            out.append(TensorSpec("output.weight", "output", None, h, self.vocab))
+        return out
+
+    def _ffn_tensors(self, p: str, i: int) -> list[TensorSpec]:
+        h = self.hidden
+        if not self.is_moe:
+            return [
+                TensorSpec(p + "ffn_gate.weight", "ffn_gate", i, h, self.ffn),
+                TensorSpec(p + "ffn_up.weight", "ffn_up", i, h, self.ffn),
+                TensorSpec(p + "ffn_down.weight", "ffn_down", i, self.ffn, h),
+            ]
+        e, f = self.experts, self.moe_ffn
+        out = [
+            TensorSpec(p + "ffn_gate_inp.weight", "router", i, h, e),
+            TensorSpec(p + "ffn_gate_exps.weight", "ffn_gate_exps", i, h, f * e, e),
+            TensorSpec(p + "ffn_up_exps.weight", "ffn_up_exps", i, h, f * e, e),
+            TensorSpec(p + "ffn_down_exps.weight", "ffn_down_exps", i, f, h * e, e),
+        ]
+        if self.shared_ffn:
+            s = self.shared_ffn
+            out += [
+                TensorSpec(p + "ffn_gate_inp_shexp.weight", "router", i, h, 1),
+                TensorSpec(p + "ffn_gate_shexp.weight", "ffn_gate_shexp", i, h, s),
+                TensorSpec(p + "ffn_up_shexp.weight", "ffn_up_shexp", i, h, s),
+                TensorSpec(p + "ffn_down_shexp.weight", "ffn_down_shexp", i, s, h),
+            ]
+        return out
+
+    @property
+    def text_params(self) -> int:
+        return sum(t.elements for t in self._tensors)
+
+    @property
+    def params_total(self) -> int:
+        """All parameters, encoders included (what memory is planned for)."""
+        return self.text_params + self.encoder_params
+
+    @property
+    def params_active(self) -> int:
+        """Parameters one token uses: the routed experts it does not visit are left out."""
+        if not self.is_moe:
+            return self.params_total
+        unused = (self.experts - self.experts_used) / self.experts
+        routed = sum(t.elements for t in self._tensors if t.experts > 1)
+        return self.params_total - round(routed * unused)
+
+    @property
+    def params_embedding(self) -> int:
+        return sum(t.elements for t in self._tensors if t.role in ("embed", "output"))
+
+    def kv_bytes_per_token(self, bytes_per_element: float) -> float:
+        """K and V of one token over all layers: layers × KV heads × head dim × 2 × bytes."""
+        return self.layers * self.kv_heads * self.head_dim * 2 * bytes_per_element
+
+    @property
+    def max_context(self) -> int | None:
+        return self.context_extended or self.context_native
+
+    # ---- constructors -----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], name: str = "") -> ModelShape:
+        """From a Hugging Face config.json (qwen2, qwen2_moe, qwen3, qwen3_moe and the VL/audio wrappers)."""
+        model_type = str(config.get("model_type", ""))
+        text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else None
+        c: Mapping[str, Any] = {**config, **text} if text and "hidden_size" in text else config
+        name = name or str(config.get("_name_or_path") or model_type)
+
+        def need(key: str) -> int:
+            value = c.get(key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ShapeError(f"{name}: config.json lacks an integer {key!r}")
+            return value
+
+        heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        experts = int(c.get("num_experts") or 0)
+        scaling = c.get("rope_scaling") if isinstance(c.get("rope_scaling"), Mapping) else None
+        native = int(c.get("max_position_embeddings") or 0) or None
+        extended = None
+        if scaling and scaling.get("factor") and scaling.get("original_max_position_embeddings"):
+            native = int(scaling["original_max_position_embeddings"])
+            extended = int(native * float(scaling["factor"]))
+        return cls(
+            name=name,
+            model_type=model_type,
+            layers=need("num_hidden_layers"),
+            hidden=hidden,
+            ffn=int(c.get("intermediate_size") or 0),
+            heads=heads,
+            kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or hidden // heads),
+            vocab=need("vocab_size"),
+            tied=bool(c.get("tie_word_embeddings", False)),
+            experts=experts,
+            experts_used=int(c.get("num_experts_per_tok") or 0) if experts else 0,
+            moe_ffn=int(c.get("moe_intermediate_size") or 0) if experts else 0,
+            shared_ffn=int(c.get("shared_expert_intermediate_size") or 0) if experts else 0,
+            context_native=native,
+            context_extended=extended,
+        )
+
+    @classmethod
+    def from_gguf_info(cls, info: GGUFInfo) -> ModelShape:
+        """From read_gguf_info(): its sizes, scalar metadata and tensor names (no output.weight: tied)."""
+        arch, meta = info.architecture, info.metadata
+        if arch not in _GGUF_ARCHES:
+            raise ShapeError(f"{info.path.name}: GGUF architecture {arch!r} is not a Qwen text model")
+
+        def get(key: str) -> int:
+            return int(meta.get(f"{arch}.{key}") or 0)
+
+        experts = info.expert_count or 0
+        return cls(
+            name=info.name or info.path.stem,
+            model_type=_GGUF_ARCHES[arch],
+            layers=info.block_count,
+            hidden=info.embedding_length,
+            ffn=get("feed_forward_length"),
+            heads=info.head_count,
+            kv_heads=info.head_count_kv,
+            head_dim=get("attention.key_length") or info.embedding_length // info.head_count,
+            vocab=info.vocab_size,
+            tied="output.weight" not in info.tensors,
+            experts=experts,
+            experts_used=(info.expert_used_count or 0) if experts else 0,
+            moe_ffn=get("expert_feed_forward_length") if experts else 0,
+            shared_ffn=get("expert_shared_feed_forward_length") if experts else 0,
+            context_native=info.context_length or None,
+        )
+
+    def with_context(self, native: int | None, extended: int | None) -> ModelShape:
+        """The same shape with other context limits (the catalog knows them better than a GGUF does)."""
+        return ModelShape(
+            **{k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_")}
+            | {"context_native": native, "context_extended": extended}
+        )
+
+
+def billions(n: float) -> str:
+    """A parameter count for people: 494032768 → '0.49B', 30532122624 → '30.5B'."""
+    b = n / 1e9
+    digits = 2 if b < 10 else 1 if b < 100 else 0
+    return f"{b:.{digits}f}B" if not math.isnan(b) else "unknown"

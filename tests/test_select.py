@@ -1,0 +1,166 @@
+"""`qwenkit select`: the cases that must come out sensibly, the numbers behind them, the commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from qwenkit import hardware
+from qwenkit.catalog import load_catalog
+from qwenkit.catalog.formats import WeightFormat
+from qwenkit.catalog.planner import GIB, Device, Engine
+from qwenkit.catalog.select import SelectRequest, select_models
+from qwenkit.cli import app as main_app
+from qwenkit.cli import plan as plan_cli
+
+PHONE_MODELS = {"Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B-Instruct", "Qwen3-0.6B", "Qwen3-1.7B"}
+
+
+@pytest.fixture(scope="module")
+def catalog():  # type: ignore[no-untyped-def]
+    return load_catalog()
+
+
+def _select(catalog, task: str, kind: str, gib: float, **kw):  # type: ignore[no-untyped-def]
+    return select_models(catalog, SelectRequest(task, Device(kind, int(gib * GIB)), **kw))  # type: ignore[arg-type]
+
+
+def test_everything_recommended_fits_its_budget(catalog) -> None:  # type: ignore[no-untyped-def]
+    for task, kind, gib in (("chat", "cpu", 8), ("code", "cuda", 24), ("vision", "cuda", 24)):
+        recs = _select(catalog, task, kind, gib)
+        assert recs
+        for rec in recs:
+            assert rec.plan.fits and rec.plan.memory.required <= rec.plan.budget
+            assert rec.plan.request.context == 4096 and rec.plan.request.concurrency == 1
+            assert rec.reason and " — gives up: " in rec.reason
+
+
+def test_phone_class_device_gets_a_small_quantized_model(catalog) -> None:  # type: ignore[no-untyped-def]
+    recs = _select(catalog, "chat", "cpu", 4)
+    top = recs[0]
+    assert top.entry.name in PHONE_MODELS
+    assert top.weight_format.is_gguf and top.weight_format not in (
+        WeightFormat.F32,
+        WeightFormat.FP16,
+        WeightFormat.BF16,
+    )
+    assert all(r.entry.shape().params_total < 4e9 for r in recs)
+
+
+def test_code_goes_to_coder(catalog) -> None:  # type: ignore[no-untyped-def]
+    for kind, gib in (("cpu", 16), ("cuda", 24), ("cpu", 4)):
+        assert _select(catalog, "code", kind, gib)[0].entry.family_key == "qwen2.5-coder"
+
+
+def test_math_goes_to_math_or_qwen3_thinking(catalog) -> None:  # type: ignore[no-untyped-def]
+    for kind, gib in (("cpu", 16), ("cuda", 80)):
+        top = _select(catalog, "math", kind, gib)[0]
+        assert top.entry.family.specialty == "math" or top.entry.capabilities.thinking
+
+
+def test_images_go_to_vl(catalog) -> None:  # type: ignore[no-untyped-def]
+    for kind, gib in (("cuda", 24), ("cpu", 16)):
+        recs = _select(catalog, "vision", kind, gib)
+        assert recs and all("image" in r.entry.modalities for r in recs)
+        assert all(r.engine is Engine.VLLM for r in recs)  # qwenkit's llama.cpp engine is text only
+    assert _select(catalog, "vision", "cuda", 24)[0].entry.family_key == "qwen2.5-vl"
+
+
+def test_audio_goes_to_qwen2_audio(catalog) -> None:  # type: ignore[no-untyped-def]
+    assert [r.entry.name for r in _select(catalog, "audio", "cuda", 24)] == ["Qwen2-Audio-7B-Instruct"]
+
+
+def test_32gb_gpu_quality_first_is_32b_class_quantized_or_30b_a3b(catalog) -> None:  # type: ignore[no-untyped-def]
+    top = _select(catalog, "chat", "cuda", 32)[0]
+    total = top.entry.shape().params_total / 1e9
+    assert top.entry.name == "Qwen3-30B-A3B" or (
+        30 <= total <= 35 and top.weight_format is not WeightFormat.BF16
+    )
+
+
+def test_latency_prefers_the_moe_on_a_gpu(catalog) -> None:  # type: ignore[no-untyped-def]
+    assert _select(catalog, "chat", "cuda", 32, prefer="latency")[0].entry.name == "Qwen3-30B-A3B"
+
+
+def test_long_context_needs_a_model_that_reaches_it(catalog) -> None:  # type: ignore[no-untyped-def]
+    recs = _select(catalog, "long-context", "cuda", 80, context=524288)
+    assert recs and {r.entry.family_key for r in recs} == {"qwen2.5-1m"}
+    for r in recs:
+        assert r.plan.request.context == 524288
+
+
+def test_nothing_fits_gives_nothing(catalog) -> None:  # type: ignore[no-untyped-def]
+    assert _select(catalog, "chat", "cpu", 0.25) == []
+
+
+def test_adjustments_say_what_changed(catalog) -> None:  # type: ignore[no-untyped-def]
+    recs = _select(catalog, "chat", "cpu", 4, top=10) + _select(catalog, "chat", "cuda", 32, top=10)
+    assert any(r.adjustments for r in recs) and any(not r.adjustments for r in recs)
+    for rec in recs:
+        kv = rec.plan.request.kv_type
+        said = " ".join(rec.adjustments)
+        assert (kv != "f16") == ("KV cache" in said), rec.entry.name
+        if rec.engine is Engine.LLAMACPP:
+            assert rec.plan.flash_attn == ("flash attention" in said), rec.entry.name
+
+
+def test_commands_use_real_flags(catalog) -> None:  # type: ignore[no-untyped-def]
+    runner = CliRunner()
+    serve_help = runner.invoke(main_app.app, ["serve", "--help"], terminal_width=200).output
+    quantize_help = runner.invoke(main_app.app, ["quantize", "--help"], terminal_width=200).output
+    recs = _select(catalog, "chat", "cpu", 8, top=10) + _select(catalog, "chat", "cuda", 32, top=10)
+    seen = set()
+    for rec in recs:
+        parts = rec.command.split(" && ")
+        for part in parts:
+            words = part.split()
+            if words[:2] == ["qwenkit", "serve"]:
+                help_text = serve_help
+            elif words[:2] == ["qwenkit", "quantize"]:
+                help_text = quantize_help
+            else:
+                assert words[0] == "vllm" and rec.engine is Engine.VLLM
+                continue
+            seen.add(words[1])
+            for flag in (w for w in words if w.startswith("-")):
+                assert flag in help_text, (rec.command, flag)
+        assert rec.entry.model.hf in rec.command or any(
+            repo in rec.command for repo in rec.entry.model.quantized.values()
+        )
+    assert seen == {"serve", "quantize"}
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("select")(plan_cli.select_command)
+    app.command("other")(lambda: None)
+    return app
+
+
+def test_cli_select_table_and_json() -> None:
+    runner = CliRunner()
+    table = runner.invoke(_app(), ["select", "--memory", "4GB", "--device", "cpu"], terminal_width=200)
+    assert table.exit_code == 0, table.output
+    assert "run: qwenkit" in table.output and "gives up" in table.output
+    data = json.loads(
+        runner.invoke(
+            _app(), ["select", "--task", "code", "--memory", "24GB", "--device", "cuda", "--json"]
+        ).output
+    )
+    assert data[0]["family"] == "qwen2.5-coder"
+    assert {"model", "weight_format", "engine", "reason", "command", "plan"} <= set(data[0])
+    assert data[0]["plan"]["memory_bytes"]["required"] <= data[0]["plan"]["budget_bytes"]
+
+
+def test_cli_select_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    bad = runner.invoke(_app(), ["select", "--task", "poetry", "--memory", "8GB"])
+    assert bad.exit_code == 2 and "unknown task 'poetry'" in bad.output
+    tiny = runner.invoke(_app(), ["select", "--memory", "256MB"])
+    assert tiny.exit_code == 2 and "no Qwen model fits" in tiny.output and "Traceback" not in tiny.output
+    monkeypatch.setattr(hardware, "gpus", lambda use_torch=True: [])
+    nogpu = runner.invoke(_app(), ["select", "--device", "cuda"])
+    assert nogpu.exit_code == 2 and "no CUDA GPU found" in nogpu.output
