@@ -179,10 +179,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quant", default="q4_0")
+    ap.add_argument("--streams", type=int, nargs="+", default=list(CONCURRENCY), help="concurrency levels")
     args = ap.parse_args()
     arch, size = ("qwen3", "tiny") if args.quick else ("qwen2", "0.5b")
     model_path = bench_model(arch, size, "q8_0" if args.quick else args.quant)
-    concurrency = (1, 4) if args.quick else CONCURRENCY
+    concurrency = (1, 4) if args.quick else tuple(args.streams)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     exe = Path(sys.executable)
 
