@@ -40,17 +40,6 @@ def bench_model(arch: str, size: str, quant: str) -> Path:
     return out
 
 
-def read_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
-    """Best-of-n memory read bandwidth (GB/s): summing an array larger than the caches."""
-    data = np.ones(size_mb * 1024 * 1024 // 8, dtype=np.float64)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - t)
-    return data.nbytes / best / 1e9
-
-
 def pct(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")

@@ -29,7 +29,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 import itertools
 
-from common import bench_model, machine, median, pct, read_bandwidth_gbs, write_results
+from common import bench_model, machine, median, pct, write_results
 
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
@@ -231,13 +231,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per setting; best round kept")
     ap.add_argument("--single-only", action="store_true", help="only the single-stream comparison")
     args = ap.parse_args()
-    from qwenkit.hardware import physical_cores
+    from qwenkit.hardware import memory_bandwidth, physical_cores
 
     threads = args.threads or physical_cores()
     arch, size = ("qwen3", "tiny") if args.quick else ("qwen2", "0.5b")
     model_path = bench_model(arch, size, "q8_0" if args.quick else args.quant)
     weight_bytes = model_path.stat().st_size
-    bandwidth = read_bandwidth_gbs()
+    bandwidth = memory_bandwidth(size_mib=512).read_gbs
     concurrency = (1, 4) if args.quick else CONCURRENCY
     long_len = 512 if args.quick else 2048
 

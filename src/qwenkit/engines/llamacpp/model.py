@@ -41,7 +41,6 @@ class LlamaModel:
         llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.use_mmap = True
         self._model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
         if not self._model:
             last = recent_log().splitlines()[-1:] or ["no details"]
