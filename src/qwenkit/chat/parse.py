@@ -63,6 +63,15 @@ class ParseDelta:
     def empty(self) -> bool:
         return not (self.reasoning or self.content or self.tool_calls or self.reasoning_truncated)
 
+    def then(self, later: ParseDelta) -> ParseDelta:
+        """This delta followed by a later one (e.g. the last feed() and finish()) as one delta."""
+        return ParseDelta(
+            reasoning=self.reasoning + later.reasoning,
+            content=self.content + later.content,
+            tool_calls=[*self.tool_calls, *later.tool_calls],
+            reasoning_truncated=later.reasoning_truncated,
+        )
+
 
 @dataclass(frozen=True)
 class ParsedToolCall:

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from qwenkit.chat.messages import Message, Tool, messages_from_openai, tools_from_openai
-from qwenkit.chat.parse import ParseAccumulator, ParseDelta, ParsedOutput
+from qwenkit.chat.parse import ParseAccumulator, ParsedOutput
 from qwenkit.chat.pipeline import PreparedChat, prepare_chat
 from qwenkit.checkpoints.demo import DEMO_NOTICE
 from qwenkit.cli.common import AllowPickleOption, ModelOption, QuantOption, open_model_files
@@ -122,7 +122,7 @@ def stream_chat(engine: LlamaCppEngine, prepared: PreparedChat, console: Console
         delta = parser.feed(event.text)
         if event.finished:
             tail = parser.finish()
-            delta = _merge(delta, tail)
+            delta = delta.then(tail)
             finish, n_out = event.finish_reason, event.completion_tokens
             if event.error:
                 raise ValueError(event.error)
@@ -137,15 +137,6 @@ def stream_chat(engine: LlamaCppEngine, prepared: PreparedChat, console: Console
     if result.reasoning_truncated:
         stats += " (thinking was cut off before the answer: raise --max-tokens or set --thinking-budget)"
     return result, stats
-
-
-def _merge(a: ParseDelta, b: ParseDelta) -> ParseDelta:
-    return ParseDelta(
-        reasoning=a.reasoning + b.reasoning,
-        content=a.content + b.content,
-        tool_calls=[*a.tool_calls, *b.tool_calls],
-        reasoning_truncated=b.reasoning_truncated,
-    )
 
 
 def _options(

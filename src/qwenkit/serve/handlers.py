@@ -26,7 +26,7 @@ from starlette.types import Receive
 
 from qwenkit.chat.flavor import Flavor
 from qwenkit.chat.messages import ChatInputError, messages_from_openai, tools_from_openai
-from qwenkit.chat.parse import OutputParser, ParseDelta
+from qwenkit.chat.parse import OutputParser
 from qwenkit.chat.pipeline import prepare_chat
 from qwenkit.engines.base import Engine
 from qwenkit.engines.grammar import json_object_grammar
@@ -422,15 +422,6 @@ def _special_ids(tokenizer: QwenTokenizer, tokens: tuple[str, ...]) -> list[int]
 # ---- translating events ----------------------------------------------------------------------------------
 
 
-def _merge(a: ParseDelta, b: ParseDelta) -> ParseDelta:
-    return ParseDelta(
-        a.reasoning + b.reasoning,
-        a.content + b.content,
-        [*a.tool_calls, *b.tool_calls],
-        b.reasoning_truncated,
-    )
-
-
 def _finish_reason(event: TokenEvent, ctx: ServeContext, made_calls: bool) -> str:
     """OpenAI's finish_reason for an engine's; errors and aborts become APIErrors."""
     if event.finish_reason == "length":
@@ -503,7 +494,7 @@ class ChatJob(_Envelope):
         state.raw.append(event.text)
         delta = state.parser.feed(event.text)
         if event.finished:
-            delta = _merge(delta, state.parser.finish())
+            delta = delta.then(state.parser.finish())
         content = delta.content
         calls: list[DeltaToolCall] = []
         for call in delta.tool_calls:
