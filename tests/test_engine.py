@@ -7,11 +7,13 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from qwenkit.engines.grammar import grammar_from_json_schema
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
+from qwenkit.engines.llamacpp.sampler import SeqSampler
 from qwenkit.engines.request import (
     THINKING_EARLY_STOP,
     EngineError,
@@ -75,6 +77,44 @@ def test_batched_sequences_match_their_solo_runs(engine: LlamaCppEngine) -> None
         max_running = max(max_running, engine.stats().running)
     assert max_running == 4  # they really ran together
     assert [got[i] for i in range(4)] == solo
+
+
+def test_greedy_fast_path_picks_what_the_native_greedy_sampler_picks(
+    engine: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pairs: list[tuple[int, int]] = []
+    fast_sample = SeqSampler.sample
+
+    def checked(self: SeqSampler, index: int) -> int:
+        token = fast_sample(self, index)
+        assert self.argmax  # plain greedy takes the fast path
+        pairs.append((token, llama_cpp.llama_sampler_sample(self._free, self._model.ctx, index)))
+        return token
+
+    monkeypatch.setattr(SeqSampler, "sample", checked)
+    for i in range(4):
+        engine.submit(req(f"fast{i}", prompt(40 + i, 6 + 3 * i)), lambda ev: None)
+    while engine.step():
+        pass
+    assert len(pairs) == 4 * 24
+    assert all(fast == native for fast, native in pairs)
+
+
+@pytest.mark.parametrize(
+    "penalty", [{"repetition_penalty": 1.5}, {"presence_penalty": 2.0}, {"frequency_penalty": 2.0}]
+)
+def test_penalties_run_in_the_native_chain_and_change_repeats(
+    engine: LlamaCppEngine, penalty: dict[str, float]
+) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=48, **penalty)  # type: ignore[arg-type]
+    sampler = SeqSampler(engine.model, params, None, grammar_active=False)
+    assert not sampler.argmax  # penalties need the chain's token history
+    sampler.free()
+    plain, _, _ = run(engine, req("pen0", prompt(50), SamplingParams(temperature=0.0, max_tokens=48)))
+    penalized, _, last = run(engine, req("pen1", prompt(50), params))
+    assert last.finish_reason == "length" and len(penalized) == 48
+    assert penalized != plain
+    assert len(set(penalized)) >= len(set(plain))
 
 
 def test_stop_string_cuts_text_and_finishes(engine: LlamaCppEngine) -> None:

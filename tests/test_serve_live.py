@@ -127,6 +127,19 @@ def test_stream_equals_non_stream(client: openai.OpenAI) -> None:
     assert streamed["usage"].completion_tokens == whole.usage.completion_tokens == 12  # type: ignore[union-attr]
 
 
+def test_penalties_reach_the_real_engine(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=user("Repeat after me"),
+        max_tokens=8,
+        presence_penalty=1.5,
+        frequency_penalty=0.5,
+        extra_body={**NO_THINK, "repetition_penalty": 1.2},
+    )
+    assert response.choices[0].finish_reason in ("stop", "length")
+    assert response.usage is not None and 0 < response.usage.completion_tokens <= 8
+
+
 def test_json_schema_with_thinking_and_both_reasoning_fields(client: openai.OpenAI) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
     args = {

@@ -3,6 +3,8 @@
 Contract: SeqSampler.sample(batch_index) picks one token from the logits of that batch position, using
 the request's parameters; the grammar (if any) constrains only once activate_grammar() was called, so a
 thinking model reasons freely and only its answer must match. free() releases the native chains.
+Plain greedy (temperature 0, no penalties, no active grammar) takes numpy's argmax of the logits view
+instead of the native chain, which copies all ~152k candidates per token; both pick the first maximum.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from qwenkit.engines.sampling import SamplingParams
 PENALTY_LAST_N = 64
 
 
+def _has_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
+
+
 def _chain(
     model: LlamaModel, params: SamplingParams, seed: int, grammar: Grammar | None
 ) -> llama_cpp.llama_sampler_p:
@@ -30,10 +36,14 @@ def _chain(
             llama_cpp.llama_sampler_free(chain)
             raise GrammarError("the grammar does not compile; check the JSON schema or GBNF")
         add(g)
-    if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+    if _has_penalties(params):
         add(
             llama_cpp.llama_sampler_init_penalties(
-                PENALTY_LAST_N, params.repetition_penalty, params.frequency_penalty, params.presence_penalty
+                model.n_vocab,
+                PENALTY_LAST_N,
+                params.repetition_penalty,
+                params.frequency_penalty,
+                params.presence_penalty,
             )
         )
     if params.temperature == 0:
@@ -68,11 +78,15 @@ class SeqSampler:
         # With a grammar, two chains share the seed; the constrained one is used once activated.
         self._constrained = _chain(model, params, seed, grammar) if grammar is not None else None
         self.grammar_active = grammar_active and self._constrained is not None
+        # Greedy with no penalties is stateless: the native chain adds a full-vocabulary copy per token.
+        self.argmax = params.temperature == 0 and not _has_penalties(params)
 
     def activate_grammar(self) -> None:
         self.grammar_active = self._constrained is not None
 
     def sample(self, batch_index: int) -> int:
+        if self.argmax and not self.grammar_active:
+            return int(np.argmax(self._model.logits(batch_index)))
         chain = self._constrained if self.grammar_active and self._constrained is not None else self._free
         return llama_cpp.llama_sampler_sample(chain, self._model.ctx, batch_index)
 
