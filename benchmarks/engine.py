@@ -73,13 +73,16 @@ class Recorder:
         return on
 
 
-def engine_run(engine: LlamaCppEngine, n: int, tag: str) -> dict[str, float]:
+def engine_run(engine: LlamaCppEngine, n: int, tag: str, salt: int) -> dict[str, float]:
+    """n streams at once; `salt` makes this run's prompts new, so the prefix cache cannot skip their prefill
+    (the bare loop always prefills)."""
     rec = Recorder()
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)
     t0 = time.perf_counter()
     for i in range(n):
         rid = f"{tag}-{i}"
-        engine.submit(GenerationRequest(rid, tuple(prompt(i)), params, ignore_eos=True), rec.sink(rid))
+        ids = tuple(prompt(salt * 1000 + i))
+        engine.submit(GenerationRequest(rid, ids, params, ignore_eos=True), rec.sink(rid))
     rec.done.wait()
     end = max(ts[-1] for ts in rec.times.values())
     ttft = [ts[0] - t0 for ts in rec.times.values()]
@@ -272,10 +275,11 @@ def main() -> None:
             model_path, threads, args.rounds + 1
         )
         rows = []
+        salts = itertools.count(1)
         for n in concurrency:
             ours_runs, bare_runs = [], []
             for _ in range(args.rounds):
-                ours_runs.append(engine_run(engine, n, f"c{n}-{len(ours_runs)}"))
+                ours_runs.append(engine_run(engine, n, f"c{n}-{len(ours_runs)}", next(salts)))
                 bare_runs.append(bare_loop(model_path, n, threads, n_ctx=MAX_SEQS * CTX_PER_SEQ))
             ours = max(ours_runs, key=lambda r: r["aggregate_tok_s"])
             bare = max(bare_runs, key=lambda r: r["aggregate_tok_s"])

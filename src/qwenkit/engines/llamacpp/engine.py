@@ -10,7 +10,6 @@ frees its KV cells within one step. Knows nothing of chat templates or HTTP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import queue
 import threading
@@ -18,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+from qwenkit.engines.courier import Courier
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.kv import SlotManager
 from qwenkit.engines.llamacpp.model import LlamaModel
@@ -63,6 +63,7 @@ class LlamaCppEngine:
         self._cv = threading.Condition()
         self._arrivals = itertools.count()
         self._thread: threading.Thread | None = None
+        self._courier = Courier()
         self._stopping = False
         self._accepting = True
         self.steps = 0
@@ -110,11 +111,14 @@ class LlamaCppEngine:
     # ---- one step: schedule → run → postprocess ---------------------------------------------------
     def step(self) -> bool:
         """Run one decode step; returns whether work remains."""
-        self._drain_inbox()
-        self.scheduler.admit()
-        plan = self.scheduler.plan()
-        if plan.entries:
-            self._run(plan)
+        try:
+            self._drain_inbox()
+            self.scheduler.admit()
+            plan = self.scheduler.plan()
+            if plan.entries:
+                self._run(plan)
+        finally:
+            self._courier.flush()
         return self.scheduler.has_work() or bool(self._inbox)
 
     def _drain_inbox(self) -> None:
@@ -278,6 +282,7 @@ class LlamaCppEngine:
                         self._finish(seq, "error", [], "", error=f"engine error: {exc}")
                     except Exception:  # a broken sink must not stop the others' cleanup
                         continue
+                self._courier.flush()
 
     def generate_sync(self, request: GenerationRequest) -> Iterator[TokenEvent]:
         """Events of one request, blocking; drives the steps itself when no background thread runs."""
@@ -306,15 +311,8 @@ class LlamaCppEngine:
         """Events of one request; needs start(). Closing the iterator early aborts the request."""
         if self._thread is None:
             raise EngineError("the engine is not started; call start() first")
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-
-        def deliver(event: TokenEvent) -> None:
-            # A closed event loop means the consumer is gone; its abort is already queued.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(events.put_nowait, event)
-
-        self.submit(request, deliver)
+        self.submit(request, self._courier.sink(events))
         finished = False
         try:
             while not finished:
