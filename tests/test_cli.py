@@ -127,3 +127,35 @@ def test_chat_switches_thinking_and_exits() -> None:
     )
     assert code == 0, err
     assert "thinking off" in out and "qwen>" in out and "conversation cleared" in out
+
+
+def test_stream_printer_shows_tool_calls_as_their_arguments_stream() -> None:
+    import io
+
+    from rich.console import Console
+
+    from qwenkit.chat.parse import OutputParser
+    from qwenkit.cli.run import StreamPrinter
+
+    out = io.StringIO()
+    printer = StreamPrinter(Console(file=out, width=200, color_system=None))
+    parser = OutputParser(thinking=True)
+    text = (
+        '<think>\nweather?\n</think>\n\nChecking.\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Paris"}}\n</tool_call>\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+    )
+    for ch in text:
+        delta = parser.feed(ch)
+        printer.show(delta.reasoning, delta.content, delta.tool_calls)
+    delta = parser.finish()
+    printer.show(delta.reasoning, delta.content, delta.tool_calls)
+    printer.end()
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "thinking…",
+        "weather?",
+        "answer:",
+        "Checking.",
+        'tool call get_weather({"city": "Paris"})',
+        "tool call now({})",
+    ]

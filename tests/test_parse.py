@@ -67,6 +67,8 @@ class Case:
     thinking: bool = True
     think_opened: bool = False
     tools: list[dict[str, Any]] | None = None
+    call_names: list[str] | None = None
+    partial: bool = False  # a call cut off mid-arguments: its arguments are not a whole JSON object
 
     def expected(self) -> ParsedOutput:
         return ParsedOutput(self.reasoning, self.content, self.calls, self.truncated)
@@ -187,11 +189,40 @@ CASES = [
         "Try:\n<tool_call>\n{'name': 'f'}\n</tool_call>\nok",
     ),
     Case(
-        "malformed_missing_brace_then_good_call",
+        "started_call_missing_outer_brace_stands",
         '<tool_call>\n{"name": "f", "arguments": {"a": 1}\n</tool_call>\n' + HERMES_S,
         None,
-        '<tool_call>\n{"name": "f", "arguments": {"a": 1}\n</tool_call>',
+        None,
+        [call(0, "f", {"a": 1}), call(1, "search", {"q": "café"})],
+    ),
+    Case(
+        "hermes_arguments_kept_as_written",
+        '<tool_call>{"name":"f","arguments":{"a":1,"b":[2, {"c":"}"}]}}</tool_call>',
+        None,
+        None,
+        [call(0, "f", '{"a":1,"b":[2, {"c":"}"}]}')],
+    ),
+    Case(
+        "hermes_arguments_before_name_parsed_when_closed",
+        '<tool_call>\n{"arguments": {"a":1}, "name": "f"}\n</tool_call>',
+        None,
+        None,
+        [call(0, "f", {"a": 1})],
+    ),
+    Case(
+        "undeclared_name_is_text",
+        "Hm.\n" + HERMES_W + "\n" + HERMES_S,
+        None,
+        "Hm.\n" + HERMES_W,
         [call(0, "search", {"q": "café"})],
+        call_names=["search"],
+    ),
+    Case(
+        "no_callable_names_all_text",
+        HERMES_S + "<tool_call>\n<function=search>\n</function>\n</tool_call>",
+        None,
+        HERMES_S + "<tool_call>\n<function=search>\n</function>\n</tool_call>",
+        call_names=[],
     ),
     Case(
         "malformed_missing_name",
@@ -206,17 +237,49 @@ CASES = [
         '<tool_call>\n{"name": "f"}}\n</tool_call>',
     ),
     Case(
-        "malformed_nan_argument",
+        "started_call_keeps_arguments_as_written_even_if_invalid",
         '<tool_call>\n{"name": "f", "arguments": {"x": NaN}}\n</tool_call>',
         None,
-        '<tool_call>\n{"name": "f", "arguments": {"x": NaN}}\n</tool_call>',
+        None,
+        [call(0, "f", '{"x": NaN}')],
+        partial=True,
+    ),
+    Case(
+        "malformed_nan_before_arguments",
+        '<tool_call>\n{"name": "f", "x": NaN, "arguments": {}}\n</tool_call>',
+        None,
+        '<tool_call>\n{"name": "f", "x": NaN, "arguments": {}}\n</tool_call>',
     ),
     Case("unknown_format", "<tool_call>\nf(x=1)\n</tool_call>", None, "<tool_call>\nf(x=1)\n</tool_call>"),
     Case(
-        "unclosed_tool_call",
+        "cut_off_call_keeps_what_it_streamed",
         'Sure.\n\n<tool_call>\n{"name": "f", "arguments": {"a": ',
         None,
-        'Sure.\n\n<tool_call>\n{"name": "f", "arguments": {"a": ',
+        "Sure.",
+        [call(0, "f", '{"a": ')],
+        partial=True,
+    ),
+    Case(
+        "unclosed_call_before_arguments_is_text",
+        'Sure.\n\n<tool_call>\n{"name": "f", "argu',
+        None,
+        'Sure.\n\n<tool_call>\n{"name": "f", "argu',
+    ),
+    Case(
+        "broken_arguments_stop_at_the_break",
+        '<tool_call>\n{"name": "f", "arguments": {"a": 1, <b>}}\n</tool_call>ok',
+        None,
+        "ok",
+        [call(0, "f", '{"a": 1, ')],
+        partial=True,
+    ),
+    Case(
+        "cut_off_xml_call_closes_its_object",
+        "<tool_call>\n<function=get_weather>\n<parameter=days>\n2\n</parameter>\n<parameter=city>\nPa",
+        None,
+        None,
+        [call(0, "get_weather", {"days": 2})],
+        tools=WEATHER_TOOLS,
     ),
     Case(
         "unterminated_string_then_good_call",
@@ -294,10 +357,18 @@ CASES = [
         tools=WEATHER_TOOLS,
     ),
     Case(
-        "xml_malformed_text_between_params",
+        "xml_stray_text_between_params_is_skipped",
         "<tool_call>\n<function=f>\nstray\n<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>",
         None,
-        "<tool_call>\n<function=f>\nstray\n<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>",
+        None,
+        [call(0, "f", {"a": "1"})],
+    ),
+    Case(
+        "xml_no_parameters",
+        "<tool_call>\n<function=now>\n</function>\n</tool_call>",
+        None,
+        None,
+        [call(0, "now", {})],
     ),
     Case(
         "literal_angle_brackets_in_content",
@@ -314,7 +385,11 @@ CASES = [
 
 def feed_chunks(case: Case, chunks: list[str]) -> tuple[ParsedOutput, list[ParseDelta]]:
     parser = OutputParser(
-        thinking=case.thinking, think_opened=case.think_opened, tools=case.tools, id_factory=ids()
+        thinking=case.thinking,
+        think_opened=case.think_opened,
+        tools=case.tools,
+        id_factory=ids(),
+        call_names=case.call_names,
     )
     deltas = [parser.feed(c) for c in chunks]
     deltas.append(parser.finish())
@@ -338,7 +413,12 @@ def test_table_is_large_enough() -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_case_non_streaming(case: Case) -> None:
     got = parse_output(
-        case.text, thinking=case.thinking, think_opened=case.think_opened, tools=case.tools, id_factory=ids()
+        case.text,
+        thinking=case.thinking,
+        think_opened=case.think_opened,
+        tools=case.tools,
+        id_factory=ids(),
+        call_names=case.call_names,
     )
     assert got == case.expected()
 
@@ -361,6 +441,8 @@ def test_case_random_chunkings(case: Case) -> None:
 
 def test_tool_call_arguments_are_json_objects() -> None:
     for case in CASES:
+        if case.partial:
+            continue
         for tc in case.expected().tool_calls:
             assert isinstance(json.loads(tc.arguments), dict)
 
@@ -413,13 +495,31 @@ def test_text_is_emitted_as_early_as_possible() -> None:
     assert parser.finish() == ParseDelta()
 
 
-def test_tool_call_delta_carries_whole_call_when_it_closes() -> None:
+def test_tool_call_streams_name_then_argument_fragments() -> None:
     parser = OutputParser(thinking=False, id_factory=ids())
-    head, tail = HERMES_W[:-3], HERMES_W[-3:]
-    assert parser.feed("Hi\n\n" + head) == ParseDelta(content="Hi")
-    delta = parser.feed(tail)
-    assert delta == ParseDelta(tool_calls=[ToolCallDelta(0, "call_0", "get_weather", '{"city": "Paris"}')])
+    assert parser.feed('Hi\n\n<tool_call>\n{"name": "get_weather", "arg') == ParseDelta(content="Hi")
+    assert parser.feed('uments": ') == ParseDelta()
+    assert parser.feed('{"ci') == ParseDelta(
+        tool_calls=[ToolCallDelta(0, "call_0", "get_weather", ""), ToolCallDelta(0, None, None, '{"ci')]
+    )
+    assert parser.feed('ty": "Par') == ParseDelta(tool_calls=[ToolCallDelta(0, None, None, 'ty": "Par')])
+    assert parser.feed('is"}}\n</tool') == ParseDelta(tool_calls=[ToolCallDelta(0, None, None, 'is"}')])
+    assert parser.feed("_call>\nBye") == ParseDelta(content="\n\nBye")
     assert parser.finish() == ParseDelta()
+
+
+def test_xml_call_streams_one_member_per_closed_parameter() -> None:
+    parser = OutputParser(thinking=False, tools=WEATHER_TOOLS, id_factory=ids())
+    assert parser.feed("<tool_call>\n<function=get_weather") == ParseDelta()
+    assert parser.feed(">\n<parameter=city>\nOslo") == ParseDelta(
+        tool_calls=[ToolCallDelta(0, "call_0", "get_weather", "")]
+    )
+    assert parser.feed("\n</parameter>\n<parameter=days>\n") == ParseDelta(
+        tool_calls=[ToolCallDelta(0, None, None, '{"city": "Oslo"')]
+    )
+    assert parser.feed("3\n</parameter>\n</function>\n</tool_call>") == ParseDelta(
+        tool_calls=[ToolCallDelta(0, None, None, ', "days": 3}')]
+    )
 
 
 def test_finish_marks_truncation_only_on_final_delta() -> None:
@@ -466,7 +566,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
 
 def test_broken_json_call_is_released_when_its_end_tag_arrives() -> None:
     # A "<" outside any JSON string means the object is broken: no need to wait for finish().
-    raw = '<tool_call>\n{"name": "f", "arguments": {"a": 1}\n</tool_call>'
+    raw = '<tool_call>\n{"name": "f", "x": {"a": 1}\n</tool_call>'
     parser = OutputParser(thinking=False, id_factory=ids())
     assert parser.feed(raw[:-1]) == ParseDelta()
     assert parser.feed(raw[-1] + "\nok") == ParseDelta(content=raw + "\nok")

@@ -157,6 +157,14 @@ def test_reasoning_and_tool_call_stream_equals_non_stream(make: Any, chunk: int)
     got = add_up(chunks)[0]
     assert got["tool_calls"][0]["id"].startswith("call_")
     assert without_ids(got) == as_streamed(choice)
+    call_deltas = [
+        tc for c in chunks[:-1] for ch in c["choices"] for tc in ch["delta"].get("tool_calls") or []
+    ]
+    first, *rest = call_deltas
+    assert first["id"] and first["type"] == "function" and first["function"]["name"] == "get_weather"
+    assert all(tc.get("id") is None and tc["function"].get("name") is None for tc in rest)
+    if chunk < 200:  # the arguments stream in pieces as the model writes them
+        assert len(call_deltas) > 2
 
 
 def test_stream_usage_chunk_when_asked(make: Any) -> None:

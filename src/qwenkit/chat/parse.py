@@ -5,11 +5,16 @@ chunking of the same text gives the same accumulated ParsedOutput as parse_outpu
 Think block: with thinking on, output may open with `<think>` (after whitespace) or, with think_opened, start
 inside it; reasoning is `.strip("\n")`-ed, content after `</think>` is `.lstrip("\n")`-ed, and a missing
 `</think>` makes everything reasoning with reasoning_truncated set. Tool calls (Hermes JSON or Qwen3-Coder
-XML inside `<tool_call>`) are parsed in content only, never in reasoning; a malformed or unclosed call is
-returned verbatim as content. Content whitespace: whitespace touching a tool call is dropped, and content
-that follows a call is joined to earlier content with "\n\n". Unknown function names are still returned as
-calls (the server validates them). A call is emitted whole, in one ToolCallDelta, when it closes.
-Model output is only ever read with json.loads and plain string scanning.
+XML inside `<tool_call>`) are parsed in content only, never in reasoning. Content whitespace: whitespace
+touching a tool call is dropped, and content that follows a call is joined to earlier content with "\n\n".
+Tool calls stream: a call starts (id + name, empty arguments) as soon as its name and the opening of its
+arguments are known — Hermes `{"name": "...", "arguments": {` or XML `<function=...>` — and its arguments
+follow in fragments: Hermes as the model wrote them, XML as one JSON member per closed <parameter>. From
+then on it stands: a broken or cut-off rest keeps the fragments already sent. A call that never reaches
+that point (other key order, string arguments, no arguments) is parsed when it closes and emitted whole, or
+returned verbatim as content if malformed or unclosed. call_names, when given, limits which names become
+calls; any other call is returned verbatim as content. Model output is only read with json.loads and plain
+string scanning.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
@@ -31,6 +36,12 @@ _PARAMETER_CLOSE = "</parameter>"
 _XML_CALL_RE = re.compile(r"[ \t\r\n]*<function=([^>\n]+)>(.*?)(?:</function>)?[ \t\r\n]*", re.DOTALL)
 _XML_PARAM_RE = re.compile(r"[ \t\r\n]*<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
 _INTEGER_RE = re.compile(r"[+-]?\d+")
+# The start of a Hermes call whose arguments object can stream: the name (a complete JSON string) comes first.
+_HERMES_HEAD_RE = re.compile(
+    r'[ \t\r\n]*\{[ \t\r\n]*"name"[ \t\r\n]*:[ \t\r\n]*("(?:[^"\\\n]|\\.)*")[ \t\r\n]*,'
+    r'[ \t\r\n]*"arguments"[ \t\r\n]*:[ \t\r\n]*(?=\{)'
+)
+_XML_HEAD_RE = re.compile(r"[ \t\r\n]*<function=([^>\n]+)>")
 
 
 class OutputParserError(ValueError):
@@ -41,7 +52,7 @@ class OutputParserError(ValueError):
 class ToolCallDelta:
     """One streamed tool-call fragment; maps 1:1 onto an OpenAI `delta.tool_calls` entry.
 
-    This parser emits each call whole (id, name and the complete arguments JSON) when it closes.
+    A call's first fragment carries its id and name; later ones only a piece of the arguments text.
     """
 
     index: int
@@ -145,9 +156,16 @@ def parse_output(
     think_opened: bool = False,
     tools: Sequence[Mapping[str, Any]] | None = None,
     id_factory: Callable[[], str] = new_tool_call_id,
+    call_names: Collection[str] | None = None,
 ) -> ParsedOutput:
     """Parse a whole generation at once (the streaming parser fed once, then finished)."""
-    parser = OutputParser(thinking=thinking, think_opened=think_opened, tools=tools, id_factory=id_factory)
+    parser = OutputParser(
+        thinking=thinking,
+        think_opened=think_opened,
+        tools=tools,
+        id_factory=id_factory,
+        call_names=call_names,
+    )
     return accumulate([parser.feed(text), parser.finish()])
 
 
@@ -156,7 +174,7 @@ class _State(Enum):
     REASONING = auto()
     POST_THINK = auto()  # dropping newlines after </think>
     CONTENT = auto()
-    CALL = auto()  # inside <tool_call>, buffering until it closes
+    CALL = auto()  # inside <tool_call>: streaming a started call, or buffering one until it closes
     DONE = auto()
 
 
@@ -170,6 +188,7 @@ class OutputParser:
         think_opened: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
         id_factory: Callable[[], str] = new_tool_call_id,
+        call_names: Collection[str] | None = None,
     ) -> None:
         if think_opened and not thinking:
             raise OutputParserError("think_opened=True needs thinking=True (the prompt opened a think block)")
@@ -181,6 +200,8 @@ class OutputParser:
         self._reasoning = _ReasoningSink()
         self._content = _ContentSink()
         self._scanner = _CallScanner()
+        self._open: _OpenCall | None = None  # the call being streamed
+        self._names = None if call_names is None else frozenset(call_names)
         self._n_calls = 0
         self._truncated = False
 
@@ -205,6 +226,12 @@ class OutputParser:
         if self._state is _State.START:
             self._state = _State.REASONING if self._think_opened else _State.CONTENT
             self._run(out)
+        if self._state is _State.CALL and self._open is not None:
+            # A started call cut off by the end of generation keeps what it streamed; XML closes its object.
+            self._stream_call(out, len(self._buf), closed=True)
+            self._open = None
+            self._buf = ""
+            self._state = _State.CONTENT
         while self._state is _State.CALL:
             # Unclosed call: up to the first literal </tool_call> is raw content, then parse on from there.
             end = self._buf.find(TOOL_CALL_END)
@@ -281,19 +308,94 @@ class OutputParser:
 
     def _step_call(self, out: _Out) -> bool:
         found = self._scanner.scan(self._buf)
+        if self._open is None:
+            self._try_start(out, self._buf if found is None else self._buf[: found[0]])
+        if self._open is not None:
+            self._stream_call(out, len(self._buf) if found is None else found[0], closed=found is not None)
         if found is None:
             return False
         body_end, after = found
-        call = _parse_call(self._buf[:body_end], self._scanner.mode, self._schemas)
-        if call is None:
-            out.content.append(self._content.add(TOOL_CALL_START + self._buf[:after]))
+        if self._open is not None:
+            self._open = None
         else:
-            self._content.call()
-            out.tool_calls.append(ToolCallDelta(self._n_calls, self._id_factory(), call[0], call[1]))
-            self._n_calls += 1
+            call = _parse_call(self._buf[:body_end], self._scanner.mode, self._schemas)
+            if call is None or not self._callable(call[0]):
+                out.content.append(self._content.add(TOOL_CALL_START + self._buf[:after]))
+            else:
+                self._content.call()
+                out.tool_calls.append(ToolCallDelta(self._n_calls, self._id_factory(), call[0], call[1]))
+                self._n_calls += 1
         self._buf = self._buf[after:]
         self._state = _State.CONTENT
         return True
+
+    def _callable(self, name: str) -> bool:
+        return self._names is None or name in self._names
+
+    def _try_start(self, out: _Out, body: str) -> None:
+        """Start streaming the call once its name and the opening of its arguments are known."""
+        mode = self._scanner.kind
+        if mode == "json" and (head := _HERMES_HEAD_RE.match(body)):
+            try:
+                name = _loads(head.group(1))
+            except ValueError:
+                return
+            start = head.end()
+        elif mode == "xml" and (head := _XML_HEAD_RE.match(body)):
+            name, start = head.group(1).strip(), head.end()
+        else:
+            return
+        if not name.strip() or not self._callable(name):
+            return
+        self._content.call()
+        self._open = _OpenCall(self._n_calls, name, mode, start)
+        out.tool_calls.append(ToolCallDelta(self._n_calls, self._id_factory(), name, ""))
+        self._n_calls += 1
+
+    def _stream_call(self, out: _Out, body_end: int, closed: bool) -> None:
+        """Emit the started call's arguments that are certain now (all of them once it has closed)."""
+        call = self._open
+        assert call is not None
+        if call.mode == "json":
+            end = self._scanner.arguments_end()
+            piece = self._buf[call.pos : end]
+            call.pos = max(call.pos, end)
+        else:
+            piece = self._xml_members(call, body_end)
+            if closed:
+                piece += "}" if call.members else "{}"
+        if piece:
+            out.tool_calls.append(ToolCallDelta(call.index, None, None, piece))
+
+    def _xml_members(self, call: _OpenCall, body_end: int) -> str:
+        """`{"key": value` / `, "key": value` for each <parameter> closed since the last call."""
+        pieces: list[str] = []
+        properties = self._schemas.get(call.name, {})
+        while (opened := self._buf.find(_PARAMETER_OPEN, call.pos, body_end)) >= 0:
+            closed = self._buf.find(_PARAMETER_CLOSE, opened, body_end)
+            name_end = self._buf.find(">", opened)
+            if closed < 0 or name_end < 0 or name_end > closed:
+                break
+            key = self._buf[opened + len(_PARAMETER_OPEN) : name_end].strip()
+            # Qwen3-Coder writes each value between newlines; strip exactly one on each side.
+            value = self._buf[name_end + 1 : closed].removeprefix("\n").removesuffix("\n")
+            member = json.dumps(key, ensure_ascii=False) + ": "
+            member += json.dumps(_convert(value, properties.get(key)), ensure_ascii=False)
+            pieces.append(("{" if not call.members else ", ") + member)
+            call.members += 1
+            call.pos = closed + len(_PARAMETER_CLOSE)
+        return "".join(pieces)
+
+
+@dataclass
+class _OpenCall:
+    """A call being streamed: its index, format, and how far its body has been turned into fragments."""
+
+    index: int
+    name: str
+    mode: str  # "json" or "xml"
+    pos: int  # json: next argument char to emit; xml: where to look for the next <parameter>
+    members: int = 0  # xml: parameters emitted
 
 
 class _Out:
@@ -370,11 +472,23 @@ class _CallScanner:
 
     def __init__(self) -> None:
         self.mode: str | None = None
+        self.kind: str | None = None  # the mode first detected, kept when a broken call turns "other"
         self._pos = 0  # json: next char to scan; xml/other: where to search for </tool_call> next
         self._depth = 0
         self._in_string = False
         self._escaped = False
         self._json_end: int | None = None
+        self._inner_close: int | None = None  # end of the first object/array nested in the call object
+        self._json_stop: int | None = None  # where the JSON broke off
+
+    def arguments_end(self) -> int:
+        """How far a started Hermes call's arguments can be emitted: to the end of the arguments object
+        once it closed, else to where the JSON broke off, else to the end of what was scanned."""
+        if self._inner_close is not None:
+            return self._inner_close
+        if self._json_stop is not None:
+            return self._json_stop
+        return self._pos
 
     def scan(self, body: str) -> tuple[int, int] | None:
         """(end of the call's body, end of its closing tag) once the call has closed, else None."""
@@ -390,6 +504,7 @@ class _CallScanner:
                 return None
             else:
                 self.mode = "other"
+            self.kind = self.mode
         if self.mode == "json":
             return self._scan_json(body)
         return self._scan_tag(body)
@@ -411,12 +526,14 @@ class _CallScanner:
                     self._depth += 1
                 elif ch in "}]":
                     self._depth -= 1
+                    if self._depth == 1 and self._inner_close is None:
+                        self._inner_close = i + 1
                     if self._depth == 0:
                         self._json_end = i + 1
                         break
                 elif ch == "<":
                     # "<" outside a string is never JSON: the object is broken, close at the next tag.
-                    self.mode, self._pos = "other", i
+                    self.mode, self._pos, self._json_stop = "other", i, i
                     return self._scan_tag(body)
             else:
                 self._pos = len(body)
@@ -427,7 +544,8 @@ class _CallScanner:
             return self._json_end, len(body) - len(tail) + len(TOOL_CALL_END)
         if TOOL_CALL_END.startswith(tail):
             return None
-        self.mode, self._pos = "other", self._json_end  # junk after the object: malformed
+        # Junk after the object: malformed.
+        self.mode, self._pos, self._json_stop = "other", self._json_end, self._json_end
         return self._scan_tag(body)
 
     def _scan_tag(self, body: str) -> tuple[int, int] | None:

@@ -10,7 +10,7 @@ the CLI both use it, so the two behave the same.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +34,14 @@ class PreparedChat:
     tools: tuple[dict[str, Any], ...]
     warnings: list[str] = field(default_factory=list)
 
-    def parser(self) -> OutputParser:
-        return OutputParser(thinking=self.thinking, think_opened=self.think_opened, tools=self.tools or None)
+    def parser(self, call_names: Collection[str] | None = None) -> OutputParser:
+        """A parser for this turn's output; call_names limits which functions become calls (None: any)."""
+        return OutputParser(
+            thinking=self.thinking,
+            think_opened=self.think_opened,
+            tools=self.tools or None,
+            call_names=call_names,
+        )
 
 
 def prepare_chat(

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from qwenkit.chat.messages import Message, Tool, messages_from_openai, tools_from_openai
-from qwenkit.chat.parse import ParseAccumulator, ParsedOutput
+from qwenkit.chat.parse import ParseAccumulator, ParsedOutput, ToolCallDelta
 from qwenkit.chat.pipeline import PreparedChat, prepare_chat
 from qwenkit.checkpoints.demo import DEMO_NOTICE
 from qwenkit.cli.common import AllowPickleOption, ModelOption, QuantOption, open_model_files
@@ -77,15 +78,22 @@ def _open(
 
 
 class StreamPrinter:
-    """Prints parse deltas: thinking dim and apart, then the answer, then tool calls."""
+    """Prints parse deltas: thinking dim and apart, then the answer, then tool calls as they stream."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.section: str | None = None
+        self._call_open = False
+
+    def _close_call(self) -> None:
+        if self._call_open:
+            self.console.print(")", highlight=False)
+            self._call_open = False
 
     def _enter(self, section: str) -> None:
+        self._close_call()
         if self.section != section:
-            if self.section is not None:
+            if self.section not in (None, "tools"):
                 self.console.print()
             if section == "reasoning":
                 self.console.print("[dim]thinking…[/]")
@@ -93,19 +101,24 @@ class StreamPrinter:
                 self.console.print("[dim]answer:[/]")
             self.section = section
 
-    def show(self, reasoning: str, content: str, calls: list[tuple[str, str]]) -> None:
+    def show(self, reasoning: str, content: str, calls: list[ToolCallDelta]) -> None:
         if reasoning:
             self._enter("reasoning")
             self.console.print(reasoning, end="", style="dim italic", markup=False, highlight=False)
         if content:
             self._enter("content")
             self.console.print(content, end="", markup=False, highlight=False)
-        for name, arguments in calls:
-            self._enter("tools")
-            self.console.print(f"[bold cyan]tool call[/] {name}({arguments})", highlight=False)
+        for call in calls:
+            if call.name is not None:  # a new call starts
+                self._enter("tools")
+                self.console.print(f"[bold cyan]tool call[/] {escape(call.name)}(", end="", highlight=False)
+                self._call_open = True
+            self.console.print(call.arguments, end="", markup=False, highlight=False)
 
     def end(self) -> None:
-        if self.section is not None:
+        if self._call_open:
+            self._close_call()
+        elif self.section is not None:
             self.console.print()
 
 
@@ -127,7 +140,7 @@ def stream_chat(engine: LlamaCppEngine, prepared: PreparedChat, console: Console
             if event.error:
                 raise ValueError(event.error)
         acc.add(delta)
-        printer.show(delta.reasoning, delta.content, [(c.name or "", c.arguments) for c in delta.tool_calls])
+        printer.show(delta.reasoning, delta.content, delta.tool_calls)
     printer.end()
     result = acc.result()
     elapsed = time.perf_counter() - start

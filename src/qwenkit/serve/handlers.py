@@ -26,7 +26,7 @@ from starlette.types import Receive
 
 from qwenkit.chat.flavor import Flavor
 from qwenkit.chat.messages import ChatInputError, messages_from_openai, tools_from_openai
-from qwenkit.chat.parse import OutputParser
+from qwenkit.chat.parse import OutputParser, ToolCallDelta
 from qwenkit.chat.pipeline import prepare_chat
 from qwenkit.engines.base import Engine
 from qwenkit.engines.grammar import json_object_grammar
@@ -60,7 +60,7 @@ from qwenkit.serve.protocol import (
     Usage,
 )
 from qwenkit.serve.security import RateLimiter
-from qwenkit.serve.tools import GrammarCache, ToolChoiceError, ToolMode, plan_tools
+from qwenkit.serve.tools import GrammarCache, ToolChoiceError, plan_tools
 from qwenkit.tokenizer.specials import ENDOFTEXT, IM_END
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
@@ -330,9 +330,8 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
         ctx,
         response_id,
         n,
-        parser=prepared.parser,
-        tool_mode=tool_plan.mode,
-        tool_names=tool_plan.names,
+        # Only offered functions become calls ("none" offers none); any other call stays the model's text.
+        parser=lambda: prepared.parser(call_names=tool_plan.names),
         logprobs=bool(body.logprobs),
         top=top,
         include_usage=_include_usage(body),
@@ -450,10 +449,22 @@ class _ChatChoiceState:
     parser: OutputParser
     reasoning: list[str] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
-    calls: list[ToolCall] = field(default_factory=list)
+    calls: list[list[str]] = field(default_factory=list)  # [id, name, arguments so far] by call index
     logprobs: list[TokenLogprob] = field(default_factory=list)
     raw: list[str] = field(default_factory=list)
     finish: str | None = None
+
+
+def _merged_fragments(fragments: list[ToolCallDelta]) -> list[tuple[int, str | None, str | None, str]]:
+    """(index, id, name, arguments), a call's consecutive fragments joined: one entry per call per chunk."""
+    merged: list[tuple[int, str | None, str | None, str]] = []
+    for f in fragments:
+        if merged and merged[-1][0] == f.index:
+            index, id_, name, arguments = merged[-1]
+            merged[-1] = (index, id_, name, arguments + f.arguments)
+        else:
+            merged.append((f.index, f.id, f.name, f.arguments))
+    return merged
 
 
 class ChatJob(_Envelope):
@@ -466,16 +477,12 @@ class ChatJob(_Envelope):
         n: int,
         *,
         parser: Callable[[], OutputParser],
-        tool_mode: ToolMode,
-        tool_names: frozenset[str],
         logprobs: bool,
         top: int,
         include_usage: bool,
     ) -> None:
         super().__init__(ctx, response_id)
         self.choices = [_ChatChoiceState(parser()) for _ in range(n)]
-        self.tool_mode = tool_mode
-        self.tool_names = tool_names
         self.want_logprobs = logprobs
         self.top = top
         self.include_usage = include_usage
@@ -497,25 +504,14 @@ class ChatJob(_Envelope):
             delta = delta.then(state.parser.finish())
         content = delta.content
         calls: list[DeltaToolCall] = []
-        for call in delta.tool_calls:
-            if self.tool_mode == "none" or call.name not in self.tool_names:
-                # Calls the client did not offer (or turned off) are returned as the text the model wrote.
-                call_json = f'{{"name": {json.dumps(call.name)}, "arguments": {call.arguments}}}'
-                text = f"<tool_call>\n{call_json}\n</tool_call>"
-                content += ("\n\n" if state.content or content else "") + text
-                continue
-            out = ToolCall(
-                id=call.id or "", function=FunctionCall(name=call.name or "", arguments=call.arguments)
-            )
-            calls.append(
-                DeltaToolCall(
-                    index=len(state.calls),
-                    id=out.id,
-                    type="function",
-                    function=DeltaFunction(name=out.function.name, arguments=out.function.arguments),
-                )
-            )
-            state.calls.append(out)
+        for index_, id_, name, arguments in _merged_fragments(delta.tool_calls):
+            if index_ == len(state.calls):  # a new call: its id and name come first
+                state.calls.append([id_ or "", name or "", ""])
+                function = DeltaFunction(name=name, arguments=arguments)
+                calls.append(DeltaToolCall(index=index_, id=id_, type="function", function=function))
+            else:
+                calls.append(DeltaToolCall(index=index_, function=DeltaFunction(arguments=arguments)))
+            state.calls[index_][2] += arguments
         if delta.reasoning:
             state.reasoning.append(delta.reasoning)
         if content:
@@ -547,7 +543,11 @@ class ChatJob(_Envelope):
                 content="".join(state.content) or None,
                 reasoning_content=text or None,
                 reasoning=text or None,
-                tool_calls=state.calls or None,
+                tool_calls=[
+                    ToolCall(id=i, function=FunctionCall(name=name, arguments=args))
+                    for i, name, args in state.calls
+                ]
+                or None,
             )
             lp = ChoiceLogprobs(content=state.logprobs) if self.want_logprobs else None
             choices.append(ChatChoice(index=i, message=message, logprobs=lp, finish_reason=state.finish))

@@ -151,7 +151,8 @@ class LlamaCppEngine:
         seq_ids: list[int] = []
         wants: list[bool] = []
         samples: list[tuple[Sequence, int]] = []
-        for seq, n in plan.entries:
+        # In seq-id order: llama.cpp computes each run of consecutive ids (per-sequence KV) in one pass.
+        for seq, n in sorted(plan.entries, key=lambda entry: entry[0].seq_id):
             start = seq.n_cached
             tokens.extend(seq.tokens[start : start + n])
             positions.extend(range(start, start + n))

@@ -2,8 +2,10 @@
 
 Contract: a running sequence owns one slot (its seq_id). When it ends, its cells stay as a prefix cache
 for the next request that starts with the same tokens (a shared system prompt, earlier chat turns), until
-the room is needed (least recently used first). Cell counts are upper bounds: shared cells count per slot.
-With per-sequence KV buffers (not unified) each slot has its own n_ctx / n_slots cells.
+the room is needed. Cell counts are upper bounds: shared cells count per slot. With per-sequence KV
+buffers (not unified) each slot has its own n_ctx / n_slots cells, and llama.cpp splits a batch into one
+compute pass per run of consecutive seq ids (in batch order): so a new sequence always gets the lowest slot
+not running (lowest_available), keeping the running ids one run, and a prefix cached elsewhere is copied in.
 """
 
 from __future__ import annotations
@@ -84,11 +86,17 @@ class SlotManager:
         self.model.seq_rm(slot, keep, -1)
         return slot
 
-    def take(self, keep: int | None = None) -> int:
-        """A free slot, evicting the least recently used idle cache (never `keep`) if none is free."""
-        if not self._free and not self.evict_lru(keep=keep):
-            self.evict_lru()
-        return self._free.pop()
+    def lowest_available(self) -> int:
+        """The lowest slot no running sequence holds (free, or idle with a cache that may be dropped)."""
+        return min([*self._free, *self._idle])
+
+    def take(self, slot: int) -> int:
+        """Take an available slot for a new sequence, dropping its idle cache if it has one."""
+        if self._idle.pop(slot, None) is not None:
+            self.model.seq_rm(slot)
+        else:
+            self._free.remove(slot)
+        return slot
 
     def is_idle(self, slot: int) -> bool:
         return slot in self._idle

@@ -62,12 +62,13 @@ class Scheduler:
             if self._over(need):
                 break
             self.waiting.popleft()
-            if match and reuse and match.idle:
-                seq.seq_id = self.slots.take_idle(match.slot, reuse)
+            slot = self.slots.lowest_available()
+            if match and reuse and match.idle and match.slot == slot:
+                seq.seq_id = self.slots.take_idle(slot, reuse)
             else:
-                seq.seq_id = self.slots.take(keep=match.slot if match else None)
+                seq.seq_id = self.slots.take(slot)
                 if match and reuse:
-                    self.slots.copy_prefix(match.slot, seq.seq_id, reuse)
+                    self.slots.copy_prefix(match.slot, slot, reuse)
             seq.n_cached = reuse
             if seq.n_generated == 0:
                 seq.cached_prompt = reuse
