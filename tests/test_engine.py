@@ -177,6 +177,41 @@ def test_prefix_copied_from_a_running_sequence(demo_gguf: Callable[..., Path], u
         eng.close()
 
 
+def test_new_sequences_take_the_lowest_slot_and_idle_prefixes_are_copied_there(
+    demo_gguf: Callable[..., Path],
+) -> None:
+    # Per-sequence KV: llama.cpp decodes each run of consecutive seq ids in its own pass, so running
+    # sequences must sit in the lowest slots; a cached prefix in a higher slot is copied down.
+    eng = LlamaCppEngine(demo_gguf("qwen3", "tiny", "f32"), EngineConfig(n_ctx=1024, max_seqs=4, threads=2))
+    try:
+        long = SamplingParams(temperature=0.0, max_tokens=100)
+        shared = prompt(21, 30)
+        solo, _, _ = run(eng, req("solo", (*shared, 1)))  # its cache stays idle in slot 0
+        for i in range(3):
+            eng.submit(req(f"bg{i}", prompt(30 + i), long), lambda ev: None)
+        eng.step()
+        assert sorted(s.seq_id for s in eng.scheduler.running) == [0, 1, 2]  # slot 0's cache was dropped
+        eng.abort("bg1")
+        eng.step()
+        eng.submit(req("filler", prompt(40), long), lambda ev: None)
+        eng.step()
+        running = {s.request_id: s.seq_id for s in eng.scheduler.running}
+        assert running["filler"] == 1  # the hole, not the free slot 3
+        # A prefix cached in a high slot: run one there, let it finish, then ask again.
+        hi = list(eng.generate_sync(req("hi", (*shared, 1), SamplingParams(temperature=0.0, max_tokens=2))))
+        assert hi[-1].finished and eng.scheduler.slots.is_idle(3)
+        eng.abort("bg2")
+        eng.step()
+        events = list(eng.generate_sync(req("again", (*shared, 1))))
+        assert events[-1].cached_tokens == 30
+        assert [t for ev in events for t in ev.token_ids] == solo
+        for rid in ("bg0", "filler"):
+            eng.abort(rid)
+        eng.step()
+    finally:
+        eng.close()
+
+
 def test_chunked_prefill_equals_whole_prefill(demo_gguf: Callable[..., Path]) -> None:
     long_prompt = prompt(7, 300)
     results = []

@@ -462,6 +462,23 @@ def test_rate_limits_per_key(tokenizer: QwenTokenizer) -> None:
         assert client.get("/v1/models", headers=a).status_code == 200
 
 
+def test_wrong_keys_lock_an_address_out_for_a_while(tokenizer: QwenTokenizer) -> None:
+    now = [0.0]
+    config = ServeConfig(api_keys=("key-aaaaaaaa",), auth_failures_per_minute=3)  # type: ignore[arg-type]
+    app = fake_app(FakeEngine(tokenizer), config, clock=lambda: now[0])
+    good = {"Authorization": "Bearer key-aaaaaaaa"}
+    with in_process(app) as client:
+        for _ in range(3):
+            assert client.get("/v1/models", headers={"Authorization": "Bearer guess"}).status_code == 401
+        locked = client.get("/v1/models", headers=good)  # even the right key: no more guesses for now
+        assert locked.status_code == 429 and locked.json()["error"]["code"] == "too_many_auth_failures"
+        assert int(locked.headers["retry-after"]) == 20
+        health = client.get("/health")
+        assert health.status_code == 200 and "model" not in health.json()  # public: says nothing served
+        now[0] += 20
+        assert client.get("/v1/models", headers=good).status_code == 200
+
+
 def test_token_rate_limit_refuses_clients_in_debt(tokenizer: QwenTokenizer) -> None:
     now = [0.0]
     app = fake_app(

@@ -26,7 +26,12 @@ RECURSIVE = {
 
 @pytest.fixture(scope="module")
 def server(demo_gguf: Callable[..., Path], demo_checkpoint: Callable[..., Path]) -> Iterator[LiveServer]:
-    config = ServeConfig(api_keys=(API_KEY,), max_body_bytes=1024 * 1024)  # type: ignore[arg-type]
+    # Many wrong keys on purpose below: the lockout is tested on its own (test_serve_protocol).
+    config = ServeConfig(
+        api_keys=(API_KEY,),  # type: ignore[arg-type]
+        max_body_bytes=1024 * 1024,
+        auth_failures_per_minute=10_000,
+    )
     gguf, checkpoint = demo_gguf("qwen3", "tiny", "f32"), demo_checkpoint("qwen3", "tiny")
     with live_server(gguf, checkpoint, config, n_ctx=N_CTX, max_seqs=2) as live:
         yield live

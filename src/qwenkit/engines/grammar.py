@@ -3,11 +3,14 @@
 Contract: grammar_from_json_schema() checks the schema's size, depth and references (no recursion), then
 converts it with llama.cpp's own JSON-schema-to-GBNF converter in a worker with a time limit; any failure is
 a GrammarError with a one-line reason. json_object_grammar() is "any JSON object" (json_object mode).
+The converter ignores integer bounds, so integers with minimum / maximum / exclusiveMinimum /
+exclusiveMaximum get our own rule (int_range_rule) that admits exactly the integers in range.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -18,6 +21,8 @@ from qwenkit.engines.request import Grammar, GrammarError
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 24
 CONVERT_TIMEOUT_S = 5.0
+MAX_INT_DIGITS = 16  # as the converter's own integer rule
+_INT_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 def _check_shape(node: Any, depth: int = 0) -> None:
@@ -66,10 +71,83 @@ def _check_no_recursion(schema: Mapping[str, Any]) -> None:
     visit(schema, ())
 
 
-def _convert(schema_text: str) -> str:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+def _same_length_range(lo: str, hi: str) -> str:
+    """GBNF for the decimal strings of one length from lo to hi (lo <= hi), digit by digit."""
+    if lo == hi:
+        return f'"{lo}"'
+    rest = len(lo) - 1
+    any_rest = " [0-9]" * rest
+    a, b = int(lo[0]), int(hi[0])
+    if a == b:
+        return f'"{lo[0]}" ({_same_length_range(lo[1:], hi[1:])})'
+    low_full, high_full = lo[1:] == "0" * rest, hi[1:] == "9" * rest
+    parts = [] if low_full else [f'"{a}" ({_same_length_range(lo[1:], "9" * rest)})']
+    first, last = (a if low_full else a + 1), (b if high_full else b - 1)
+    if first <= last:
+        parts.append((f'"{first}"' if first == last else f"[{first}-{last}]") + any_rest)
+    if not high_full:
+        parts.append(f'"{b}" ({_same_length_range("0" * rest, hi[1:])})')
+    return " | ".join(parts)
 
-    return json_schema_to_gbnf(schema_text)
+
+def _natural_range(lo: int, hi: int | None) -> list[str]:
+    """Alternatives for the integers lo..hi (0 <= lo; hi None = unbounded), without leading zeros."""
+    top = len(str(hi)) if hi is not None else MAX_INT_DIGITS
+    out = []
+    for length in range(len(str(lo)), top + 1):
+        a = max(lo, 10 ** (length - 1) if length > 1 else 0)
+        b = min(hi, 10**length - 1) if hi is not None else 10**length - 1
+        if a <= b:
+            out.append(f"({_same_length_range(str(a), str(b))})")
+    return out
+
+
+def int_range_rule(lo: int | None, hi: int | None) -> str:
+    """GBNF (without trailing space) for exactly the integers in [lo, hi]; None = unbounded on that side."""
+    if lo is not None and hi is not None and lo > hi:
+        raise GrammarError(f"JSON schema: no integer lies between {lo} and {hi}")
+    alts: list[str] = []
+    if lo is None or lo < 0:  # negatives: "-" and a magnitude in [max(1, -hi), -lo]
+        magnitude_lo = 1 if hi is None or hi >= 0 else -hi
+        alts += [f'"-" {alt}' for alt in _natural_range(magnitude_lo, None if lo is None else -lo)]
+    if hi is None or hi >= 0:
+        alts += _natural_range(max(lo, 0) if lo is not None else 0, hi)
+    return "(" + " | ".join(alts) + ")"
+
+
+def _int_bounds(schema: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    def number(key: str) -> float | None:
+        value = schema.get(key)
+        if value is None or isinstance(value, bool):
+            return None
+        if not isinstance(value, int | float) or value != value or abs(value) > 10**MAX_INT_DIGITS:
+            raise GrammarError(f"JSON schema: {key} must be a number within ±1e{MAX_INT_DIGITS}")
+        return value
+
+    bounds_lo = [math.ceil(v) for v in [number("minimum")] if v is not None]
+    bounds_lo += [math.floor(v) + 1 for v in [number("exclusiveMinimum")] if v is not None]
+    bounds_hi = [math.floor(v) for v in [number("maximum")] if v is not None]
+    bounds_hi += [math.ceil(v) - 1 for v in [number("exclusiveMaximum")] if v is not None]
+    return (max(bounds_lo) if bounds_lo else None), (min(bounds_hi) if bounds_hi else None)
+
+
+def _convert(schema_text: str) -> str:
+    from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
+
+    class Converter(SchemaConverter):  # type: ignore[misc]
+        def visit(self, schema: Any, name: str) -> str:
+            if (
+                isinstance(schema, dict)
+                and schema.get("type") == "integer"
+                and any(key in schema for key in _INT_BOUNDS)
+            ):
+                rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+                return str(self._add_rule(rule_name, int_range_rule(*_int_bounds(schema)) + " space"))
+            return str(super().visit(schema, name))
+
+    converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter.visit(converter.resolve_refs(json.loads(schema_text), "stdin"), "")
+    return str(converter.format_grammar())
 
 
 def grammar_from_json_schema(schema: Any, after_think: bool = True) -> Grammar:

@@ -3,7 +3,8 @@
 Contract: one app per engine; everything it keeps (metrics registry, rate-limit buckets, grammar cache,
 the ServeContext at app.state.qwenkit) belongs to that app, nothing to the module. The lifespan starts the
 engine and, with manage_engine, shuts it down when the app stops. Routes: POST /v1/chat/completions,
-POST /v1/completions, GET /v1/models[/{id}], GET /health (no key needed; 503 while draining), GET /metrics.
+POST /v1/completions, GET /v1/models[/{id}], GET /health (no key needed, so it names the model only when no
+keys are set; 503 while draining), GET /metrics.
 Bodies are parsed here (JSON content type, strict pydantic models) so every malformed one is a 4xx.
 """
 
@@ -79,7 +80,12 @@ def create_app(
     """The OpenAI-compatible app for one engine. clock: the rate limiter's time source (tests)."""
     config = config or ServeConfig()
     metrics = ServeMetrics(engine)
-    limiter = RateLimiter(config.rate_limit_rpm, config.rate_limit_tpm, *([clock] if clock else []))
+    limiter = RateLimiter(
+        config.rate_limit_rpm,
+        config.rate_limit_tpm,
+        config.auth_failures_per_minute,
+        *([clock] if clock else []),
+    )
     ctx = ServeContext(
         engine=engine,
         tokenizer=tokenizer,
@@ -151,9 +157,10 @@ def create_app(
     @app.get("/health")
     async def health() -> JSONResponse:
         stats = engine.stats()
-        body = {
-            "status": "draining" if ctx.draining else "ok",
-            "model": ctx.model_name,
+        body: dict[str, object] = {"status": "draining" if ctx.draining else "ok"}
+        if not config.api_keys:  # /health needs no key: with keys set it does not say what is served
+            body["model"] = ctx.model_name
+        body |= {
             "engine": {
                 "running": stats.running,
                 "waiting": stats.waiting,

@@ -21,6 +21,9 @@ class ServeConfig(BaseModel):
     served_model_name: str | None = Field(default=None, min_length=1, max_length=256)
     rate_limit_rpm: int | None = Field(default=None, ge=1, description="requests/minute per key or client")
     rate_limit_tpm: int | None = Field(default=None, ge=1, description="tokens/minute per key or client")
+    auth_failures_per_minute: int = Field(
+        default=30, ge=1, description="wrong API keys an address may send per minute before it gets 429s"
+    )
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     max_messages: int = Field(default=512, ge=1)
     max_tools: int = Field(default=128, ge=0)

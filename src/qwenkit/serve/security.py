@@ -3,6 +3,8 @@
 Contract: with keys configured, EVERY HTTP request needs `Authorization: Bearer <key>` except the exact
 path "/health" — unknown paths, trailing slashes, double slashes, case and percent-encoding variants all
 get 401 before any routing happens. Keys are compared in constant time against every configured key.
+A client address that used up its wrong-key allowance (auth_failures_per_minute) gets 429 for its next
+tries, whatever key they carry, until its bucket refills: guessing keys costs a minute per few dozen.
 Then, except for /health and /metrics, a per-key (else per-client-address) token bucket admits requests
 (requests/minute) and refuses clients in token debt (tokens/minute; handlers charge tokens as they are
 used) with 429 + Retry-After. Finally the body is read here, at most max_body_bytes (413 beyond), and
@@ -66,11 +68,15 @@ class TokenBucket:
 
     def take(self, client: str, amount: float) -> float | None:
         """Take `amount` if the bucket holds it; else the seconds until it will."""
+        wait = self.wait_for(client, amount)
+        if wait is None:
+            self._get(client).level -= amount
+        return wait
+
+    def wait_for(self, client: str, amount: float) -> float | None:
+        """None if the bucket holds `amount` now (nothing is taken); else the seconds until it will."""
         bucket = self._get(client)
-        if bucket.level >= amount:
-            bucket.level -= amount
-            return None
-        return (amount - bucket.level) / self.rate
+        return None if bucket.level >= amount else (amount - bucket.level) / self.rate
 
     def debt_wait(self, client: str) -> float | None:
         """Seconds until a client in debt (level below zero) is out of it; None when it is not."""
@@ -83,11 +89,25 @@ class TokenBucket:
 
 
 class RateLimiter:
-    """Requests/minute and tokens/minute per client; either may be off (None)."""
+    """Requests/minute and tokens/minute per client (either may be off: None), and wrong keys per address."""
 
-    def __init__(self, rpm: int | None, tpm: int | None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        auth_failures_per_minute: int = 30,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.requests = TokenBucket(rpm, clock) if rpm else None
         self.tokens = TokenBucket(tpm, clock) if tpm else None
+        self.auth_failures = TokenBucket(auth_failures_per_minute, clock)
+
+    def auth_lockout(self, address: str) -> float | None:
+        """Seconds until an address that sent too many wrong keys may try again; None when it may now."""
+        return self.auth_failures.wait_for(address, 1.0)
+
+    def auth_failed(self, address: str) -> None:
+        self.auth_failures.charge(address, 1.0)
 
     def admit(self, client: str) -> float | None:
         """None to admit the request (and count it), else the seconds to wait before retrying."""
@@ -143,8 +163,18 @@ class SecurityMiddleware:
         path = scope["path"]
         try:
             if self._keys and path != PUBLIC_PATH:
+                address = f"ip:{info.client if info is not None else '?'}"
+                locked = self.limiter.auth_lockout(address)
+                if locked is not None:
+                    raise APIError(
+                        429,
+                        "too many requests with a wrong API key from this address; retry after Retry-After",
+                        code="too_many_auth_failures",
+                        headers={"Retry-After": str(max(1, math.ceil(locked)))},
+                    )
                 kid = self.authenticate(scope["headers"])
                 if kid is None:
+                    self.limiter.auth_failed(address)
                     raise APIError(
                         401,
                         "missing or invalid API key: send the header 'Authorization: Bearer <key>'",

@@ -35,6 +35,9 @@ from qwenkit.engines.request import (
 )
 
 MAX_LOGPROBS = 20
+# How much longer than a decode-only step a step carrying a prompt chunk may take: the running streams'
+# inter-token latency then stays under 3x its usual value, with some room for noise.
+CHUNK_STEP_COST = 2.5
 
 
 class LlamaCppEngine:
@@ -182,7 +185,7 @@ class LlamaCppEngine:
             self._finish(seq, "error", [], self._flush_text(seq), error=f"llama_decode failed ({status})")
 
     def _learn_timing(self, plan: StepPlan, elapsed: float) -> None:
-        """Size prompt chunks so a step that carries one costs about two decode-only steps."""
+        """Size prompt chunks so a step that carries one costs about CHUNK_STEP_COST decode-only steps."""
         n_prefill = sum(n for _, n in plan.entries if n > 1)
         n_decode = len(plan.entries) - sum(1 for _, n in plan.entries if n > 1)
 
@@ -197,7 +200,7 @@ class LlamaCppEngine:
             # Measured in mixed steps too: deep in a long prompt a token costs more than at its start.
             self._t_prefill_tok = ema(self._t_prefill_tok, (elapsed - self._t_decode) / n_prefill)
         if self.config.prefill_chunk is None and self._t_decode and self._t_prefill_tok:
-            chunk = int(self._t_decode / self._t_prefill_tok)
+            chunk = int((CHUNK_STEP_COST - 1) * self._t_decode / self._t_prefill_tok)
             self.scheduler.prefill_chunk = max(MIN_PREFILL_CHUNK, min(chunk, self.config.n_batch))
 
     def _postprocess(self, seq: Sequence, index: int) -> None:

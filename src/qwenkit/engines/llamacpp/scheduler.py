@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from qwenkit.engines.llamacpp.kv import SlotManager
 from qwenkit.engines.llamacpp.sequence import Sequence, Status
 
-MIN_PREFILL_CHUNK = 16
+MIN_PREFILL_CHUNK = 8
 
 
 @dataclass
