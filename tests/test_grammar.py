@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from qwenkit.engines.grammar import MAX_INT_DIGITS, grammar_from_json_schema, int_range_rule
+from qwenkit.engines.grammar import (
+    MAX_INT_DIGITS,
+    grammar_from_json_schema,
+    int_range_rule,
+    unenforced_keywords,
+)
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
 from qwenkit.engines.request import GenerationRequest, GrammarError
@@ -83,3 +88,19 @@ def test_bounded_integers_in_generated_json(demo_gguf: Callable[..., Path]) -> N
             assert 1 <= answer["stars"] <= 5 and 1990 <= answer["year"] <= 2030 and -3 <= answer["delta"] <= 3
     finally:
         engine.close()
+
+
+def test_unenforced_keywords_are_named_and_property_names_are_not_keywords() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "not": {"type": "integer", "minimum": 0},  # a property called "not", bounded integer: fine
+            "price": {"type": "number", "minimum": 0, "multipleOf": 0.01},
+            "tags": {"type": "array", "items": {"type": "string", "format": "email"}, "uniqueItems": True},
+            "when": {"type": "string", "format": "date"},
+        },
+        "required": ["not"],
+        "$defs": {"if": {"type": "string"}},
+    }
+    assert unenforced_keywords(schema) == ["format: email", "minimum", "multipleOf", "uniqueItems"]
+    assert unenforced_keywords({"type": "integer", "maximum": 3, "enum": [{"not": 1}]}) == []

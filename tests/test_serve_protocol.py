@@ -351,6 +351,18 @@ def test_json_schema_waits_for_thinking(make: Any) -> None:
     assert engine.requests[1].grammar is not None and engine.requests[1].thinking is None
 
 
+def test_schema_keywords_the_grammar_cannot_enforce_are_named_in_a_warning(make: Any) -> None:
+    client, _ = make('</think>\n\n{"price": 1.5}')
+    schema = {"type": "object", "properties": {"price": {"type": "number", "minimum": 0, "multipleOf": 0.5}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+    response = chat(client, response_format=fmt)
+    assert response.status_code == 200
+    assert "not enforced while generating: minimum, multipleOf" in response.headers["x-qwenkit-warning"]
+    bounded = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": bounded}}
+    assert "x-qwenkit-warning" not in chat(client, response_format=fmt).headers
+
+
 def test_completions_text_echo_logprobs_and_stream(make: Any) -> None:
     client, engine = make(" world, again", chunk=4)
     url = "/v1/completions"

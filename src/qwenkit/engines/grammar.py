@@ -5,6 +5,8 @@ converts it with llama.cpp's own JSON-schema-to-GBNF converter in a worker with 
 a GrammarError with a one-line reason. json_object_grammar() is "any JSON object" (json_object mode).
 The converter ignores integer bounds, so integers with minimum / maximum / exclusiveMinimum /
 exclusiveMaximum get our own rule (int_range_rule) that admits exactly the integers in range.
+unenforced_keywords() names what the grammar still cannot enforce (number bounds, multipleOf, uniqueItems,
+...), so callers can say so instead of promising a valid answer.
 """
 
 from __future__ import annotations
@@ -69,6 +71,60 @@ def _check_no_recursion(schema: Mapping[str, Any]) -> None:
                 visit(value, stack)
 
     visit(schema, ())
+
+
+_UNENFORCED = frozenset(
+    {
+        "multipleOf",
+        "uniqueItems",
+        "minProperties",
+        "maxProperties",
+        "patternProperties",
+        "propertyNames",
+        "contains",
+        "minContains",
+        "maxContains",
+        "not",
+        "if",
+        "then",
+        "else",
+        "dependentRequired",
+        "dependentSchemas",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+    }
+)
+_ENFORCED_FORMATS = frozenset({"date", "time", "date-time", "uuid", *(f"uuid{i}" for i in range(1, 6))})
+_SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"})
+_NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples", "required"})
+
+
+def unenforced_keywords(schema: Any) -> list[str]:
+    """The JSON-schema keywords in `schema` that constrained decoding does not enforce, sorted."""
+    found: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+            return
+        if not isinstance(node, Mapping):
+            return
+        found.update(key for key in node if key in _UNENFORCED)
+        if node.get("type") != "integer":  # bounds are enforced for integers only
+            found.update(key for key in _INT_BOUNDS if key in node)
+        fmt = node.get("format")
+        if isinstance(fmt, str) and fmt not in _ENFORCED_FORMATS:
+            found.add(f"format: {fmt}")
+        for key, value in node.items():
+            if key in _SCHEMA_MAPS and isinstance(value, Mapping):
+                for sub in value.values():  # property names are not keywords
+                    visit(sub)
+            elif key not in _NOT_SCHEMAS:
+                visit(value)
+
+    visit(schema)
+    return sorted(found)
 
 
 def _same_length_range(lo: str, hi: str) -> str:

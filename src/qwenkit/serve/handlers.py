@@ -29,7 +29,7 @@ from qwenkit.chat.messages import ChatInputError, messages_from_openai, tools_fr
 from qwenkit.chat.parse import OutputParser, ToolCallDelta
 from qwenkit.chat.pipeline import prepare_chat
 from qwenkit.engines.base import Engine
-from qwenkit.engines.grammar import json_object_grammar
+from qwenkit.engines.grammar import json_object_grammar, unenforced_keywords
 from qwenkit.engines.request import EngineError, GenerationRequest, Grammar, GrammarError, TokenEvent
 from qwenkit.engines.sampling import SamplingError, resolve_sampling
 from qwenkit.serve.config import ServeConfig
@@ -225,7 +225,7 @@ def _thinking_switch(kwargs: Mapping[str, Any] | None) -> bool | None:
     return value
 
 
-def _response_grammar(ctx: ServeContext, body: ChatCompletionRequest) -> Grammar | None:
+def _response_grammar(ctx: ServeContext, body: ChatCompletionRequest, warnings: list[str]) -> Grammar | None:
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
@@ -236,7 +236,15 @@ def _response_grammar(ctx: ServeContext, body: ChatCompletionRequest) -> Grammar
                     400, "response_format: json_schema needs a 'json_schema' object", param="response_format"
                 )
             return ctx.grammars.get("json_object", json_object_grammar)
-        return ctx.grammars.json_schema(fmt.json_schema.json_schema)
+        schema = fmt.json_schema.json_schema
+        grammar = ctx.grammars.json_schema(schema)
+        unenforced = unenforced_keywords(schema)
+        if unenforced:
+            warnings.append(
+                "response_format: the answer follows the schema's structure, but these keywords are not "
+                f"enforced while generating: {', '.join(unenforced)}"
+            )
+        return grammar
     except GrammarError as exc:
         raise APIError(
             400, f"response_format: {exc}", param="response_format", code="invalid_schema"
@@ -297,7 +305,8 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
         raise APIError(400, f"tool_choice: {exc}", param="tool_choice") from None
     except GrammarError as exc:
         raise APIError(400, str(exc), param="tools", code="invalid_schema") from None
-    answer_grammar = _response_grammar(ctx, body)
+    schema_warnings: list[str] = []
+    answer_grammar = _response_grammar(ctx, body, schema_warnings)
     if answer_grammar is not None and tool_plan.grammar is not None:
         raise APIError(
             400,
@@ -344,7 +353,7 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
         include_usage=_include_usage(body),
         job=job,
         prompt_text=prepared.prompt.text,
-        warnings=list(prepared.warnings),
+        warnings=[*prepared.warnings, *schema_warnings],
     )
 
 
