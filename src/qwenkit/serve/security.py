@@ -166,12 +166,8 @@ class SecurityMiddleware:
                 address = f"ip:{info.client if info is not None else '?'}"
                 locked = self.limiter.auth_lockout(address)
                 if locked is not None:
-                    raise APIError(
-                        429,
-                        "too many requests with a wrong API key from this address; retry after Retry-After",
-                        code="too_many_auth_failures",
-                        headers={"Retry-After": str(max(1, math.ceil(locked)))},
-                    )
+                    what = "too many requests with a wrong API key from this address"
+                    raise _too_many(what, "too_many_auth_failures", locked)
                 kid = self.authenticate(scope["headers"])
                 if kid is None:
                     self.limiter.auth_failed(address)
@@ -187,12 +183,7 @@ class SecurityMiddleware:
                 rate_key = info.rate_key if info is not None else "?"
                 wait = self.limiter.admit(rate_key)
                 if wait is not None:
-                    raise APIError(
-                        429,
-                        "rate limit reached; retry after the time in the Retry-After header",
-                        code="rate_limit_exceeded",
-                        headers={"Retry-After": str(max(1, math.ceil(wait)))},
-                    )
+                    raise _too_many("rate limit reached", "rate_limit_exceeded", wait)
             body = await self._read_body(scope, receive)
         except APIError as err:
             if info is not None:
@@ -228,6 +219,16 @@ class SecurityMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def _too_many(what: str, code: str, wait: float) -> APIError:
+    """429 with Retry-After: whole seconds, at least one."""
+    return APIError(
+        429,
+        f"{what}; retry after the time in the Retry-After header",
+        code=code,
+        headers={"Retry-After": str(max(1, math.ceil(wait)))},
+    )
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
