@@ -106,6 +106,14 @@ def serve_command(
     rate_limit_tpm: Annotated[
         int | None, typer.Option("--rate-limit-tpm", min=1, help="Tokens per minute per key (or client).")
     ] = None,
+    auth_failures_per_minute: Annotated[
+        int,
+        typer.Option(
+            "--auth-failures-per-minute",
+            min=1,
+            help="Wrong API keys one address may send per minute; then 429 until its allowance refills.",
+        ),
+    ] = 30,
     log_content: Annotated[
         bool, typer.Option("--log-content", help="Log prompt and completion text (off: sizes only).")
     ] = False,
@@ -127,6 +135,7 @@ def serve_command(
         served_model_name=served_model_name,
         rate_limit_rpm=rate_limit_rpm,
         rate_limit_tpm=rate_limit_tpm,
+        auth_failures_per_minute=auth_failures_per_minute,
         log_content=log_content,
         shutdown_timeout=shutdown_timeout,
     )
