@@ -53,7 +53,7 @@ def test_serve_help_lists_the_options() -> None:
         "--quant",
         "--rate-limit-rpm",
         "--rate-limit-tpm",
-        "--auth-failures-per-minute",
+        "--bad-key-rpm",
         "--log-content",
         "--served-model-name",
         "--shutdown-timeout",

@@ -109,7 +109,7 @@ def serve_command(
     auth_failures_per_minute: Annotated[
         int,
         typer.Option(
-            "--auth-failures-per-minute",
+            "--bad-key-rpm",
             min=1,
             help="Wrong API keys one address may send per minute; then 429 until its allowance refills.",
         ),
