@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from qwenkit.engines.grammar import (
@@ -65,26 +67,28 @@ def test_exclusive_and_fractional_bounds() -> None:
         grammar_from_json_schema({"type": "integer", "minimum": "3"})
 
 
-def test_bounded_integers_in_generated_json(demo_gguf: Callable[..., Path]) -> None:
+def test_generated_json_keeps_integer_bounds_and_is_strict_json(demo_gguf: Callable[..., Path]) -> None:
+    # Strings too: the converter's own string rule let raw control characters (invalid JSON) through.
     schema = {
         "type": "object",
         "properties": {
             "stars": {"type": "integer", "minimum": 1, "maximum": 5},
             "year": {"type": "integer", "minimum": 1990, "exclusiveMaximum": 2031},
             "delta": {"type": "integer", "minimum": -3, "maximum": 3},
+            "note": {"type": "string", "maxLength": 12},
         },
-        "required": ["stars", "year", "delta"],
+        "required": ["stars", "year", "delta", "note"],
     }
     grammar = grammar_from_json_schema(schema, after_think=False)
     engine = LlamaCppEngine(
         demo_gguf("qwen3", "tiny", "f32"), EngineConfig(n_ctx=1024, max_seqs=4, threads=2)
     )
     try:
-        for seed in range(6):
-            params = SamplingParams(temperature=1.0, seed=seed, max_tokens=60)
+        for seed in range(8):
+            params = SamplingParams(temperature=1.0, seed=seed, max_tokens=80)
             request = GenerationRequest(f"int{seed}", (1000 + seed, 2000, 3000), params, grammar=grammar)
             text = "".join(ev.text for ev in engine.generate_sync(request))
-            answer = json.loads(text)
+            answer = json.loads(text)  # strict: a raw control character in a string fails here
             assert 1 <= answer["stars"] <= 5 and 1990 <= answer["year"] <= 2030 and -3 <= answer["delta"] <= 3
     finally:
         engine.close()
@@ -104,3 +108,26 @@ def test_unenforced_keywords_are_named_and_property_names_are_not_keywords() -> 
     }
     assert unenforced_keywords(schema) == ["format: email", "minimum", "multipleOf", "uniqueItems"]
     assert unenforced_keywords({"type": "integer", "maximum": 3, "enum": [{"not": 1}]}) == []
+
+
+def test_strings_refuse_raw_control_characters(demo_gguf: Callable[..., Path]) -> None:
+    # Inside a JSON string a raw newline is invalid; an escaped one ("\n" as two characters) is fine.
+    grammar = grammar_from_json_schema({"type": "object", "properties": {"note": {"type": "string"}}})
+    engine = LlamaCppEngine(demo_gguf("qwen3", "tiny", "f32"), EngineConfig(n_ctx=256, max_seqs=1, threads=2))
+    model = engine.model
+    sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.gbnf.encode(), b"root")
+    try:
+        for token in model.tokenize('{"note": "a', parse_special=False):
+            llama_cpp.llama_sampler_accept(sampler, token)
+        candidates = [model.tokenize(text, parse_special=False) for text in ("\n", "\t", "b", "\\n")]
+        assert all(len(ids) == 1 for ids in candidates)
+        data = (llama_cpp.llama_token_data * len(candidates))(
+            *[llama_cpp.llama_token_data(ids[0], 1.0, 0.0) for ids in candidates]
+        )
+        array = llama_cpp.llama_token_data_array(data, len(candidates), -1, False)
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+        allowed = [data[i].logit > -1e30 for i in range(len(candidates))]
+        assert allowed == [False, False, True, True]
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+        engine.close()

@@ -187,10 +187,17 @@ def _int_bounds(schema: Mapping[str, Any]) -> tuple[int | None, int | None]:
     return (max(bounds_lo) if bounds_lo else None), (min(bounds_hi) if bounds_hi else None)
 
 
+# A JSON string character: llama-cpp-python's rule lets raw control characters through (invalid JSON).
+_JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+
+
 def _convert(schema_text: str) -> str:
-    from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
+    from llama_cpp.llama_grammar import RESERVED_NAMES, BuiltinRule, SchemaConverter
 
     class Converter(SchemaConverter):  # type: ignore[misc]
+        def _add_primitive(self, name: str, rule: Any) -> str:
+            return str(super()._add_primitive(name, BuiltinRule(_JSON_CHAR, []) if name == "char" else rule))
+
         def visit(self, schema: Any, name: str) -> str:
             if (
                 isinstance(schema, dict)
