@@ -26,7 +26,7 @@ from starlette.types import Receive
 
 from qwenkit.chat.flavor import Flavor
 from qwenkit.chat.messages import ChatInputError, messages_from_openai, tools_from_openai
-from qwenkit.chat.parse import OutputParser, ToolCallDelta
+from qwenkit.chat.parse import OutputParser, ParseAccumulator, ToolCallDelta
 from qwenkit.chat.pipeline import prepare_chat
 from qwenkit.engines.base import Engine
 from qwenkit.engines.grammar import json_object_grammar, unenforced_keywords
@@ -456,9 +456,7 @@ class _Envelope:
 @dataclass
 class _ChatChoiceState:
     parser: OutputParser
-    reasoning: list[str] = field(default_factory=list)
-    content: list[str] = field(default_factory=list)
-    calls: list[list[str]] = field(default_factory=list)  # [id, name, arguments so far] by call index
+    parsed: ParseAccumulator = field(default_factory=ParseAccumulator)  # the deltas added up
     logprobs: list[TokenLogprob] = field(default_factory=list)
     raw: list[str] = field(default_factory=list)
     finish: str | None = None
@@ -511,20 +509,15 @@ class ChatJob(_Envelope):
         delta = state.parser.feed(event.text)
         if event.finished:
             delta = delta.then(state.parser.finish())
+        state.parsed.add(delta)
         content = delta.content
         calls: list[DeltaToolCall] = []
         for index_, id_, name, arguments in _merged_fragments(delta.tool_calls):
-            if index_ == len(state.calls):  # a new call: its id and name come first
-                state.calls.append([id_ or "", name or "", ""])
+            if id_ is not None:  # a call's first fragment carries its id and name
                 function = DeltaFunction(name=name, arguments=arguments)
                 calls.append(DeltaToolCall(index=index_, id=id_, type="function", function=function))
             else:
                 calls.append(DeltaToolCall(index=index_, function=DeltaFunction(arguments=arguments)))
-            state.calls[index_][2] += arguments
-        if delta.reasoning:
-            state.reasoning.append(delta.reasoning)
-        if content:
-            state.content.append(content)
         logprobs = None
         if self.want_logprobs and event.logprobs:
             logprobs = chat_logprobs(self.ctx.texts, event.logprobs, self.top)
@@ -540,23 +533,23 @@ class ChatJob(_Envelope):
             lp = ChoiceLogprobs(content=logprobs) if logprobs else None
             chunks.append(self._chunk(ChunkChoice(index=index, delta=out_delta, logprobs=lp)))
         if event.finished:
-            state.finish = _finish_reason(event, self.ctx, bool(state.calls))
+            state.finish = _finish_reason(event, self.ctx, bool(state.parsed.result().tool_calls))
             chunks.append(self._chunk(ChunkChoice(index=index, delta=Delta(), finish_reason=state.finish)))
         return chunks
 
     def response(self, usage: Usage) -> BaseModel:
         choices = []
         for i, state in enumerate(self.choices):
-            text = "".join(state.reasoning)
+            out = state.parsed.result()
+            calls = [
+                ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                for c in out.tool_calls
+            ]
             message = AssistantMessage(
-                content="".join(state.content) or None,
-                reasoning_content=text or None,
-                reasoning=text or None,
-                tool_calls=[
-                    ToolCall(id=i, function=FunctionCall(name=name, arguments=args))
-                    for i, name, args in state.calls
-                ]
-                or None,
+                content=out.content,
+                reasoning_content=out.reasoning,
+                reasoning=out.reasoning,
+                tool_calls=calls or None,
             )
             lp = ChoiceLogprobs(content=state.logprobs) if self.want_logprobs else None
             choices.append(ChatChoice(index=i, message=message, logprobs=lp, finish_reason=state.finish))
