@@ -1,8 +1,10 @@
 """Conformance conversations for the chat renderer and the Jinja chat templates.
 
 CASES: named conversations (OpenAI-shaped message dicts, tool dicts, render options, flavour) that
-qwenkit.chat.render and templates/<flavor>.jinja must render byte-identically. EXPECTED: hand-written
-prompts for key cases, so a mistake shared by the renderer and the templates still fails.
+qwenkit.chat.render and templates/<flavor>.jinja must render byte-identically. The templates have no
+developer role: ChatCase.template_messages gives the template each developer message as a system message,
+which is what qwenkit reads it as. EXPECTED: hand-written prompts for key cases, so a mistake shared by the
+renderer and the templates still fails.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ class ChatCase:
     tools: list[dict[str, Any]] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     flavor: Flavor = Flavor.QWEN3
+
+    @property
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The messages as the official template takes them: developer written as system."""
+        return [{**m, "role": "system"} if m["role"] == "developer" else m for m in self.messages]
 
     @property
     def render_kwargs(self) -> dict[str, Any]:
@@ -343,6 +350,74 @@ CASES: list[ChatCase] = [
         kwargs={"add_generation_prompt": False},
         flavor=Flavor.QWEN2_5,
     ),
+    # OpenAI's developer role: read as system, first or later, with or without tools.
+    ChatCase(
+        "developer_first",
+        [{"role": "developer", "content": "Answer in haiku. /no_think"}, USER],
+    ),
+    ChatCase(
+        "developer_after_system",
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "developer", "content": "Use metric units."},
+            {"role": "user", "content": "How tall is Everest?"},
+        ],
+    ),
+    ChatCase(
+        "developer_mid_conversation",
+        [
+            {"role": "developer", "content": "Be kind."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "developer", "content": "Now answer in French."},
+            {"role": "user", "content": "How are you?"},
+        ],
+    ),
+    ChatCase(
+        "developer_with_tools",
+        [{"role": "developer", "content": "You are a travel helper."}, {"role": "user", "content": "Time?"}],
+        tools=[TIME],
+    ),
+    ChatCase(
+        "qwen25_developer", [{"role": "developer", "content": "Be brief."}, USER], flavor=Flavor.QWEN2_5
+    ),
+    # Assistant prefill: the prompt stops inside the final assistant message (transformers'
+    # continue_final_message); only text without leading whitespace, which transformers cuts the same way.
+    ChatCase(
+        "continue_plain",
+        [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "The smallest is"}],
+        kwargs={"add_generation_prompt": False, "continue_final_message": True},
+    ),
+    ChatCase(
+        "continue_trailing_space_reasoning",
+        [
+            {"role": "user", "content": "What is 3*7?"},
+            {"role": "assistant", "content": "It is ", "reasoning_content": "3 times 7 is 21."},
+        ],
+        kwargs={"add_generation_prompt": False, "continue_final_message": True},
+    ),
+    ChatCase(
+        "continue_after_tool_loop",
+        [
+            {"role": "user", "content": "Weather in Rome?"},
+            {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", {"city": "Rome"})]},
+            {"role": "tool", "content": "30°C"},
+            {"role": "assistant", "content": "In Rome it is"},
+        ],
+        tools=[WEATHER],
+        kwargs={"add_generation_prompt": False, "continue_final_message": True},
+    ),
+    ChatCase(
+        "continue_no_user_query",
+        [{"role": "system", "content": "Greet."}, {"role": "assistant", "content": "Hello and"}],
+        kwargs={"add_generation_prompt": False, "continue_final_message": True},
+    ),
+    ChatCase(
+        "qwen25_continue",
+        [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "1, 2,"}],
+        kwargs={"add_generation_prompt": False, "continue_final_message": True},
+        flavor=Flavor.QWEN2_5,
+    ),
 ]
 
 CASES_BY_NAME: dict[str, ChatCase] = {c.name: c for c in CASES}
@@ -437,6 +512,22 @@ EXPECTED: dict[str, str] = {
         '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Asia/Tokyo"}}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\n<tool_response>\n25°C\n</tool_response>\n<tool_response>\n14:05\n</tool_response>"
         "<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    "developer_after_system": (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>system\nUse metric units.<|im_end|>\n"
+        "<|im_start|>user\nHow tall is Everest?<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    "qwen25_developer": (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    "continue_plain": (
+        "<|im_start|>user\nName a prime.<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nThe smallest is"
+    ),
+    "qwen25_continue": (
+        f"<|im_start|>system\n{_QWEN25_SYSTEM}<|im_end|>\n<|im_start|>user\nCount.<|im_end|>\n"
+        "<|im_start|>assistant\n1, 2,"
     ),
     "qwen25_plain": (
         f"<|im_start|>system\n{_QWEN25_SYSTEM}<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"

@@ -39,7 +39,7 @@ def test_apply_chat_template_matches_renderer(
 ) -> None:
     hf, ours = tokenizers[case.flavor]
     kwargs = case.render_kwargs
-    text = hf.apply_chat_template(case.messages, tools=case.tools, tokenize=False, **kwargs)
+    text = hf.apply_chat_template(case.template_messages, tools=case.tools, tokenize=False, **kwargs)
     rendered = render(
         messages_from_openai(case.messages),
         tools_from_openai(case.tools) if case.tools else None,

@@ -85,6 +85,14 @@ CASES = [
         "The answer is 4.",
     ),
     Case("empty_think_block", "<think>\n\n</think>\n\nHello!", None, "Hello!"),
+    Case("empty_think_block_no_newlines", "<think></think>Hello!", None, "Hello!"),
+    Case(
+        "empty_think_block_then_call",
+        "<think>\n\n</think>\n\n" + HERMES_S,
+        None,
+        None,
+        [call(0, "search", {"q": "café"})],
+    ),
     Case("leading_ws_before_think", "\n  <think>\nr\n</think>\nc", "r", "c"),
     Case("multiline_reasoning", "<think>\n\na\n\nb\n\n</think>\n\n\nc\n", "a\n\nb", "c\n"),
     Case("truncated_reasoning", "<think>\nStep 1.\nStep 2.\n", "Step 1.\nStep 2.", None, truncated=True),
@@ -102,8 +110,10 @@ CASES = [
     Case("think_opened_truncated", "still going", "still going", None, truncated=True, think_opened=True),
     Case("think_opened_empty_output", "", None, None, truncated=True, think_opened=True),
     Case("think_opened_repeated_tag", "<think>\nr\n</think>\n\nc", "r", "c", think_opened=True),
+    # thinking=False is for flavours without think tags (Qwen2.5): a thinking flavour always splits the
+    # block off, whatever the mode (tests/test_chat_pipeline.py, tests/test_serve_chat.py).
     Case(
-        "thinking_off_tags_verbatim",
+        "flavour_without_think_tags_keeps_them",
         "<think>\nx\n</think>\n\ny",
         None,
         "<think>\nx\n</think>\n\ny",

@@ -39,7 +39,7 @@ def _render_case(case: ChatCase) -> RenderedPrompt:
 
 def _template_text(case: ChatCase, messages: list[dict] | None = None) -> str:
     rendered, _ = render_jinja_template(
-        [case.messages if messages is None else messages],
+        [case.template_messages if messages is None else messages],
         tools=case.tools,
         chat_template=chat_template(case.flavor),
         **case.render_kwargs,
@@ -52,7 +52,8 @@ def _split_on_markup(text: str) -> tuple:
 
 
 def _user_text(case: ChatCase) -> list[str]:
-    return [m["content"] for m in case.messages if m["role"] in ("system", "user", "tool") and m["content"]]
+    roles = ("system", "developer", "user", "tool")
+    return [m["content"] for m in case.messages if m["role"] in roles and m["content"]]
 
 
 def test_cases_cover_enough() -> None:
@@ -301,3 +302,90 @@ def test_models_keep_their_own_copy() -> None:
     args["x"].append(2)
     assert tool.name == "f"
     assert call.arguments == {"x": [1]}
+
+
+DEVELOPER_CASES = [c for c in CASES if any(m["role"] == "developer" for m in c.messages)]
+
+
+def test_developer_cases_cover_both_flavours() -> None:
+    assert {c.flavor for c in DEVELOPER_CASES} == set(Flavor)
+
+
+@pytest.mark.parametrize("case", DEVELOPER_CASES, ids=lambda c: c.name)
+def test_developer_message_renders_as_system(case: ChatCase) -> None:
+    # The official template silently drops a developer message; ours renders it as the system message it is.
+    ours = _render_case(case)
+    as_system = render(
+        messages_from_openai(case.template_messages), _tools(case), flavor=case.flavor, **case.render_kwargs
+    )
+    assert ours == as_system
+    assert ours.text == _template_text(case)
+    assert _template_text(case, case.messages) != ours.text
+    for m in case.messages:
+        if m["role"] == "developer":
+            assert f"<|im_start|>system\n{m['content']}" in ours.text
+
+
+def test_developer_soft_switch_counts_like_system() -> None:
+    msgs = messages_from_openai(
+        [{"role": "developer", "content": "/no_think"}, {"role": "user", "content": "x"}]
+    )
+    assert msgs[0].role == "system"
+    assert render(msgs).thinking is False
+
+
+def _tools(case: ChatCase) -> list[Tool] | None:
+    return tools_from_openai(case.tools) if case.tools is not None else None
+
+
+CONTINUABLE = [
+    c for c in CASES if c.messages[-1]["role"] == "assistant" and not c.messages[-1].get("tool_calls")
+]
+
+
+def test_continue_cases_exist() -> None:
+    assert sum(c.kwargs.get("continue_final_message", False) for c in CASES) >= 4
+    assert len(CONTINUABLE) >= 8
+
+
+@pytest.mark.parametrize("case", CONTINUABLE, ids=lambda c: c.name)
+def test_continue_final_message_is_the_closed_turn_left_open(case: ChatCase) -> None:
+    # Any final assistant text, inline <think> included (which transformers' own cut cannot find).
+    closed, _ = render_jinja_template(
+        [case.template_messages],
+        tools=case.tools,
+        chat_template=chat_template(case.flavor),
+        **{**case.kwargs, "add_generation_prompt": False, "continue_final_message": False},
+    )
+    assert closed[0].endswith("<|im_end|>\n")
+    kwargs = {**case.kwargs, "add_generation_prompt": False, "continue_final_message": True}
+    ours = render(messages_from_openai(case.messages), _tools(case), flavor=case.flavor, **kwargs)
+    assert ours.text == closed[0].removesuffix("<|im_end|>\n")
+    assert ours.thinking is False, "what follows a continued message is content"
+
+
+def test_continue_inline_think_message() -> None:
+    msgs = [_user("3*7?"), Message(role="assistant", content="<think>\nmultiply\n</think>\n\nThe answer")]
+    prompt = render(msgs, add_generation_prompt=False, continue_final_message=True)
+    assert prompt.text.endswith("<|im_start|>assistant\n<think>\nmultiply\n</think>\n\nThe answer")
+    assert prompt.parts[-1] == "\n\nThe answer"
+
+
+@pytest.mark.parametrize(
+    ("messages", "kwargs", "fragment"),
+    [
+        ([_user("hi"), Message(role="assistant", content="a")], {}, "add_generation_prompt=False"),
+        ([_user("hi")], {"add_generation_prompt": False}, "not a user message"),
+        (
+            [
+                _user("hi"),
+                Message(role="assistant", content="a", tool_calls=[ToolCall(name="f", arguments={})]),
+            ],
+            {"add_generation_prompt": False},
+            "has tool_calls",
+        ),
+    ],
+)
+def test_continue_final_message_errors(messages: list[Message], kwargs: dict, fragment: str) -> None:
+    with pytest.raises(ChatInputError, match=fragment):
+        render(messages, continue_final_message=True, **kwargs)

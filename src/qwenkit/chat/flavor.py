@@ -2,6 +2,8 @@
 
 QWEN3: thinking mode (<think> blocks, /think and /no_think soft switches), no default system message.
 QWEN2_5: Qwen2/Qwen2.5 instruct conventions: a default system message when none is given, no think tags.
+Flavor.thinks: whether the model may open an answer with a <think> block, whatever the mode in force.
+No flavour has a developer role: OpenAI "developer" messages are read as "system" (chat/messages.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from enum import StrEnum
 class Flavor(StrEnum):
     QWEN3 = "qwen3"
     QWEN2_5 = "qwen2_5"
+
+    @property
+    def thinks(self) -> bool:
+        """Whether this flavour's models write <think> blocks (even with thinking switched off, they may)."""
+        return self is Flavor.QWEN3
 
 
 QWEN2_5_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."

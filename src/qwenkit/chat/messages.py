@@ -5,6 +5,8 @@ user and tool messages need string content; only assistant messages carry tool_c
 tool_call_id belongs on tool messages only. A Tool keeps the exact dict it was given (key order included),
 because the tools block prints each tool's JSON verbatim. messages_from_openai / tools_from_openai build these
 from OpenAI-shaped dicts and raise ChatInputError (a ValueError) with a one-line message naming the fix.
+An OpenAI "developer" message becomes a system Message in place (no Qwen template has a developer role): a
+first one is the system prompt, a later one renders where it stands, as the templates render a later system.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pydantic import (
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+# OpenAI's newer name for the system role; read as system, since no Qwen flavour has its own.
+OPENAI_ROLE_ALIASES: dict[str, Role] = {"developer": "system"}
 
 
 class ChatInputError(ValueError):
@@ -205,6 +209,7 @@ def _first_error(exc: ValidationError) -> str:
     return f"{loc}: {msg}" if loc and err["type"] != "value_error" else msg
 
 
+_OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool")
 _MESSAGE_KEYS = frozenset(
     {"role", "content", "reasoning_content", "reasoning", "tool_calls", "tool_call_id", "name"}
 )
@@ -263,7 +268,12 @@ def message_from_openai(raw: Mapping[str, Any], where: str = "message") -> Messa
             f"{where}: unknown key {unknown[0]!r}; known keys are {', '.join(sorted(_MESSAGE_KEYS))}"
         )
     if "role" not in raw:
-        raise ChatInputError(f"{where}: message has no 'role'; use one of {', '.join(ROLES)}")
+        raise ChatInputError(f"{where}: message has no 'role'; use one of {', '.join(_OPENAI_ROLES)}")
+    role = raw["role"]
+    if isinstance(role, str) and role in OPENAI_ROLE_ALIASES:
+        role = OPENAI_ROLE_ALIASES[role]
+    elif role not in ROLES:
+        raise ChatInputError(f"{where}: unknown role {role!r}: use one of {', '.join(_OPENAI_ROLES)}")
     reasoning = raw.get("reasoning_content")
     if reasoning is None:
         reasoning = raw.get("reasoning")
@@ -273,7 +283,7 @@ def message_from_openai(raw: Mapping[str, Any], where: str = "message") -> Messa
     calls = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(raw_calls)]
     try:
         return Message(
-            role=raw["role"],
+            role=role,
             content=_content_text(raw.get("content"), where),
             reasoning_content=reasoning,
             tool_calls=calls,

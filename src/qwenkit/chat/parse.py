@@ -2,11 +2,15 @@
 
 Contract: OutputParser.feed(chunk) returns what is certain so far and finish() flushes the rest; any
 chunking of the same text gives the same accumulated ParsedOutput as parse_output(text) (one code path).
-Think block: with thinking on, output may open with `<think>` (after whitespace) or, with think_opened, start
-inside it; reasoning is `.strip("\n")`-ed, content after `</think>` is `.lstrip("\n")`-ed, and a missing
-`</think>` makes everything reasoning with reasoning_truncated set. Tool calls (Hermes JSON or Qwen3-Coder
-XML inside `<tool_call>`) are parsed in content only, never in reasoning. Content whitespace: whitespace
-touching a tool call is dropped, and content that follows a call is joined to earlier content with "\n\n".
+Think block: thinking=True means the flavour's models think (Flavor.thinks), whatever the mode in force:
+Qwen3 still writes `<think>\n\n</think>\n\n` itself after /no_think. Then output may open with `<think>`
+(after whitespace), which is always split off, or, with think_opened, start inside the block; reasoning is
+`.strip("\n")`-ed (an empty block leaves none), content after `</think>` is `.lstrip("\n")`-ed, and a
+missing `</think>` makes everything reasoning with reasoning_truncated set. thinking=False (a flavour
+without think tags, or a continued message) keeps any tag as plain content.
+Tool calls (Hermes JSON or Qwen3-Coder XML inside `<tool_call>`) are parsed in content only, never in
+reasoning. Content whitespace: whitespace touching a tool call is dropped, and content that follows a call
+is joined to earlier content with "\n\n".
 Tool calls stream: a call starts (id + name, empty arguments) as soon as its name and the opening of its
 arguments are known — Hermes `{"name": "...", "arguments": {` or XML `<function=...>` — and its arguments
 follow in fragments: Hermes as the model wrote them, XML as one JSON member per closed <parameter>. From
@@ -179,7 +183,11 @@ class _State(Enum):
 
 
 class OutputParser:
-    """Incremental parser for one generation: feed() text chunks of any size, then finish() once."""
+    """Incremental parser for one generation: feed() text chunks of any size, then finish() once.
+
+    thinking: split off a leading think block (the flavour thinks, whatever the mode in force);
+    think_opened: the prompt opened the block, so output starts inside it.
+    """
 
     def __init__(
         self,

@@ -3,8 +3,11 @@ content and tool calls.
 
 Contract: prepare_chat() renders with the one renderer, tokenizes with the injection guard (user text never
 becomes special ids), picks Qwen's mode-dependent sampling defaults, opens the think block itself when a
-grammar must wait for </think>, and returns the request plus a matching OutputParser factory. The server and
-the CLI both use it, so the two behave the same.
+grammar must wait for </think>, and returns the request plus a matching OutputParser factory. The parser
+splits a leading think block off whenever the flavour thinks, whatever the mode (Qwen3 writes an empty one
+after /no_think). continue_final_message=True leaves the prompt open inside the final assistant message
+(no generation prompt) and parses what follows as content. The server and the CLI both use it, so the two
+behave the same.
 """
 
 from __future__ import annotations
@@ -29,15 +32,16 @@ from qwenkit.tokenizer.tokenizer import QwenTokenizer
 class PreparedChat:
     request: GenerationRequest
     prompt: RenderedPrompt
-    thinking: bool
+    thinking: bool  # the mode in force: the engine tracks a think block, thinking sampling defaults
     think_opened: bool
     tools: tuple[dict[str, Any], ...]
+    think_block: bool = False  # the output may open with a think block, to split off whatever the mode
     warnings: list[str] = field(default_factory=list)
 
     def parser(self, call_names: Collection[str] | None = None) -> OutputParser:
         """A parser for this turn's output; call_names limits which functions become calls (None: any)."""
         return OutputParser(
-            thinking=self.thinking,
+            thinking=self.think_block,
             think_opened=self.think_opened,
             tools=self.tools or None,
             call_names=call_names,
@@ -55,10 +59,19 @@ def prepare_chat(
     grammar: Grammar | None = None,
     logprobs: int | None = None,
     request_id: str | None = None,
+    continue_final_message: bool = False,
 ) -> PreparedChat:
-    """The engine request for a chat turn, and how to parse what comes back."""
+    """The engine request for a chat turn, and how to parse what comes back.
+
+    continue_final_message: continue the final assistant message (prefill) instead of starting a new turn.
+    """
     prompt = render(
-        messages, tools, add_generation_prompt=True, enable_thinking=enable_thinking, flavor=flavor
+        messages,
+        tools,
+        add_generation_prompt=not continue_final_message,
+        continue_final_message=continue_final_message,
+        enable_thinking=enable_thinking,
+        flavor=flavor,
     )
     params, warnings = resolve_sampling(dict(sampling or {}), prompt.thinking)
     parts = list(prompt.parts)
@@ -85,5 +98,7 @@ def prepare_chat(
         thinking=prompt.thinking,
         think_opened=think_opened,
         tools=tuple(t.model_dump() for t in tools or ()),
+        # A continued message goes on as content; a new turn may open with a think block.
+        think_block=think_opened or (Flavor(flavor).thinks and not continue_final_message),
         warnings=warnings,
     )

@@ -9,7 +9,10 @@ between two added tokens, as a tokenizer splitting the joined text would see it.
 
 Decisions (they match the official templates):
 - A conversation ending with an assistant message still gets a fresh generation prompt when
-  add_generation_prompt is True; continuing that message is the caller's choice (pass False).
+  add_generation_prompt is True. continue_final_message=True (with add_generation_prompt=False) leaves the
+  prompt open inside that message instead (assistant prefill): its turn exactly as the template renders it,
+  less the closing <|im_end|>\n, as transformers' continue_final_message does. What follows is content (a
+  think block in that turn is closed), so thinking is off; a final message with tool_calls is refused.
 - Tool messages need no preceding assistant tool call. If no real user query exists, no assistant turn
   gets think tags.
 - Inline reasoning: content is split on "</think>": reasoning is what precedes the first one, content what
@@ -100,7 +103,7 @@ def soft_switch(text: str) -> bool | None:
 
 def resolve_thinking(messages: Sequence[Message], enable_thinking: bool | None, flavor: Flavor) -> bool:
     """The thinking mode in force: enable_thinking, else the latest system/user soft switch, else on."""
-    if flavor is Flavor.QWEN2_5:
+    if not flavor.thinks:
         return False
     if enable_thinking is not None:
         return enable_thinking
@@ -206,16 +209,38 @@ def _check_inputs(messages: Sequence[Message], tools: Sequence[Tool] | None, fla
         ) from None
 
 
+def _check_continuable(messages: Sequence[Message], add_generation_prompt: bool) -> None:
+    if add_generation_prompt:
+        raise ChatInputError(
+            "continue_final_message and add_generation_prompt cannot both be true: "
+            "pass add_generation_prompt=False to continue the final message"
+        )
+    last = messages[-1]
+    if last.role != "assistant":
+        raise ChatInputError(
+            f"continue_final_message needs the conversation to end with an assistant message to continue, "
+            f"not a {last.role} message"
+        )
+    if last.tool_calls:
+        raise ChatInputError(
+            "continue_final_message cannot continue an assistant message that has tool_calls: "
+            "only its text can be continued"
+        )
+
+
 def render(
     messages: Sequence[Message],
     tools: Sequence[Tool] | None = None,
     *,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
     enable_thinking: bool | None = None,
     flavor: Flavor = Flavor.QWEN3,
 ) -> RenderedPrompt:
     """Render messages (and tool definitions) into a Qwen prompt; see the module docstring for the rules."""
     flavor = _check_inputs(messages, tools, flavor)
+    if continue_final_message:
+        _check_continuable(messages, add_generation_prompt)
     out = _Builder()
     first_system = messages[0].content if messages[0].role == "system" else None
     if flavor is Flavor.QWEN2_5 and first_system is None:
@@ -249,6 +274,9 @@ def render(
                 out.special(IM_END)
                 out.text("\n")
 
+    if continue_final_message:
+        # The final assistant turn always ends with <|im_end|> and "\n": drop both to leave it open.
+        del out.parts[-2:]
     if add_generation_prompt:
         out.special(IM_START)
         out.text("assistant\n")
@@ -257,9 +285,8 @@ def render(
             out.text("\n\n")
             out.special(THINK_END)
             out.text("\n\n")
-    return RenderedPrompt(
-        parts=tuple(out.parts), thinking=resolve_thinking(messages, enable_thinking, flavor)
-    )
+    thinking = not continue_final_message and resolve_thinking(messages, enable_thinking, flavor)
+    return RenderedPrompt(parts=tuple(out.parts), thinking=thinking)
 
 
 __all__ = ["MARKUP_TOKENS", "RenderedPrompt", "render", "resolve_thinking", "soft_switch", "split_reasoning"]
