@@ -4,11 +4,12 @@ Contract: plan_tools() turns OpenAI tools + tool_choice into a ToolPlan: "none" 
 parses no calls; "auto" renders them and parses calls; "required" and a named function also constrain the
 answer (after </think>) with a GBNF grammar that forces
 `<tool_call>\\n{"name": <a declared name>, "arguments": <object valid for its parameters>}\\n</tool_call>`.
-The grammar is built by grammar.py's converter (size/depth/recursion limits, time limit) from an anyOf of
-{name: const, arguments: $ref to the tool's hoisted parameters}; the <tool_call> markers are matched as the
-real added tokens (GBNF token syntax). Every tool's parameters schema is compiled (once; GrammarCache keeps
-recent results, failures too, per app) in every mode, so a schema the server could not enforce is refused
-up front with a 400 naming the tool.
+The grammar is built by grammar.py's converter (size/depth/recursion limits, compiled in a worker process
+that a time limit kills) from an anyOf of {name: const, arguments: $ref to the tool's hoisted parameters};
+the <tool_call> markers are matched as the real added tokens (GBNF token syntax). Every tool's parameters
+schema is compiled (once; GrammarCache keeps recent results, failures too, per app, and is thread-safe) in
+every mode, so a schema the server could not enforce is refused up front with a 400 naming the tool.
+plan_tools blocks while it compiles: call it off the event loop.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,25 +34,48 @@ _HOISTED = "qk_tool_{}"
 
 
 class GrammarCache:
-    """Recently built grammars (or the GrammarError they raised), keyed by a digest of their source."""
+    """Recently built grammars (or the GrammarError they raised), keyed by a digest of their source.
+
+    Thread-safe: the lock guards the table only, never a build, so other keys are served while a grammar
+    compiles; callers asking for a key that is being built wait for that one build instead of repeating it.
+    """
 
     def __init__(self, size: int = 64) -> None:
         self._size = size
+        self._lock = threading.Lock()
         self._items: OrderedDict[str, Grammar | GrammarError] = OrderedDict()
+        self._building: dict[str, Future[Grammar | GrammarError]] = {}
 
     def get(self, key_source: str, build: Callable[[], Grammar]) -> Grammar:
         key = hashlib.sha256(key_source.encode("utf-8", "surrogatepass")).hexdigest()
-        if key in self._items:
-            self._items.move_to_end(key)
-            found = self._items[key]
-        else:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            pending = self._building.get(key) if found is None else None
+            owner = found is None and pending is None
+            if owner:
+                pending = self._building[key] = Future()
+        if owner:
+            assert pending is not None
             try:
                 found = build()
             except GrammarError as exc:
                 found = exc
-            self._items[key] = found
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+            except BaseException as exc:  # not a schema problem: not cached, the waiters see it too
+                with self._lock:
+                    del self._building[key]
+                pending.set_exception(exc)
+                raise
+            with self._lock:
+                del self._building[key]
+                self._items[key] = found
+                while len(self._items) > self._size:
+                    self._items.popitem(last=False)
+            pending.set_result(found)
+        elif found is None:
+            assert pending is not None
+            found = pending.result()
         if isinstance(found, GrammarError):
             raise GrammarError(str(found))
         return found
