@@ -1,9 +1,12 @@
-"""The llama.cpp engine: continuous batching, sampling, stops, aborts, prefix reuse, thinking, grammar."""
+"""The llama.cpp engine: continuous batching, sampling, stops, aborts, prefix reuse, thinking, grammar,
+per-request failures, stats from other threads, vLLM's sampling extras."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,8 +14,10 @@ import llama_cpp
 import pytest
 
 from qwenkit.engines.grammar import grammar_from_json_schema
+from qwenkit.engines.llamacpp import engine as engine_module
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
+from qwenkit.engines.llamacpp.kv import SlotManager
 from qwenkit.engines.llamacpp.sampler import SeqSampler
 from qwenkit.engines.request import (
     THINKING_EARLY_STOP,
@@ -85,10 +90,10 @@ def test_greedy_fast_path_picks_what_the_native_greedy_sampler_picks(
     pairs: list[tuple[int, int]] = []
     fast_sample = SeqSampler.sample
 
-    def checked(self: SeqSampler, index: int) -> int:
-        token = fast_sample(self, index)
+    def checked(self: SeqSampler, index: int, suppress_stops: bool = False) -> int:
+        token = fast_sample(self, index, suppress_stops)
         assert self.argmax  # plain greedy takes the fast path
-        pairs.append((token, llama_cpp.llama_sampler_sample(self._free, self._model.ctx, index)))
+        pairs.append((token, llama_cpp.llama_sampler_sample(self._chain, self._model.ctx, index)))
         return token
 
     monkeypatch.setattr(SeqSampler, "sample", checked)
@@ -127,10 +132,91 @@ def test_stop_string_cuts_text_and_finishes(engine: LlamaCppEngine) -> None:
     assert cut == text[: text.index(stop)]
 
 
-def test_stop_token_ids_and_ignore_eos(engine: LlamaCppEngine) -> None:
+def test_stop_string_kept_with_include_stop_str_in_output(engine: LlamaCppEngine) -> None:
+    _, text, _ = run(engine, req("si1", prompt(3)))
+    stop = text[5:8]
+    params = SamplingParams(temperature=0.0, max_tokens=24, stop=[stop], include_stop_str_in_output=True)
+    _, kept, last = run(engine, req("si2", prompt(3), params))
+    assert last.finish_reason == "stop"
+    assert kept == text[: text.index(stop) + len(stop)]
+
+
+def test_stop_token_ids_end_the_request(engine: LlamaCppEngine) -> None:
     tokens, _, _ = run(engine, req("e1", prompt(4)))
     _, text, last = run(engine, req("e2", prompt(4), stop_token_ids=frozenset({tokens[0]})))
     assert last.finish_reason == "stop" and last.completion_tokens == 1 and text == ""
+
+
+def _eos(engine: LlamaCppEngine) -> int:
+    eos = llama_cpp.llama_vocab_eos(engine.model.vocab)
+    assert engine.model.is_eog(eos) and eos in engine.model.eog_ids
+    return eos
+
+
+def greedy(max_tokens: int = 24, **kw: object) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)  # type: ignore[arg-type]
+
+
+def test_logit_bias_forces_and_bans_tokens(engine: LlamaCppEngine) -> None:
+    plain, _, _ = run(engine, req("lb0", prompt(14)))
+    banned, _, _ = run(engine, req("lb1", prompt(14), greedy(logit_bias={plain[0]: -100})))
+    assert banned[0] != plain[0] and plain[0] not in banned
+    forced, _, last = run(engine, req("lb2", prompt(14), greedy(8, logit_bias={"4321": 100.0})))
+    assert forced == [4321] * 8 and last.finish_reason == "length"
+    sampled = SamplingParams(temperature=1.0, seed=1, max_tokens=8, logit_bias={4321: 100})
+    assert run(engine, req("lb3", prompt(14), sampled))[0] == [4321] * 8  # the native chain sees it too
+
+
+def test_logit_bias_ids_outside_the_vocabulary_are_refused(engine: LlamaCppEngine) -> None:
+    n_vocab = engine.model.n_vocab
+    with pytest.raises(EngineError, match=f"logit_bias: token id {n_vocab} is outside"):
+        engine.submit(req("lbx", prompt(1), greedy(logit_bias={5: 1, n_vocab: 1})), lambda ev: None)
+
+
+def test_eos_ends_the_answer_unless_ignore_eos(engine: LlamaCppEngine) -> None:
+    eos = _eos(engine)
+    tokens, text, last = run(engine, req("eo1", prompt(15), greedy(logit_bias={eos: 100})))
+    assert tokens == [eos] and last.finish_reason == "stop" and last.completion_tokens == 1 and text == ""
+    tokens, text, last = run(
+        engine, req("eo2", prompt(15), greedy(6, logit_bias={eos: 100}), ignore_eos=True)
+    )
+    assert tokens == [eos] * 6 and last.finish_reason == "length"
+    assert text == ""  # skip_special_tokens: the control token's text is left out
+
+
+def test_skip_special_tokens_false_keeps_control_tokens_text(engine: LlamaCppEngine) -> None:
+    eos = _eos(engine)
+    eos_text = engine.model.piece(eos).decode()
+    assert eos_text.startswith("<|") and engine.model.piece(eos, special=False) == b""
+    params = greedy(3, logit_bias={eos: 100}, skip_special_tokens=False)
+    _, text, _ = run(engine, req("sk1", prompt(15), params, ignore_eos=True))
+    assert text == eos_text * 3
+    # Added tokens that are not control tokens (<think>) keep their text when specials are skipped.
+    think = engine.model.token_id("<think>")
+    assert think is not None
+    _, text, _ = run(engine, req("sk2", prompt(15), greedy(2, logit_bias={think: 100})))
+    assert text == "<think><think>"
+
+
+def test_min_tokens_suppresses_eos_and_stop_token_ids_until_reached(engine: LlamaCppEngine) -> None:
+    eos = _eos(engine)
+    tokens, _, last = run(engine, req("mt1", prompt(16), greedy(logit_bias={eos: 100}, min_tokens=5)))
+    assert eos not in tokens[:5] and tokens[5:] == [eos]
+    assert last.finish_reason == "stop" and last.completion_tokens == 6
+    params = SamplingParams(temperature=1.0, seed=4, max_tokens=24, min_tokens=3, logit_bias={777: 100})
+    tokens, _, last = run(engine, req("mt2", prompt(16), params, stop_token_ids=frozenset({777})))
+    assert 777 not in tokens[:3] and tokens[3:] == [777] and last.finish_reason == "stop"
+
+
+def test_min_tokens_gives_way_to_a_grammar_that_is_complete(engine: LlamaCppEngine) -> None:
+    # Once the grammar allows only end-of-generation, min_tokens cannot hold it back (nothing else fits).
+    from qwenkit.engines.request import Grammar
+
+    params = SamplingParams(temperature=1.0, seed=2, max_tokens=24, min_tokens=10)
+    tokens, text, last = run(
+        engine, req("mg", prompt(16), params, grammar=Grammar('root ::= "ok"', after_think=False))
+    )
+    assert text == "ok" and last.finish_reason == "stop" and engine.model.is_eog(tokens[-1])
 
 
 def test_abort_frees_the_sequence(engine: LlamaCppEngine) -> None:
@@ -375,3 +461,233 @@ def test_async_generate_serves_concurrent_requests_and_early_exit_aborts(
         assert eng.stats().running == 0 and eng.stats().waiting == 0
     finally:
         eng.shutdown(timeout=1)
+
+
+# ---- grammar: sample first, check the one token, resample only when the grammar rejects it ----------
+
+# minLength: left free, the random-weight model's first resampled token is "{}".
+TEXT_SCHEMA = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "minLength": 40}},
+    "required": ["text"],
+}
+SMALL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "n": {"type": "integer"},
+        "ok": {"type": "boolean"},
+        "colour": {"enum": ["red", "green", "blue"]},
+        "name": {"type": "string", "maxLength": 12},
+    },
+    "required": ["n", "ok", "colour", "name"],
+}
+
+
+def _counted_samplers(monkeypatch: pytest.MonkeyPatch) -> list[SeqSampler]:
+    """Every sampler the engine makes, kept for its counters."""
+    made: list[SeqSampler] = []
+    original = SeqSampler.__init__
+
+    def init(self: SeqSampler, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        made.append(self)
+
+    monkeypatch.setattr(SeqSampler, "__init__", init)
+    return made
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, max_tokens=200),
+        SamplingParams(temperature=1.0, seed=1, max_tokens=200),
+        SamplingParams(temperature=1.0, seed=2, max_tokens=200),
+        SamplingParams(temperature=0.7, top_p=0.8, top_k=20, seed=3, max_tokens=200),
+        SamplingParams(temperature=1.2, seed=4, max_tokens=200, repetition_penalty=1.3),
+    ],
+)
+def test_output_under_a_json_schema_always_matches_it(
+    engine: LlamaCppEngine, params: SamplingParams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = _counted_samplers(monkeypatch)
+    grammar = grammar_from_json_schema(SMALL_SCHEMA, after_think=False)
+    tokens, text, last = run(engine, req("gj", prompt(9), params, grammar=grammar))
+    assert last.finish_reason == "stop"
+    value = json.loads(text)
+    assert set(value) == {"n", "ok", "colour", "name"}
+    assert type(value["n"]) is int and isinstance(value["ok"], bool)
+    assert value["colour"] in {"red", "green", "blue"} and len(value["name"]) <= 12
+    assert made[0].grammar_resamples > 0  # the random model's own picks were refused and picked again
+    if params.seed is not None:  # seeded runs repeat exactly, resampling included
+        assert run(engine, req("gj2", prompt(9), params, grammar=grammar))[0] == tokens
+
+
+def test_grammar_checks_only_the_picked_token_when_it_fits(
+    engine: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Inside a free-text string nearly every token fits: the whole-vocabulary pass must stay rare.
+    made = _counted_samplers(monkeypatch)
+    grammar = grammar_from_json_schema(TEXT_SCHEMA, after_think=False)
+    for i, params in enumerate([SamplingParams(temperature=1.0, seed=11, max_tokens=80), greedy(80)]):
+        tokens, text, _ = run(engine, req(f"gf{i}", prompt(17), params, grammar=grammar))
+        sampler = made[-1]
+        assert sampler.grammar_checks == len(tokens) == 80
+        assert 0 < sampler.grammar_resamples <= len(tokens) // 4
+        # Greedy needs only the best allowed token, mostly found among the best candidates; without
+        # top_k the whole distribution counts, so every resample is a whole-vocabulary pass.
+        if i == 0:
+            assert sampler.grammar_full_passes == sampler.grammar_resamples
+        else:
+            assert sampler.grammar_full_passes < sampler.grammar_resamples
+        assert re.match(r'\{ ?"text" ?: ?"', text) and len(json.loads(text + '"}')["text"]) >= 40
+
+
+# ---- one request's failure is that request's alone --------------------------------------------------
+
+
+def _exploding_sampler(when: Callable[[SeqSampler], bool], at_init: bool) -> type[SeqSampler]:
+    class Exploding(SeqSampler):
+        def __init__(self, model, params, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if at_init and params.seed == 666:
+                raise RuntimeError("boom in the sampler\nsecond line")
+            super().__init__(model, params, *args, **kwargs)
+            self.boom = params.seed == 666
+            self.picks = 0
+
+        def sample(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            self.picks += 1
+            if self.boom and when(self):
+                raise RuntimeError("boom while sampling")
+            return super().sample(*args, **kwargs)
+
+    return Exploding
+
+
+def test_a_request_failing_to_start_fails_alone_and_the_inbox_and_aborts_go_on(
+    engine: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    solo = {rid: run(engine, req(f"solo-{rid}", prompt(60 + i)))[0] for i, rid in enumerate("ab")}
+    monkeypatch.setattr(engine_module, "SeqSampler", _exploding_sampler(lambda s: False, at_init=True))
+    events: dict[str, list[TokenEvent]] = {rid: [] for rid in ("long", "a", "bad", "b")}
+    engine.submit(req("long", prompt(63), greedy(300)), events["long"].append)
+    engine.step()
+    # One drain: a good request, the failing one, another good one, and an abort queued behind them.
+    engine.submit(req("a", prompt(60)), events["a"].append)
+    engine.submit(req("bad", prompt(62), SamplingParams(temperature=0.0, seed=666)), events["bad"].append)
+    engine.submit(req("b", prompt(61)), events["b"].append)
+    engine.abort("long")
+    while engine.step():
+        pass
+    bad = events["bad"]
+    assert len(bad) == 1 and bad[0].finish_reason == "error"
+    assert bad[0].error == "engine error: boom in the sampler"
+    assert events["long"][-1].finish_reason == "abort"
+    for rid in "ab":
+        assert events[rid][-1].finish_reason == "length"
+        assert [t for ev in events[rid] for t in ev.token_ids] == solo[rid]
+    assert engine.stats().running == engine.stats().waiting == 0
+    assert run(engine, req("bad", prompt(62)))[2].finish_reason == "length"  # its id is free again
+
+
+def test_a_request_failing_mid_stream_fails_alone_on_the_engine_thread(
+    demo_gguf: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "SeqSampler", _exploding_sampler(lambda s: s.picks > 3, at_init=False))
+    eng = LlamaCppEngine(demo_gguf("qwen3", "tiny", "f32"), EngineConfig(n_ctx=2048, max_seqs=4, threads=2))
+    eng.start()
+
+    async def collect(rid: str, params: SamplingParams) -> list[TokenEvent]:
+        return [ev async for ev in eng.generate(req(rid, prompt(70 + len(rid)), params))]
+
+    async def main() -> list[list[TokenEvent]]:
+        jobs = [collect(f"ok{i}", greedy(16)) for i in range(3)]
+        jobs.append(collect("bad", SamplingParams(temperature=0.0, seed=666, max_tokens=16)))
+        # A hang here is the bug; the timeout only turns it into a failure.
+        return await asyncio.wait_for(asyncio.gather(*jobs), timeout=120)
+
+    try:
+        *good, bad = asyncio.run(main())
+        assert bad[-1].finish_reason == "error" and bad[-1].error == "engine error: boom while sampling"
+        assert sum(len(ev.token_ids) for ev in bad) == 3
+        for events in good:
+            assert events[-1].finish_reason == "length" and sum(len(ev.token_ids) for ev in events) == 16
+    finally:
+        eng.shutdown(timeout=1)
+
+
+# ---- stats() from other threads -----------------------------------------------------------------
+
+
+def test_stats_from_another_thread_never_reads_the_engine_threads_state(
+    demo_gguf: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eng = LlamaCppEngine(demo_gguf("qwen3", "tiny", "f32"), EngineConfig(n_ctx=2048, max_seqs=4, threads=2))
+    # Who reads the idle-cache dict the engine thread mutates (kv.py `_idle`)?
+    readers: set[int] = set()
+    idle_cells = SlotManager.idle_cells.fget
+
+    def recorded(self: SlotManager) -> int:
+        readers.add(threading.get_ident())
+        return idle_cells(self)  # type: ignore[misc]
+
+    monkeypatch.setattr(SlotManager, "idle_cells", property(recorded))
+    eng.start()
+    stop = threading.Event()
+    seen: list[object] = []
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(eng.stats())
+            except BaseException as exc:  # any failure here is the bug
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+
+    async def one(i: int) -> None:
+        # Shared prefixes: finished requests leave idle caches that later ones take and drop.
+        p = (*prompt(80, 20), *prompt(81 + i % 3, 4))
+        async for _ in eng.generate(req(f"h{i}", p, greedy(6))):
+            pass
+
+    async def main() -> None:
+        for start in range(0, 24, 6):
+            await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(start, start + 6))), timeout=120)
+
+    try:
+        asyncio.run(main())
+    finally:
+        stop.set()
+        thread.join()
+        engine_thread = eng._thread.ident if eng._thread else None
+        final = eng.stats()
+        eng.shutdown(timeout=1)
+    assert not errors
+    assert len(seen) > 10
+    assert readers == {engine_thread}
+    assert all(0 <= s.running <= 4 and 0 <= s.kv_used <= s.kv_total for s in seen)  # type: ignore[attr-defined]
+    assert final.running == 0 and final.waiting == 0 and final.steps > 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, max_tokens=60),
+        SamplingParams(temperature=0.7, top_p=0.8, top_k=20, seed=5, max_tokens=60),
+        SamplingParams(temperature=1.5, top_k=200, seed=6, max_tokens=60),
+    ],
+)
+def test_resampling_from_the_best_candidates_equals_the_whole_vocabulary_pass(
+    engine: LlamaCppEngine, params: SamplingParams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = _counted_samplers(monkeypatch)
+    grammar = grammar_from_json_schema(TEXT_SCHEMA, after_think=False)
+    fast, _, _ = run(engine, req("rb1", prompt(19), params, grammar=grammar))
+    assert made[-1].grammar_full_passes < made[-1].grammar_resamples
+    monkeypatch.setattr(SeqSampler, "_resample_from_best", lambda self, cand, logits: -1)
+    whole, _, _ = run(engine, req("rb2", prompt(19), params, grammar=grammar))
+    assert made[-1].grammar_full_passes == made[-1].grammar_resamples > 0
+    assert fast == whole

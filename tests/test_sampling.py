@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
-from qwenkit.engines.sampling import SamplingError, SamplingParams, resolve_sampling
+from qwenkit.engines.sampling import MAX_LOGIT_BIAS, SamplingError, SamplingParams, resolve_sampling
 
 
 @pytest.mark.parametrize(
@@ -166,3 +168,81 @@ def test_resolve_refuses_unknown_keys_listing_the_supported_ones() -> None:
 def test_resolve_does_not_mistake_false_for_greedy() -> None:
     with pytest.raises(SamplingError, match="temperature"):
         resolve_sampling({"temperature": False}, thinking=True)
+
+
+# ---- vLLM's extras: min_tokens, logit_bias, include_stop_str_in_output, skip_special_tokens ----------
+
+
+def test_extras_have_vllm_defaults() -> None:
+    params = SamplingParams()
+    assert params.min_tokens == 0 and params.logit_bias == {}
+    assert params.include_stop_str_in_output is False and params.skip_special_tokens is True
+
+
+def test_logit_bias_takes_json_string_keys_and_int_values() -> None:
+    params = SamplingParams(logit_bias={"50256": -100, 7: 2.5, " 9": 100})
+    assert params.logit_bias == {50256: -100.0, 7: 2.5, 9: 100.0}
+    assert SamplingParams(logit_bias={str(i): 1 for i in range(MAX_LOGIT_BIAS)}).logit_bias[0] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("bias", "where"),
+    [
+        ({"abc": 1}, "logit_bias.abc"),
+        ({"-1": 1}, "logit_bias.-1"),
+        ({5: 100.5}, "logit_bias.5"),
+        ({5: -101}, "logit_bias.5"),
+        ({5: True}, "logit_bias.5"),
+        ({5: "1"}, "logit_bias.5"),
+        ([5], "logit_bias"),
+    ],
+)
+def test_bad_logit_bias_names_the_entry(bias: object, where: str) -> None:
+    with pytest.raises(SamplingError) as info:
+        resolve_sampling({"logit_bias": bias}, thinking=False)
+    assert re.match(re.escape(where) + r"(\.\[key\])?:", str(info.value)) and "\n" not in str(info.value)
+
+
+def test_logit_bias_size_is_capped_with_a_short_message() -> None:
+    with pytest.raises(SamplingError) as info:
+        resolve_sampling({"logit_bias": {i: 1 for i in range(MAX_LOGIT_BIAS + 1)}}, thinking=False)
+    message = str(info.value)
+    assert message.startswith("logit_bias:") and f"at most {MAX_LOGIT_BIAS}" in message
+    assert len(message) < 300
+
+
+def test_min_tokens_range_and_at_most_max_tokens() -> None:
+    assert SamplingParams(min_tokens=5, max_tokens=5).min_tokens == 5
+    assert SamplingParams(min_tokens=50).min_tokens == 50  # no max_tokens: up to the context
+    for bad in ({"min_tokens": -1}, {"min_tokens": 6, "max_tokens": 5}, {"min_tokens": 1.0}):
+        with pytest.raises(SamplingError, match=r"^min_tokens:"):
+            resolve_sampling(bad, thinking=False)
+
+
+@pytest.mark.parametrize("field", ["include_stop_str_in_output", "skip_special_tokens"])
+def test_flags_are_strict_booleans(field: str) -> None:
+    assert getattr(resolve_sampling({field: True}, thinking=False)[0], field) is True
+    assert getattr(resolve_sampling({field: False}, thinking=False)[0], field) is False
+    with pytest.raises(SamplingError, match=f"^{field}:"):
+        resolve_sampling({field: 1}, thinking=False)
+
+
+def test_resolve_accepts_the_extras_and_none_means_default() -> None:
+    user = {
+        "min_tokens": 2,
+        "logit_bias": {"11": -5},
+        "include_stop_str_in_output": True,
+        "skip_special_tokens": False,
+    }
+    params, warnings = resolve_sampling(user, thinking=False)
+    assert (params.min_tokens, params.logit_bias) == (2, {11: -5.0}) and warnings == []
+    assert params.include_stop_str_in_output and not params.skip_special_tokens
+    nulls = dict.fromkeys(user)
+    assert resolve_sampling(nulls, thinking=False)[0] == SamplingParams.recommended(False)
+
+
+def test_params_with_logit_bias_stay_hashable_and_round_trip() -> None:
+    a = SamplingParams(logit_bias={3: 1.0, 1: -2.0})
+    assert hash(a) == hash(SamplingParams(logit_bias={1: -2.0, 3: 1.0}))
+    assert hash(a) != hash(SamplingParams(logit_bias={1: -2.0}))
+    assert SamplingParams.model_validate_json(a.model_dump_json()) == a

@@ -1,7 +1,8 @@
 """Incremental detokenization and stop strings, shared by every engine.
 
 Contract: IncrementalText turns token byte pieces into text without ever splitting a UTF-8 character;
-StopMatcher holds back only text that could still become a stop string and cuts at the first match.
+StopMatcher holds back only text that could still become a stop string and cuts at the first match
+(keeping the matched stop string itself when include_stop is set).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ class IncrementalText:
 class StopMatcher:
     """Text deltas → (text safe to emit, stopped). After a stop, the text past the match is dropped."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include_stop: bool = False) -> None:
         self._stops = tuple(s for s in stops if s)
+        self._include = include_stop
         self._held = ""
         self.stopped = False
 
@@ -37,11 +39,12 @@ class StopMatcher:
         if not self._stops:
             return text
         buf = self._held + text
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stops if (i := buf.find(s)) >= 0]
+        if found:
+            cut, stop = min(found, key=lambda f: f[0])
             self.stopped = True
             self._held = ""
-            return buf[:cut]
+            return buf[: cut + len(stop)] if self._include else buf[:cut]
         keep = self._longest_stop_prefix_suffix(buf)
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep]

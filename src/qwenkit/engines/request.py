@@ -61,8 +61,8 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
+    stop_token_ids: frozenset[int] = frozenset()  # end the request (the token is counted, not in the text)
+    ignore_eos: bool = False  # end-of-generation tokens do not end it; stop_token_ids still do
     grammar: Grammar | None = None
     thinking: ThinkingControl | None = None
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k

@@ -5,6 +5,9 @@ pydantic's ValidationError (a ValueError) naming the field. top_k=-1 means "off"
 "off" too and stored as -1. resolve_sampling() fills unspecified fields with Qwen's recommended
 defaults for the mode and reports (as warnings, not errors) settings it had to override, such as
 greedy decoding in thinking mode. Its own errors are SamplingError with a one-line message.
+vLLM's extras: min_tokens (end-of-generation and stop token ids are suppressed until that many tokens
+were generated), logit_bias (token id -> added to its logit, at most MAX_LOGIT_BIAS entries; ids are
+checked against the vocabulary by the engine), include_stop_str_in_output, skip_special_tokens.
 """
 
 from __future__ import annotations
@@ -12,13 +15,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 TOP_K_OFF = -1
+MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
+LOGIT_BIAS_LIMIT = 100.0  # |bias| at most, as in OpenAI's API
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0)]
+Bias = Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]
 
 
 class SamplingError(ValueError):
@@ -41,6 +56,15 @@ class SamplingParams(BaseModel):
     stop: tuple[StopString, ...] = Field(default=(), max_length=MAX_STOP_SEQUENCES)
     max_tokens: int | None = Field(default=None, ge=1, description="None = up to the context length")
     thinking_budget: int | None = Field(default=None, ge=1, description="max tokens inside <think>")
+    min_tokens: int = Field(default=0, ge=0, description="no end-of-generation or stop token before this")
+    logit_bias: dict[TokenId, Bias] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = Field(default=True, description="False: control tokens' text is kept")
+
+    def __hash__(self) -> int:
+        # Frozen, but logit_bias is a dict: hash its items instead.
+        values = tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in self.__dict__.values())
+        return hash(values)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -50,6 +74,24 @@ class SamplingParams(BaseModel):
             return (value,)
         if isinstance(value, list):
             return tuple(value)
+        return value
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_keys_as_ints(cls, value: Any) -> Any:
+        # JSON object keys are strings ("50256": -100); strict mode would refuse them as token ids.
+        if isinstance(value, dict):
+            if len(value) > MAX_LOGIT_BIAS:  # before validating every entry of a huge one
+                raise ValueError(f"at most {MAX_LOGIT_BIAS} entries (got {len(value)})")
+            return {_int_key(k): v for k, v in value.items()}
+        return value
+
+    @field_validator("min_tokens", mode="after")
+    @classmethod
+    def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
+        max_tokens = info.data.get("max_tokens")
+        if max_tokens is not None and value > max_tokens:
+            raise ValueError(f"must be at most max_tokens ({max_tokens})")
         return value
 
     @field_validator("top_k", mode="after")
@@ -64,6 +106,12 @@ class SamplingParams(BaseModel):
         return cls(**_recommended_fields(thinking))
 
 
+def _int_key(key: Any) -> Any:
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    return key
+
+
 def _recommended_fields(thinking: bool) -> dict[str, Any]:
     if thinking:
         return {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
@@ -74,7 +122,10 @@ def _one_line(error: ValidationError) -> str:
     """The first problem of a ValidationError as `field: message (got value)`."""
     first = error.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or "sampling parameters"
-    return f"{field}: {first['msg']} (got {first.get('input')!r})"
+    got = repr(first.get("input"))
+    if len(got) > 80:  # a 1,000-entry logit_bias must not fill the message
+        got = got[:77] + "..."
+    return f"{field}: {first['msg']} (got {got})"
 
 
 def resolve_sampling(user: Mapping[str, object], thinking: bool) -> tuple[SamplingParams, list[str]]:

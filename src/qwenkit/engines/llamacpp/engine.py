@@ -4,13 +4,19 @@ Contract: submit() validates a GenerationRequest (raising EngineError for what c
 it; each step() is schedule → one llama_decode for all running sequences → sample and emit per sequence.
 The engine runs steps on its own thread once start()ed, or inline through generate_sync() when not.
 generate() is the async face: an async iterator of TokenEvents; leaving it early aborts the request and
-frees its KV cells within one step. Knows nothing of chat templates or HTTP.
+frees its KV cells within one step. An unexpected failure while starting or sampling one sequence ends
+only that sequence (finish_reason "error"); the loop and every other request go on. stats() returns the
+snapshot the engine thread publishes under its lock after each step, so any thread may call it.
+Knows nothing of chat templates or HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -21,7 +27,7 @@ from qwenkit.engines.courier import Courier
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.kv import SlotManager
 from qwenkit.engines.llamacpp.model import LlamaModel
-from qwenkit.engines.llamacpp.sampler import SeqSampler, check_grammar, logprobs_for
+from qwenkit.engines.llamacpp.sampler import Candidates, SeqSampler, check_grammar, logprobs_for
 from qwenkit.engines.llamacpp.scheduler import MIN_PREFILL_CHUNK, Scheduler, StepPlan
 from qwenkit.engines.llamacpp.sequence import Sequence, Status
 from qwenkit.engines.request import (
@@ -33,6 +39,8 @@ from qwenkit.engines.request import (
     RequestTooLong,
     TokenEvent,
 )
+
+log = logging.getLogger("qwenkit.engine")
 
 MAX_LOGPROBS = 20
 # How much longer than a decode-only step a step carrying a prompt chunk may take: the running streams'
@@ -72,6 +80,8 @@ class LlamaCppEngine:
         self.steps = 0
         self._t_decode: float | None = None  # seconds per decode-only step (EMA)
         self._t_prefill_tok: float | None = None  # seconds per prompt token (EMA)
+        self._candidates = Candidates(self.model.n_vocab)  # shared by the sequences' samplers
+        self._stats = self._snapshot()
 
     # ---- submitting -------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Callable[[TokenEvent], None]) -> None:
@@ -90,6 +100,11 @@ class LlamaCppEngine:
             )
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
             raise EngineError(f"logprobs must be between 0 and {MAX_LOGPROBS}")
+        bad = [t for t in request.sampling.logit_bias if not 0 <= t < self.model.n_vocab]
+        if bad:
+            raise EngineError(
+                f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{self.model.n_vocab - 1})"
+            )
         if request.grammar is not None:
             check_grammar(self.model, request.grammar)
         seq = Sequence(request, sink, max_new=max_tokens or room, arrival=next(self._arrivals))
@@ -121,6 +136,7 @@ class LlamaCppEngine:
             if plan.entries:
                 self._run(plan)
         finally:
+            self._publish_stats()
             self._courier.flush()
         return self.scheduler.has_work() or bool(self._inbox)
 
@@ -129,11 +145,17 @@ class LlamaCppEngine:
             new, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
         for seq in new:
-            self._start(seq)
+            try:
+                self._start(seq)
+            except Exception as exc:  # this request fails; the rest of the inbox and the aborts go on
+                self._fail(seq, exc)
         for request_id in aborts:
             seq = self._by_id.get(request_id)
             if seq is not None and seq.status is not Status.FINISHED:
-                self._finish(seq, "abort", [], self._flush_text(seq))
+                try:
+                    self._finish(seq, "abort", [], self._flush_text(seq))
+                except Exception as exc:
+                    self._fail(seq, exc)
 
     def _start(self, seq: Sequence) -> None:
         req = seq.request
@@ -141,8 +163,18 @@ class LlamaCppEngine:
         grammar_now = req.grammar is not None and not (
             req.grammar.after_think and thinking and thinking.starts_inside
         )
+        stop_ids: set[int] = set()
+        if req.sampling.min_tokens:
+            stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else set(self.model.eog_ids))
         try:
-            seq.sampler = SeqSampler(self.model, req.sampling, req.grammar, grammar_active=grammar_now)
+            seq.sampler = SeqSampler(
+                self.model,
+                req.sampling,
+                req.grammar,
+                grammar_active=grammar_now,
+                stop_ids=stop_ids,
+                candidates=self._candidates,
+            )
         except EngineError as exc:
             self._finish(seq, "error", [], "", error=str(exc))
             return
@@ -175,7 +207,10 @@ class LlamaCppEngine:
         for seq, n in plan.entries:
             seq.n_cached += n
         for seq, index in samples:
-            self._postprocess(seq, index)
+            try:
+                self._postprocess(seq, index)
+            except Exception as exc:  # one sequence's failure must not stop the others
+                self._fail(seq, exc)
 
     def _decode_failed(self, plan: StepPlan, status: int) -> None:
         # 1 = no room for this batch in the KV cache: make room and let the next step retry.
@@ -206,7 +241,7 @@ class LlamaCppEngine:
     def _postprocess(self, seq: Sequence, index: int) -> None:
         req = seq.request
         sampler: SeqSampler = seq.sampler  # type: ignore[assignment]
-        token = sampler.sample(index)
+        token = sampler.sample(index, suppress_stops=seq.n_generated < req.sampling.min_tokens)
         logprobs = None
         if req.logprobs is not None:
             logprobs = [logprobs_for(self.model, index, token, req.logprobs)]
@@ -216,7 +251,8 @@ class LlamaCppEngine:
             return
         new = [token, *self._thinking_update(seq, token, sampler)]
         seq.tokens.extend(new)
-        text = "".join(seq.text.push(self.model.piece(t)) for t in new)
+        special = not req.sampling.skip_special_tokens
+        text = "".join(seq.text.push(self.model.piece(t, special)) for t in new)
         out = seq.stops.push(text)
         if seq.stops.stopped:
             self._finish(seq, "stop", new, out, logprobs=logprobs)
@@ -264,6 +300,21 @@ class LlamaCppEngine:
             self._by_id.pop(seq.request_id, None)
         seq.emit(token_ids, text, finish=reason, **extra)  # type: ignore[arg-type]
 
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        """End one sequence after an unexpected error: it gets an error event, nothing else is touched."""
+        log.error("request %s failed in the engine", seq.request_id, exc_info=exc)
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if seq.status is not Status.FINISHED:  # else its final event went out; only cleanup is left
+            with contextlib.suppress(Exception):
+                self._finish(seq, "error", [], "", error=f"engine error: {message}")
+                return
+        # A broken sink or a half-made sampler: at least forget the request.
+        with contextlib.suppress(Exception):
+            self.scheduler.finish(seq)
+        seq.status = Status.FINISHED
+        with self._cv:
+            self._by_id.pop(seq.request_id, None)
+
     # ---- driving ----------------------------------------------------------------------------------
     def start(self) -> None:
         """Run steps on a background thread until shutdown()."""
@@ -280,12 +331,10 @@ class LlamaCppEngine:
                     return
             try:
                 self.step()
-            except Exception as exc:  # a bug must not hang every client: fail the running requests
+            except Exception as exc:  # e.g. llama_decode itself: fail what was scheduled, keep looping
                 for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    try:
-                        self._finish(seq, "error", [], "", error=f"engine error: {exc}")
-                    except Exception:  # a broken sink must not stop the others' cleanup
-                        continue
+                    self._fail(seq, exc)
+                self._publish_stats()
                 self._courier.flush()
 
     def generate_sync(self, request: GenerationRequest) -> Iterator[TokenEvent]:
@@ -328,15 +377,30 @@ class LlamaCppEngine:
                 self.abort(request.request_id)
 
     def stats(self) -> EngineStats:
+        """The engine's state after its last step (any thread): the engine thread's own dicts and lists
+        are never read from here, since it may be changing them."""
+        with self._cv:
+            # Every request not yet finished is in _by_id (kept under this lock), so a request the engine
+            # thread took from the inbox mid-step still counts as waiting.
+            waiting = max(0, len(self._by_id) - self._stats.running)
+            return dataclasses.replace(self._stats, waiting=waiting)
+
+    def _snapshot(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(
             running=len(s.running),
-            waiting=len(s.waiting) + len(self._inbox),
+            waiting=len(s.waiting),
             kv_used=s.kv_used(),
             kv_total=self.model.n_ctx,
             steps=self.steps,
             preemptions=s.preemptions,
         )
+
+    def _publish_stats(self) -> None:
+        """Called by whoever runs the steps (the engine thread once started)."""
+        snapshot = self._snapshot()
+        with self._cv:
+            self._stats = snapshot
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop admitting, let running requests finish for up to `timeout` s, abort the rest, free memory."""

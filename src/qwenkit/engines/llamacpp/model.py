@@ -76,6 +76,8 @@ class LlamaModel:
         self.n_batch = config.n_batch
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._pieces: dict[int, bytes] = {}
+        self._plain_pieces: dict[int, bytes] = {}
+        self._eog_ids: tuple[int, ...] | None = None
         self._closed = False
 
     # vocab
@@ -88,20 +90,29 @@ class LlamaModel:
             raise EngineError("text too long to tokenize")
         return list(buf[:n])
 
-    def piece(self, token: int) -> bytes:
-        """The bytes a token stands for (special tokens as their text, e.g. b"</think>")."""
-        cached = self._pieces.get(token)
+    def piece(self, token: int, special: bool = True) -> bytes:
+        """The bytes a token stands for. special=False renders control tokens (e.g. <|im_end|>) as b"";
+        added tokens that are not control tokens (<think>, <tool_call>) keep their text either way."""
+        cache = self._pieces if special else self._plain_pieces
+        cached = cache.get(token)
         if cached is None:
             buf = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, True)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, True)
-            cached = self._pieces[token] = buf.raw[:n]
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            cached = cache[token] = buf.raw[:n]
         return cached
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def eog_ids(self) -> tuple[int, ...]:
+        """Every end-of-generation token id (found once, on first use: one call per vocabulary entry)."""
+        if self._eog_ids is None:
+            self._eog_ids = tuple(t for t in range(self.n_vocab) if self.is_eog(t))
+        return self._eog_ids
 
     def token_id(self, text: str) -> int | None:
         ids = self.tokenize(text, parse_special=True)

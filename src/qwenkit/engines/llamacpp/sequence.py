@@ -42,7 +42,8 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.request.prompt_token_ids)
-        self.stops = StopMatcher(self.request.sampling.stop)
+        sampling = self.request.sampling
+        self.stops = StopMatcher(sampling.stop, include_stop=sampling.include_stop_str_in_output)
         thinking = self.request.thinking
         self.in_reasoning = bool(thinking and thinking.starts_inside)
 
