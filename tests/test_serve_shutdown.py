@@ -144,3 +144,19 @@ def test_sigterm_drains_then_exits_zero(server: Server) -> None:
     assert any(entry["route"] == "/v1/chat/completions" and entry["status"] == 200 for entry in logs)
     assert all(entry.get("key_id", "key-").startswith("key-") for entry in logs)
     assert "secret story" not in "".join(server.stderr) and KEY not in "".join(server.stderr)
+
+
+def test_a_second_server_on_the_same_port_fails_in_one_line(server: Server) -> None:
+    url = server.wait_for_url()
+    port = url.rsplit(":", 1)[1]
+    env = {**os.environ, "QWENKIT_API_KEY": KEY}
+    second = subprocess.run(
+        [sys.executable, "-c", RUN_SERVE, "--port", port],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert second.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
+    assert "Traceback" not in second.stderr and "random" not in second.stderr  # failed before loading

@@ -55,6 +55,11 @@ def read_api_keys(api_key: str | None, api_key_file: Path | None) -> list[str]:
     return keys
 
 
+def split_list(value: str | None) -> tuple[str, ...]:
+    """A comma-separated option as its non-empty items."""
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
 def _setup_logging() -> None:
     # One JSON line per request on stderr; uvicorn's own loggers stay at warning level.
     logger = logging.getLogger("qwenkit.serve")
@@ -123,6 +128,35 @@ def serve_command(
     shutdown_timeout: Annotated[
         float, typer.Option("--shutdown-timeout", min=0, help="Seconds in-flight requests get on SIGTERM.")
     ] = 30.0,
+    header_timeout: Annotated[
+        float,
+        typer.Option("--header-timeout", min=0.1, help="Seconds a client may take to send request headers."),
+    ] = 10.0,
+    body_timeout: Annotated[
+        float,
+        typer.Option("--body-timeout", min=0.1, help="Seconds a client may take to send a request body."),
+    ] = 30.0,
+    max_connections_per_address: Annotated[
+        int,
+        typer.Option(
+            "--max-connections-per-address", min=1, help="Open connections one client address may hold."
+        ),
+    ] = 64,
+    cors_origins: Annotated[
+        str | None,
+        typer.Option(
+            "--cors-origins",
+            help="Browser origins allowed to call the API, comma-separated (e.g. https://app.example.com; "
+            "'*': any). Default: no CORS. Keys are still required.",
+        ),
+    ] = None,
+    trusted_proxies: Annotated[
+        str | None,
+        typer.Option(
+            "--trusted-proxies",
+            help="Proxy networks (CIDR, comma-separated) whose X-Forwarded-For names the client.",
+        ),
+    ] = None,
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Serve a Qwen model over the OpenAI API (chat, completions, tools, JSON schema, streaming)."""
@@ -138,6 +172,11 @@ def serve_command(
         auth_failures_per_minute=auth_failures_per_minute,
         log_content=log_content,
         shutdown_timeout=shutdown_timeout,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_connections_per_address=max_connections_per_address,
+        cors_origins=split_list(cors_origins),
+        trusted_proxies=split_list(trusted_proxies),
     )
     sock = bind_socket(host, port)  # before loading: a busy port fails in a second, not after a conversion
     files = open_model_files(model, allow_pickle, quant)

@@ -1,15 +1,19 @@
 """ServeConfig: every knob of `qwenkit serve` that is not the engine's, validated and immutable.
 
-Contract: the defaults are the secure ones (loopback only, caps on every request dimension); a cap of None
-means "bounded by the context" where that is the natural limit. API keys are SecretStr, so they never show
-in a repr or a log line.
+Contract: the defaults are the secure ones (loopback only, caps on every request dimension and on how long
+a client may take to send one, no CORS, no trusted proxy); a cap of None means "bounded by the context" where
+that is the natural limit. API keys are SecretStr, so they never show in a repr or a log line. CORS origins
+and proxy networks are checked here, so a bad one fails at startup with its name.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from qwenkit.engines.sampling import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from qwenkit.serve.security import parse_networks
 
 
 class ServeConfig(BaseModel):
@@ -35,6 +39,40 @@ class ServeConfig(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, description="largest max_tokens; None = the context")
     log_content: bool = Field(default=False, description="log prompt and completion text")
     shutdown_timeout: float = Field(default=30.0, ge=0, description="seconds in-flight requests may finish")
+    header_timeout: float = Field(
+        default=10.0, gt=0, description="seconds a connection may take to send a request's headers"
+    )
+    body_timeout: float = Field(default=30.0, gt=0, description="seconds a request may take to send its body")
+    max_connections_per_address: int = Field(
+        default=64, ge=1, description="open connections one client address may hold (proxies exempt)"
+    )
+    cors_origins: tuple[str, ...] = Field(
+        default=(), description="origins allowed to call from a browser ('*': any); empty = no CORS"
+    )
+    trusted_proxies: tuple[str, ...] = Field(
+        default=(), description="networks whose X-Forwarded-For header names the client"
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            parts = urlsplit(origin)
+            exact = (
+                parts.scheme in ("http", "https")
+                and parts.netloc
+                and origin == f"{parts.scheme}://{parts.netloc}"
+            )
+            if origin != "*" and not exact:
+                raise ValueError(
+                    f"CORS origin {origin!r}: write it as scheme://host[:port] (no path), or '*'"
+                )
+        return origins
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, proxies: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(net) for net in parse_networks(proxies))
 
     @property
     def auth_enabled(self) -> bool:
