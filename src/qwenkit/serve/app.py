@@ -4,8 +4,10 @@ Contract: one app per engine; everything it keeps (metrics registry, rate-limit 
 the ServeContext at app.state.qwenkit) belongs to that app, nothing to the module. The lifespan starts the
 engine and, with manage_engine, shuts it down when the app stops. Routes: POST /v1/chat/completions,
 POST /v1/completions, GET /v1/models[/{id}], GET /health (no key needed, so it names the model only when no
-keys are set; 503 while draining), GET /metrics.
-Bodies are parsed here (JSON content type, strict pydantic models) so every malformed one is a 4xx.
+keys are set; 503 while draining), GET /metrics, GET /openapi.json (the API document with the request
+bodies declared, see serve/openapi.py; it needs the key like every path but /health).
+Bodies are parsed here (JSON content type, strict pydantic models) so every malformed one is a 4xx; parsing
+and planning run in worker threads, so no request's CPU work blocks the event loop.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 
 from qwenkit.chat.flavor import Flavor
@@ -29,8 +32,15 @@ from qwenkit.serve.handlers import ServeContext, plan_chat, plan_completion, res
 from qwenkit.serve.logprobs import TokenTexts
 from qwenkit.serve.logs import AccessMiddleware, RequestInfo, request_info
 from qwenkit.serve.metrics import ServeMetrics
-from qwenkit.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, first_error
-from qwenkit.serve.security import RateLimiter, SecurityMiddleware
+from qwenkit.serve.openapi import install_openapi
+from qwenkit.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    parse_request,
+)
+from qwenkit.serve.security import ClientAddressMiddleware, CORSGate, RateLimiter, SecurityMiddleware
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
 T = TypeVar("T", bound=BaseModel)
@@ -51,11 +61,8 @@ async def parse_body(request: Request, model: type[T]) -> T:
     body = await request.body()
     if not body.strip():
         raise APIError(400, "the body is empty; send a JSON object")
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        param, message = first_error(exc)
-        raise APIError(400, message, param=param or None) from None
+    # Parsing a body of up to max_body_bytes is CPU work: off the event loop, like planning.
+    return await run_in_threadpool(parse_request, body, model)
 
 
 def _info(request: Request) -> RequestInfo:
@@ -113,14 +120,17 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
-        middleware=[
+        openapi_url="/openapi.json",
+        middleware=[  # outermost first: the client address feeds the log; CORS preflights skip the key
+            Middleware(ClientAddressMiddleware, trusted_proxies=config.trusted_proxies),
             Middleware(AccessMiddleware, metrics=metrics),
+            *([Middleware(CORSGate, origins=config.cors_origins)] if config.cors_origins else []),
             Middleware(
                 SecurityMiddleware,
                 api_keys=[k.get_secret_value() for k in config.api_keys],
                 limiter=limiter,
                 max_body_bytes=config.max_body_bytes,
+                body_timeout=config.body_timeout,
             ),
         ],
     )
@@ -131,13 +141,16 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, ChatCompletionRequest)
         info = _info(request)
-        return await respond(ctx, plan_chat(ctx, body, info), info, request.receive)
+        # Planning renders, tokenizes and compiles grammars (seconds for a big schema): never on the loop.
+        plan = await run_in_threadpool(plan_chat, ctx, body, info)
+        return await respond(ctx, plan, info, request.receive)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await parse_body(request, CompletionRequest)
         info = _info(request)
-        return await respond(ctx, plan_completion(ctx, body, info), info, request.receive)
+        plan = await run_in_threadpool(plan_completion, ctx, body, info)
+        return await respond(ctx, plan, info, request.receive)
 
     def card() -> ModelCard:
         return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=engine.n_ctx)
@@ -174,6 +187,7 @@ def create_app(
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    install_openapi(app, ctx.model_name, config)
     return app
 
 

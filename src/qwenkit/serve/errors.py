@@ -4,13 +4,15 @@ Contract: raise APIError(status, message, ...) anywhere in the server; the clien
 {"error": {"message", "type", "param", "code"}} with that status, the message cut to MAX_MESSAGE_CHARS (a
 message never echoes a huge input back). Engine errors map to statuses here (overloaded → 503 with
 Retry-After, too long → 400 context_length_exceeded). Unexpected exceptions become a bare 500; the traceback
-goes to the server log only. `reason` labels the rejected-requests metric.
+goes to the server log only. `reason` labels the rejected-requests metric. header_safe() is the one way
+client text gets into a response header: printable ASCII only, so h11 never refuses (or is injected by) it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +24,8 @@ from qwenkit.engines.request import EngineError, EngineOverloaded, GrammarError,
 from qwenkit.serve.logs import request_info
 
 MAX_MESSAGE_CHARS = 300
+MAX_HEADER_CHARS = 500
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
 RETRY_AFTER_OVERLOADED_S = 1
 
 _TYPE_BY_STATUS = {
@@ -47,6 +51,21 @@ def short(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """One line of at most `limit` characters."""
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def header_safe(text: str, limit: int = MAX_HEADER_CHARS) -> str:
+    """Client text as a header value: whitespace runs become one space (so no CR/LF), every character
+    outside printable ASCII is escaped (\\xNN, \\uNNNN), no space at either end, at most `limit` chars.
+    May be "": leave such a header out."""
+    line = _NOT_PRINTABLE_ASCII.sub(_escape, " ".join(str(text).split()))
+    if len(line) > limit:
+        line = line[: limit - 3].rstrip() + "..."
+    return line
 
 
 class APIError(Exception):

@@ -3,11 +3,24 @@
 Contract: plan_chat()/plan_completion() validate a parsed request against the ServeConfig caps and the
 context, render and tokenize it (chat through chat.pipeline.prepare_chat, completions through encode_text
 — special-token injection is impossible either way) and return a Plan, raising APIError for anything the
-client must fix. respond() runs a Plan on the engine (n choices concurrently, one engine request each,
-seeds seed, seed+1, ...) and answers JSON or a server-sent-event stream. Both answers come from the same
-per-event translation, so a stream's concatenated deltas equal the non-stream response. A client that
-disconnects (noticed on the ASGI receive channel) has its engine requests aborted at once. Depends only
-on the Engine protocol and the request types, never on a concrete engine.
+client must fix. respond() reserves a Plan's tokens (prompt + max_tokens per choice) against the client's
+tokens/minute (429 when they do not fit), settles to the tokens used when it ends, runs it on the engine
+(n choices concurrently, one engine request each, seeds seed, seed+1, ...) and answers JSON or a
+server-sent-event stream. Both answers come from the same per-event translation, so a stream's concatenated
+deltas equal the non-stream response. A client that disconnects (noticed on the ASGI receive channel) has
+its engine requests aborted at once. Depends only on the Engine protocol and the request types, never on a
+concrete engine. Planning is blocking CPU work: the app runs it in a worker thread.
+
+vLLM/OpenAI extras: ignore_eos drops the model's end tokens from the stop ids (stop_token_ids still stop);
+stop_token_ids and logit_bias ids must lie in the tokenizer's vocabulary; min_tokens, logit_bias,
+include_stop_str_in_output and skip_special_tokens go to SamplingParams. Chat: continue_final_message (or
+add_generation_prompt false) continues the final assistant message; echo puts that message's content at the
+start of the answer; parallel_tool_calls false keeps only the first tool call in every tool_choice mode (the
+later ones are dropped, not turned into content). reasoning_effort "none"/"minimal" turns thinking off,
+"low"/"medium"/"high" turn it on with thinking_budget 1024/4096/none (EFFORT_BUDGETS); an explicit
+enable_thinking or thinking_budget wins. verbosity is accepted without effect; modalities other than
+["text"] are refused. Unknown top-level fields are ignored, named (ASCII-safe) in the x-qwenkit-warning
+header and logged once; every header value built from client text goes through errors.header_safe().
 """
 
 from __future__ import annotations
@@ -15,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
@@ -25,15 +39,15 @@ from pydantic import BaseModel
 from starlette.types import Receive
 
 from qwenkit.chat.flavor import Flavor
-from qwenkit.chat.messages import ChatInputError, messages_from_openai, tools_from_openai
-from qwenkit.chat.parse import OutputParser, ParseAccumulator, ToolCallDelta
+from qwenkit.chat.messages import ChatInputError, Message, messages_from_openai, tools_from_openai
+from qwenkit.chat.parse import OutputParser, ParseAccumulator, ParseDelta, ToolCallDelta
 from qwenkit.chat.pipeline import prepare_chat
 from qwenkit.engines.base import Engine
 from qwenkit.engines.grammar import json_object_grammar, unenforced_keywords
 from qwenkit.engines.request import EngineError, GenerationRequest, Grammar, GrammarError, TokenEvent
 from qwenkit.engines.sampling import SamplingError, resolve_sampling
 from qwenkit.serve.config import ServeConfig
-from qwenkit.serve.errors import APIError, from_engine_error, shutting_down
+from qwenkit.serve.errors import APIError, from_engine_error, header_safe, shutting_down
 from qwenkit.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from qwenkit.serve.logs import RequestInfo, UserHasher
 from qwenkit.serve.metrics import ServeMetrics
@@ -59,15 +73,19 @@ from qwenkit.serve.protocol import (
     ToolCall,
     Usage,
 )
-from qwenkit.serve.security import RateLimiter
+from qwenkit.serve.security import RateLimiter, TokenReservation
 from qwenkit.serve.tools import GrammarCache, ToolChoiceError, plan_tools
 from qwenkit.tokenizer.specials import ENDOFTEXT, IM_END
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
 CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking"})
+# reasoning_effort → thinking budget (tokens inside <think>); "none"/"minimal" turn thinking off.
+EFFORT_BUDGETS: dict[str, int | None] = {"low": 1024, "medium": 4096, "high": None}
+MAX_NAMED_IGNORED = 10  # unknown fields named in the warning; the rest are counted
 SEED_MODULUS = 2**32  # engines take 32-bit seeds; OpenAI clients send any int64
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _R = TypeVar("_R", ChatCompletion, ChatCompletionChunk, Completion)
+log = logging.getLogger("qwenkit.serve")
 
 
 @dataclass
@@ -127,7 +145,8 @@ class Plan:
 
 def _check_common(
     ctx: ServeContext, body: ChatCompletionRequest | CompletionRequest, info: RequestInfo
-) -> None:
+) -> list[str]:
+    """Checks both endpoints share; returns the warnings they produce (ignored unknown fields)."""
     if ctx.draining:
         raise shutting_down()
     if body.model != ctx.model_name:
@@ -145,12 +164,46 @@ def _check_common(
         raise APIError(
             400, f"stop: each stop sequence needs 1 to {cfg.max_stop_chars} characters", param="stop"
         )
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server; leave it out", param="logit_bias")
+    _check_token_ids(ctx, "stop_token_ids", body.stop_token_ids or ())
     info.model = body.model
     info.stream = bool(body.stream)
     if body.user:
         info.user = ctx.hash_user(body.user)
+    return _ignored_fields(body, info)
+
+
+def _ignored_fields(body: ChatCompletionRequest | CompletionRequest, info: RequestInfo) -> list[str]:
+    """A warning naming the unknown fields (ASCII-safe), also logged once; vLLM ignores them the same way."""
+    extra = sorted(body.model_extra or {})
+    if not extra:
+        return []
+    names = [header_safe(name, 40) or '""' for name in extra[:MAX_NAMED_IGNORED]]
+    more = f" and {len(extra) - MAX_NAMED_IGNORED} more" if len(extra) > MAX_NAMED_IGNORED else ""
+    warning = f"ignored unknown fields: {', '.join(names)}{more}"
+    log.warning("request %s: %s", info.id, warning)
+    return [warning]
+
+
+def _check_token_ids(ctx: ServeContext, param: str, ids: Collection[int]) -> None:
+    vocab = ctx.tokenizer.vocab_size
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise APIError(
+            400, f"{param}: token id {bad} is outside the vocabulary (0 to {vocab - 1})", param=param
+        )
+
+
+def _stop_token_ids(
+    model_stops: frozenset[int], body: ChatCompletionRequest | CompletionRequest
+) -> frozenset[int]:
+    """The model's end tokens (dropped with ignore_eos, as vLLM does) plus the client's stop_token_ids."""
+    extra = frozenset(body.stop_token_ids or ())
+    return extra if body.ignore_eos else model_stops | extra
+
+
+def _check_min_tokens(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> None:
+    if body.min_tokens and max_tokens is not None and body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens: at most max_tokens ({max_tokens})", param="min_tokens")
 
 
 def _check_n(cfg: ServeConfig, n: int) -> None:
@@ -172,6 +225,10 @@ def _sampling_fields(
         "seed": None if body.seed is None else body.seed % SEED_MODULUS,
         "stop": body.stop,
         "max_tokens": max_tokens,
+        "min_tokens": body.min_tokens,
+        "logit_bias": body.logit_bias,
+        "include_stop_str_in_output": body.include_stop_str_in_output,
+        "skip_special_tokens": body.skip_special_tokens,
     }
 
 
@@ -225,7 +282,9 @@ def _thinking_switch(kwargs: Mapping[str, Any] | None) -> bool | None:
     return value
 
 
-def _response_grammar(ctx: ServeContext, body: ChatCompletionRequest, warnings: list[str]) -> Grammar | None:
+def _response_grammar(
+    ctx: ServeContext, body: ChatCompletionRequest | CompletionRequest, warnings: list[str]
+) -> Grammar | None:
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
@@ -251,6 +310,48 @@ def _response_grammar(ctx: ServeContext, body: ChatCompletionRequest, warnings: 
         ) from None
 
 
+def _thinking(
+    body: ChatCompletionRequest, enable_thinking: bool | None, warnings: list[str]
+) -> tuple[bool | None, int | None]:
+    """(enable_thinking, thinking_budget) once reasoning_effort is mapped (see EFFORT_BUDGETS): an explicit
+    enable_thinking or thinking_budget wins over what the effort implies."""
+    effort, budget = body.reasoning_effort, body.thinking_budget
+    if effort is None:
+        return enable_thinking, budget
+    wants = effort in EFFORT_BUDGETS
+    if enable_thinking is not None and enable_thinking != wants:
+        warnings.append(
+            f"reasoning_effort {effort!r} was ignored: "
+            f"chat_template_kwargs.enable_thinking is {str(enable_thinking).lower()}"
+        )
+        return enable_thinking, budget
+    return wants, budget if budget is not None or not wants else EFFORT_BUDGETS[effort]
+
+
+def _continues(body: ChatCompletionRequest, messages: list[Message]) -> bool:
+    """Whether the final assistant message is continued (prefill): continue_final_message, or
+    add_generation_prompt false (which, with no new turn to start, means the same here)."""
+    if body.continue_final_message:
+        if body.add_generation_prompt:
+            raise APIError(
+                400,
+                "continue_final_message and add_generation_prompt cannot both be true; "
+                "set add_generation_prompt to false (or leave it out)",
+                param="add_generation_prompt",
+            )
+        return True
+    if body.add_generation_prompt is False:
+        if messages[-1].role != "assistant":
+            raise APIError(
+                400,
+                "add_generation_prompt: false continues the final assistant message; end the messages with "
+                "the assistant text to continue, or leave add_generation_prompt out",
+                param="add_generation_prompt",
+            )
+        return True
+    return False
+
+
 def _tools(ctx: ServeContext, body: ChatCompletionRequest) -> tuple[list[Any], str | None, str | None]:
     cfg = ctx.config
     raw = body.tools or []
@@ -273,7 +374,7 @@ def _tools(ctx: ServeContext, body: ChatCompletionRequest) -> tuple[list[Any], s
 
 def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo) -> Plan:
     """Validate and prepare a chat completion; APIError for anything the client must fix."""
-    _check_common(ctx, body, info)
+    warnings = _check_common(ctx, body, info)
     cfg = ctx.config
     if body.chat_template is not None:
         raise APIError(
@@ -293,11 +394,20 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
         if not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         top = body.top_logprobs
-    enable_thinking = _thinking_switch(body.chat_template_kwargs)
+    if body.modalities and any(m != "text" for m in body.modalities):
+        raise APIError(
+            400, 'modalities: this server answers with text only; use ["text"]', param="modalities"
+        )
+    if body.verbosity is not None:
+        warnings.append("verbosity has no effect on this server")
+    enable_thinking, thinking_budget = _thinking(body, _thinking_switch(body.chat_template_kwargs), warnings)
     try:
         messages = messages_from_openai(body.messages)
     except ChatInputError as exc:
         raise APIError(400, str(exc), param="messages") from None
+    continues = _continues(body, messages)
+    # vLLM's chat echo: the final assistant message (the prefill) opens the answer.
+    echo = (messages[-1].content or "") if body.echo and messages[-1].role == "assistant" else None
     tools, choice, named = _tools(ctx, body)
     try:
         tool_plan = plan_tools(tools, choice, named, body.parallel_tool_calls is not False, ctx.grammars)
@@ -305,8 +415,12 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
         raise APIError(400, f"tool_choice: {exc}", param="tool_choice") from None
     except GrammarError as exc:
         raise APIError(400, str(exc), param="tools", code="invalid_schema") from None
-    schema_warnings: list[str] = []
-    answer_grammar = _response_grammar(ctx, body, schema_warnings)
+    max_calls = None
+    if body.parallel_tool_calls is False:
+        max_calls = 1  # forced modes' grammars already allow one call; "auto" drops the later ones
+        if tool_plan.mode == "auto":
+            warnings.append("parallel_tool_calls is false: only the first tool call is returned")
+    answer_grammar = _response_grammar(ctx, body, warnings)
     if answer_grammar is not None and tool_plan.grammar is not None:
         raise APIError(
             400,
@@ -314,7 +428,7 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
             param="response_format",
         )
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    sampling = {**_sampling_fields(body, None), "thinking_budget": body.thinking_budget}
+    sampling = {**_sampling_fields(body, None), "thinking_budget": thinking_budget}
     response_id = f"chatcmpl-{info.id}"
     try:
         prepared = prepare_chat(
@@ -327,12 +441,22 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
             grammar=tool_plan.grammar or answer_grammar,
             logprobs=top if body.logprobs else None,
             request_id=response_id,
+            continue_final_message=continues,
         )
     except (ChatInputError, SamplingError) as exc:
-        raise APIError(400, str(exc), param=_param_of(str(exc))) from None
+        message = str(exc)
+        param = "continue_final_message" if message.startswith("continue_final_message") else None
+        raise APIError(400, message, param=param or _param_of(message)) from None
     prompt_tokens = len(prepared.request.prompt_token_ids)
     max_tokens = _max_tokens(ctx, asked, prompt_tokens, "messages")
+    _check_min_tokens(body, max_tokens)
     request = prepared.request
+    _check_token_ids(ctx, "logit_bias", request.sampling.logit_bias)
+    request = replace(
+        request,
+        stop_token_ids=_stop_token_ids(request.stop_token_ids, body),
+        ignore_eos=bool(body.ignore_eos),
+    )
     if max_tokens is not None:
         request = replace(request, sampling=request.sampling.model_copy(update={"max_tokens": max_tokens}))
     job = ChatJob(
@@ -344,6 +468,8 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
         logprobs=bool(body.logprobs),
         top=top,
         include_usage=_include_usage(body),
+        echo=echo,
+        max_calls=max_calls,
     )
     info.n = n
     return Plan(
@@ -353,7 +479,7 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
         include_usage=_include_usage(body),
         job=job,
         prompt_text=prepared.prompt.text,
-        warnings=[*prepared.warnings, *schema_warnings],
+        warnings=[*warnings, *prepared.warnings],
     )
 
 
@@ -368,7 +494,7 @@ def _param_of(message: str) -> str | None:
 
 def plan_completion(ctx: ServeContext, body: CompletionRequest, info: RequestInfo) -> Plan:
     """Validate and prepare a legacy text completion; the prompt is text, tokenized without special tokens."""
-    _check_common(ctx, body, info)
+    warnings = _check_common(ctx, body, info)
     cfg = ctx.config
     n = body.n or 1
     if body.suffix:
@@ -389,12 +515,16 @@ def plan_completion(ctx: ServeContext, body: CompletionRequest, info: RequestInf
         raise APIError(400, "prompt: empty prompt; give at least one character", param="prompt")
     longest = max(len(ids) for ids in encoded)
     max_tokens = _max_tokens(ctx, body.max_tokens, longest, "prompt")
+    _check_min_tokens(body, max_tokens)
     try:
-        sampling, warnings = resolve_sampling(_sampling_fields(body, max_tokens), thinking=False)
+        sampling, sampling_warnings = resolve_sampling(_sampling_fields(body, max_tokens), thinking=False)
     except SamplingError as exc:
         raise APIError(400, str(exc), param=_param_of(str(exc))) from None
+    _check_token_ids(ctx, "logit_bias", sampling.logit_bias)
+    grammar = _response_grammar(ctx, body, warnings)
     response_id = f"cmpl-{info.id}"
-    stop_ids = frozenset({ctx.tokenizer.eos_token_id, *_special_ids(ctx.tokenizer, (ENDOFTEXT, IM_END))})
+    model_stops = frozenset({ctx.tokenizer.eos_token_id, *_special_ids(ctx.tokenizer, (ENDOFTEXT, IM_END))})
+    stop_ids = _stop_token_ids(model_stops, body)
     requests: list[GenerationRequest] = []
     for i, ids in enumerate(encoded):
         base = GenerationRequest(
@@ -402,6 +532,8 @@ def plan_completion(ctx: ServeContext, body: CompletionRequest, info: RequestInf
             prompt_token_ids=tuple(ids),
             sampling=sampling,
             stop_token_ids=stop_ids,
+            ignore_eos=bool(body.ignore_eos),
+            grammar=grammar,
             logprobs=body.logprobs,
         )
         requests += _fan_out(base, n, i * n, response_id)
@@ -415,7 +547,7 @@ def plan_completion(ctx: ServeContext, body: CompletionRequest, info: RequestInf
         include_usage=_include_usage(body),
         job=job,
         prompt_text="\n".join(prompts),
-        warnings=warnings,
+        warnings=[*warnings, *sampling_warnings],
     )
 
 
@@ -487,19 +619,27 @@ class ChatJob(_Envelope):
         logprobs: bool,
         top: int,
         include_usage: bool,
+        echo: str | None = None,
+        max_calls: int | None = None,
     ) -> None:
+        """echo: text that opens every choice's content; max_calls: tool calls past it are dropped."""
         super().__init__(ctx, response_id)
         self.choices = [_ChatChoiceState(parser()) for _ in range(n)]
         self.want_logprobs = logprobs
         self.top = top
         self.include_usage = include_usage
+        self.echo = echo
+        self.max_calls = max_calls
 
     def _chunk(self, choice: ChunkChoice) -> ChatCompletionChunk:
         return self.wrap(ChatCompletionChunk, [choice])
 
     def start(self) -> list[BaseModel]:
+        if self.echo:
+            for state in self.choices:
+                state.parsed.add(ParseDelta(content=self.echo))
         return [
-            self._chunk(ChunkChoice(index=i, delta=Delta(role="assistant", content="")))
+            self._chunk(ChunkChoice(index=i, delta=Delta(role="assistant", content=self.echo or "")))
             for i in range(len(self.choices))
         ]
 
@@ -509,6 +649,9 @@ class ChatJob(_Envelope):
         delta = state.parser.feed(event.text)
         if event.finished:
             delta = delta.then(state.parser.finish())
+        if self.max_calls is not None and any(c.index >= self.max_calls for c in delta.tool_calls):
+            # parallel_tool_calls false: later calls are dropped whole (they were calls, not content).
+            delta = replace(delta, tool_calls=[c for c in delta.tool_calls if c.index < self.max_calls])
         state.parsed.add(delta)
         content = delta.content
         calls: list[DeltaToolCall] = []
@@ -706,11 +849,20 @@ async def _engine_events(
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _reserved_tokens(ctx: ServeContext, plan: Plan) -> int:
+    """The most tokens a plan can use: its prompt plus every choice's max_tokens (None: the context left)."""
+    answers = sum(r.sampling.max_tokens or ctx.engine.n_ctx - len(r.prompt_token_ids) for r in plan.requests)
+    return plan.prompt_tokens + answers
+
+
 class _Tally:
     """Usage, timings and metrics of one request as its events go by."""
 
-    def __init__(self, ctx: ServeContext, plan: Plan, info: RequestInfo, start: float) -> None:
+    def __init__(
+        self, ctx: ServeContext, plan: Plan, info: RequestInfo, start: float, reservation: TokenReservation
+    ) -> None:
         self.ctx, self.plan, self.info, self.start = ctx, plan, info, start
+        self.reservation = reservation
         self.last: dict[int, float] = {}
         self.completion = 0
         self.cached = 0
@@ -753,7 +905,7 @@ class _Tally:
         info.completion_tokens = self.completion
         info.cached_tokens = self.cached
         info.finish_reasons = [self.final[i].finish_reason or "" for i in sorted(self.final)]
-        self.ctx.limiter.charge_tokens(info.rate_key, self.completion)
+        self.reservation.settle(self.plan.prompt_tokens + self.completion)  # the unused rest goes back
         if self.ctx.config.log_content:
             info.completion = [job.completion_text(i) for i in range(len(self.plan.requests))]
 
@@ -772,9 +924,11 @@ async def respond(
     info.warnings = plan.warnings
     if ctx.config.log_content:
         info.prompt = plan.prompt_text
-    ctx.limiter.charge_tokens(info.rate_key, plan.prompt_tokens)
-    tally = _Tally(ctx, plan, info, start)
-    headers = {"x-qwenkit-warning": " | ".join(plan.warnings)[:500]} if plan.warnings else {}
+    # Tokens are held at admission (429 when they do not fit the client's tokens/minute), settled at the end.
+    reservation = ctx.limiter.reserve_tokens(info.rate_key, _reserved_tokens(ctx, plan))
+    tally = _Tally(ctx, plan, info, start, reservation)
+    warning = header_safe(" | ".join(plan.warnings))  # warnings quote client text (schema values, names)
+    headers = {"x-qwenkit-warning": warning} if warning else {}
     events = _engine_events(ctx, plan.requests, receive)
     head: list[tuple[int, TokenEvent]] = []
     streaming = False
@@ -786,12 +940,13 @@ async def respond(
                 index, event = await events.__anext__()
                 head.append((index, event))
                 seen.add(index)
-            streaming = True
-            return StreamingResponse(
+            response = StreamingResponse(
                 _stream(plan, tally, head, events),
                 media_type="text/event-stream",
                 headers={**SSE_HEADERS, **headers},
             )
+            streaming = True  # only now does _stream own the cleanup: if anything above raised, we do
+            return response
         plan.job.start()
         async for index, event in events:
             tally.see(index, event)

@@ -1,16 +1,23 @@
 """The OpenAI wire format: request bodies the server accepts and the responses it sends (pydantic v2).
 
-Contract: request models are strict (no "1" for 1, no true for 1) and refuse unknown fields, so a typo is a
-400 naming the field rather than a silently ignored setting; Qwen/vLLM extras (top_k, min_p,
-repetition_penalty, chat_template_kwargs, thinking_budget) are ordinary fields. Messages and tools stay
-plain dicts here: chat.messages validates them with its own one-line errors. Response models dump to the
-JSON OpenAI clients parse; `Delta` and `AssistantMessage` leave out what they do not carry.
+Contract: request fields are strict (no "1" for 1, no true for 1) and a wrong value of a known field is a 400
+naming it. Unknown top-level fields are accepted and ignored, as vLLM does (clients such as LangChain and
+LiteLLM send extras); they stay in `model_extra` for the handlers to name in a warning. Nested objects
+(stream_options, response_format, tool_choice) still refuse unknown keys, so a typo there is a 400.
+Qwen/vLLM extras (top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids,
+include_stop_str_in_output, skip_special_tokens, chat_template_kwargs, thinking_budget, echo,
+add_generation_prompt, continue_final_message) are ordinary fields; logit_bias keys stay strings here
+(SamplingParams turns them into token ids). parse_request() refuses a body nested deeper than
+MAX_JSON_DEPTH before any parsing, so depth cannot cost much. Messages and tools stay plain dicts here:
+chat.messages validates them with its own one-line errors. Response models dump to the JSON OpenAI
+clients parse; `Delta` and `AssistantMessage` leave out what they do not carry.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from itertools import accumulate
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -22,15 +29,30 @@ from pydantic import (
     model_serializer,
 )
 
+from qwenkit.engines.sampling import MAX_LOGIT_BIAS
+from qwenkit.serve.errors import APIError
+
 MAX_NAME_CHARS = 256
+MAX_JSON_DEPTH = 64  # arrays/objects inside one another; real requests (tools, schemas) stay far below
+MAX_STOP_TOKEN_IDS = 64
 _UNION_TAG = re.compile(r"^(?:[A-Z]\w*|str|int|float|bool|dict|list|function-\w+)(?:\[.*)?$|^literal\[")
 INT64 = 2**63
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=False)
+T = TypeVar("T", bound=BaseModel)
 
 
 class _Request(BaseModel):
     model_config = _STRICT
+
+
+class _Body(BaseModel):
+    """A whole request body: unknown top-level fields are kept (model_extra), not refused."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False, populate_by_name=False)
 
 
 # ---- requests -----------------------------------------------------------------------------------------
@@ -62,7 +84,7 @@ class ResponseFormat(_Request):
     json_schema: JsonSchemaFormat | None = None
 
 
-class _Sampling(_Request):
+class _Sampling(_Body):
     """Fields /v1/chat/completions and /v1/completions share."""
 
     model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
@@ -77,11 +99,21 @@ class _Sampling(_Request):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
-    logit_bias: dict[str, float] | None = None
+    # Token id (as a JSON object key, so a string) → bias; SamplingParams turns the keys into ids and checks.
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    response_format: ResponseFormat | None = None
+    echo: bool | None = None
     # Qwen extras, accepted the way vLLM accepts them (extra body fields).
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, max_length=MAX_STOP_TOKEN_IDS
+    )
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -90,11 +122,15 @@ class ChatCompletionRequest(_Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0)
     chat_template_kwargs: dict[str, Any] | None = None
     thinking_budget: int | None = Field(default=None, ge=1)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    modalities: list[str] | None = Field(default=None, max_length=4)
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
     chat_template: Any = None  # present only to refuse it with a reason (see handlers)
     # OpenAI bookkeeping fields clients send; they change nothing here.
     metadata: dict[str, str] | None = None
@@ -107,9 +143,27 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     logprobs: int | None = Field(default=None, ge=0)
-    echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply arrays and objects nest in a JSON text (0 for a scalar), in C-speed passes."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets), initial=0))
+
+
+def parse_request(raw: bytes, model: type[T]) -> T:
+    """The JSON body as `model`; APIError 400 for a body nested too deep or one that does not fit."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
+        raise APIError(
+            400, f"the body nests arrays/objects more than {MAX_JSON_DEPTH} levels deep", code="too_deep"
+        )
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        param, message = first_error(exc)
+        raise APIError(400, message, param=param or None) from None
 
 
 def first_error(exc: ValidationError) -> tuple[str, str]:
