@@ -1,8 +1,12 @@
-"""Helpers for the server tests: a scripted fake Engine, an in-process client, a real server on loopback.
+"""Helpers for the server tests: the real engine on a demo GGUF, a recorder around it, a scripted fake
+Engine, an in-process client, a real server on loopback.
 
-FakeEngine implements the Engine protocol exactly (async generate, abort, stats) and answers every request
-with scripted text, so protocol translation can be checked to the byte; live_server() runs the real
-uvicorn server with the tiny qwen3 demo model on 127.0.0.1 (a free port) in a background thread.
+demo_engine() is the llama.cpp engine sized for tests; RecordingEngine passes everything to a real engine
+and keeps each GenerationRequest it was given, so tests can check what reached the engine. FakeEngine
+implements the Engine protocol with scripted text: only for what a real engine cannot be made to do (write
+a given text, such as a tool call in auto mode, split at chosen points; refuse at submit; fail mid-way).
+live_server() runs the real uvicorn server with the tiny qwen3 demo model on 127.0.0.1 (a free port) in a
+background thread.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from qwenkit.chat.flavor import Flavor
+from qwenkit.engines.base import Engine
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
 from qwenkit.engines.request import EngineError, EngineStats, GenerationRequest, TokenEvent, TokenLogprob
@@ -29,6 +34,64 @@ from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
 MODEL = "qwen3-demo"
 API_KEY = "sk-test-0123456789abcdef"
+# A function tool whose one argument the grammar can only fill with a listed city.
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def demo_engine(gguf: Path, n_ctx: int = 4096, max_seqs: int = 8) -> LlamaCppEngine:
+    """The llama.cpp engine on a (demo) GGUF, 2 threads; n_ctx: the most tokens one request may use."""
+    return LlamaCppEngine(gguf, EngineConfig.for_workload(max_seqs, n_ctx, threads=2, max_waiting=64))
+
+
+@dataclass
+class RecordingEngine:
+    """A real engine that keeps every GenerationRequest it is given (and whether it was started/shut down)."""
+
+    engine: Engine
+    requests: list[GenerationRequest] = field(default_factory=list)
+    started: bool = False
+    shut_down: bool = False
+
+    @property
+    def n_ctx(self) -> int:
+        return self.engine.n_ctx
+
+    def start(self) -> None:
+        self.started = True
+        self.engine.start()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        self.requests.append(request)
+        return self.engine.generate(request)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self.shut_down = True
+        self.engine.shutdown(timeout)
+
+
+def demo_app(
+    engine: Engine, tokenizer: QwenTokenizer, config: ServeConfig | None = None, **kw: object
+) -> FastAPI:
+    """The server's app over an engine, for the tiny qwen3 demo model served as MODEL."""
+    return create_app(engine, tokenizer, Flavor.QWEN3, MODEL, config, **kw)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -115,7 +178,7 @@ class FakeEngine:
 
 
 def fake_app(engine: FakeEngine, config: ServeConfig | None = None, **kw: object) -> FastAPI:
-    return create_app(engine, engine.tokenizer, Flavor.QWEN3, MODEL, config, **kw)  # type: ignore[arg-type]
+    return demo_app(engine, engine.tokenizer, config, **kw)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -135,13 +198,18 @@ class LiveServer:
 
 @contextlib.contextmanager
 def live_server(
-    gguf: Path, checkpoint: Path, config: ServeConfig | None = None, n_ctx: int = 4096, max_seqs: int = 8
+    gguf: Path,
+    checkpoint: Path,
+    config: ServeConfig | None = None,
+    n_ctx: int = 4096,
+    max_seqs: int = 8,
+    clock: Callable[[], float] | None = None,
 ) -> Iterator[LiveServer]:
     """The real server (uvicorn, the llama.cpp engine, the tiny demo model) on 127.0.0.1, any free port.
-    n_ctx: the most tokens one request may use."""
-    engine = LlamaCppEngine(gguf, EngineConfig.for_workload(max_seqs, n_ctx, threads=2, max_waiting=64))
+    n_ctx: the most tokens one request may use; clock: the rate limiter's time source."""
+    engine = demo_engine(gguf, n_ctx, max_seqs)
     config = config or ServeConfig()
-    app = create_app(engine, QwenTokenizer.from_dir(checkpoint), Flavor.QWEN3, MODEL, config)
+    app = demo_app(engine, QwenTokenizer.from_dir(checkpoint), config, clock=clock)
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     server = make_server(app, shutdown_timeout=5)

@@ -2,6 +2,7 @@
 
 Numerical agreement with transformers is in test_parity.py; here the files themselves are checked: metadata,
 tensor types, the vocabulary as llama.cpp loads it, and that llama.cpp runs each file close to the f32 one.
+llama_cpp (the cpu extra) is imported plainly: without it the run fails, it never skips the checks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gguf
+import llama_cpp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -26,8 +28,6 @@ from qwenkit.gguf.quantize import QuantizeError, quantize_gguf
 from qwenkit.gguf.reader import GGUFReadError, read_gguf_info
 from qwenkit.tokenizer.specials import ADDED_TOKEN_IDS, CONFIG_VOCAB_SIZE, ENDOFTEXT, IM_END, IM_START
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 ARCHS = ("qwen2", "qwen3", "qwen3_moe")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")

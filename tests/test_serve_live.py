@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from qwenkit.serve.config import ServeConfig
-from serve_fixtures import API_KEY, MODEL, LiveServer, live_server
+from serve_fixtures import API_KEY, MODEL, WEATHER, LiveServer, live_server
 
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 SCHEMA = {
@@ -25,19 +25,6 @@ SCHEMA = {
     "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
     "required": ["ok", "n"],
     "additionalProperties": False,
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"enum": ["Paris", "Rome"]}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
 }
 CLOCK = {
     "type": "function",
