@@ -529,6 +529,19 @@ def test_schema_keywords_the_grammar_cannot_enforce_are_named_in_a_warning(make:
     assert "x-qwenkit-warning" not in chat(client, response_format=fmt, max_tokens=2).headers
 
 
+def test_forced_tool_keywords_the_grammar_cannot_enforce_are_named(make: Any) -> None:
+    client, _ = make()
+    params = {"type": "object", "properties": {"q": {"type": "string", "pattern": "(?<=a)b"}}}
+    tools = [{"type": "function", "function": {"name": "find", "parameters": params}}]
+    forced = {"type": "function", "function": {"name": "find"}}
+    response = chat(client, tools=tools, tool_choice=forced, max_tokens=2)
+    assert response.status_code == 200
+    assert "tools: the call's arguments follow" in response.headers["x-qwenkit-warning"]
+    assert response.headers["x-qwenkit-warning"].endswith("enforced while generating: pattern")
+    # Under "auto" nothing is generated under the grammar, so there is nothing to warn about.
+    assert "x-qwenkit-warning" not in chat(client, tools=tools, max_tokens=2).headers
+
+
 # ---- legacy completions --------------------------------------------------------------------------
 
 

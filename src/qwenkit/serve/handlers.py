@@ -297,17 +297,22 @@ def _response_grammar(
             return ctx.grammars.get("json_object", json_object_grammar)
         schema = fmt.json_schema.json_schema
         grammar = ctx.grammars.json_schema(schema)
-        unenforced = unenforced_keywords(schema)
-        if unenforced:
-            warnings.append(
-                "response_format: the answer follows the schema's structure, but these keywords are not "
-                f"enforced while generating: {', '.join(unenforced)}"
-            )
+        _warn_unenforced("response_format: the answer", [schema], warnings)
         return grammar
     except GrammarError as exc:
         raise APIError(
             400, f"response_format: {exc}", param="response_format", code="invalid_schema"
         ) from None
+
+
+def _warn_unenforced(what: str, schemas: list[Mapping[str, Any]], warnings: list[str]) -> None:
+    """Name the keywords of constraining schemas that the grammar cannot enforce (as a warning)."""
+    unenforced = sorted({keyword for schema in schemas for keyword in unenforced_keywords(schema)})
+    if unenforced:
+        warnings.append(
+            f"{what} follows the schema's structure, but these keywords are not enforced while generating: "
+            f"{', '.join(unenforced)}"
+        )
 
 
 def _thinking(
@@ -415,6 +420,9 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
         raise APIError(400, f"tool_choice: {exc}", param="tool_choice") from None
     except GrammarError as exc:
         raise APIError(400, str(exc), param="tools", code="invalid_schema") from None
+    if tool_plan.grammar is not None:  # a forced call: its arguments are generated under the grammar
+        forced = [t.parameters or {} for t in tools if t.name in tool_plan.names]
+        _warn_unenforced("tools: the call's arguments", forced, warnings)
     max_calls = None
     if body.parallel_tool_calls is False:
         max_calls = 1  # forced modes' grammars already allow one call; "auto" drops the later ones
