@@ -45,6 +45,9 @@ HUB_FILES = {
 # Fields in Qwen3-30B-A3B's config.json that Qwen3MoeConfig does not declare: transformers keeps them as
 # plain attributes (the model reads head_dim with getattr).
 HUB_ONLY_FIELDS = {DemoArch.QWEN3_MOE: {"head_dim", "max_window_layers"}}
+# The text-only generations; the Qwen3.5 family (multimodal layout) has its own tests below.
+TEXT_ARCHS = [a for a in DemoArch if not a.hybrid]
+HYBRID_ARCHS = [a for a in DemoArch if a.hybrid]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def fresh_env(tmp_path: Path, env: dict[str, str], demos: dict[DemoArch, Path]) 
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> dict[DemoArch, Path]:
     root = tmp_path_factory.mktemp("demos")
-    return {arch: create_demo(root / arch.value, arch, env=env) for arch in DemoArch}
+    return {arch: create_demo(root / arch.value, arch, env=env) for arch in TEXT_ARCHS}
 
 
 def _config(path: Path) -> dict:
@@ -86,7 +89,7 @@ def test_layout_is_a_hub_download(demos: dict[DemoArch, Path]) -> None:
         assert is_demo_checkpoint(path)
 
 
-@pytest.mark.parametrize("arch", list(DemoArch))
+@pytest.mark.parametrize("arch", TEXT_ARCHS)
 def test_config_loads_in_transformers_with_the_same_fields(
     demos: dict[DemoArch, Path], arch: DemoArch
 ) -> None:
@@ -341,7 +344,7 @@ def test_stale_default_demo_is_rebuilt(fresh_env: dict[str, str]) -> None:
     assert _config(path)[demo.DEMO_MARKER]["version"] == demo.DEMO_FORMAT_VERSION
 
 
-@pytest.mark.parametrize("arch", list(DemoArch))
+@pytest.mark.parametrize("arch", TEXT_ARCHS)
 def test_transformers_loads_every_tensor_and_gives_finite_logits(
     demos: dict[DemoArch, Path], arch: DemoArch
 ) -> None:
@@ -359,3 +362,162 @@ def test_transformers_loads_every_tensor_and_gives_finite_logits(
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], 151936)
     assert torch.isfinite(logits).all()
+
+
+# --- Qwen3.5 family (hybrid Gated DeltaNet, multimodal hub layout) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> dict[DemoArch, Path]:
+    root = tmp_path_factory.mktemp("hybrid")
+    return {arch: create_demo(root / arch.value, arch, env=env) for arch in HYBRID_ARCHS}
+
+
+def test_hybrid_layout_and_config(hybrid: dict[DemoArch, Path]) -> None:
+    for arch, path in hybrid.items():
+        assert {p.name for p in path.iterdir()} == HUB_FILES and is_demo_checkpoint(path)
+        config = _config(path)
+        assert config["model_type"] == arch.value and "text_config" in config and "vision_config" in config
+        assert config["architectures"] == [
+            "Qwen3_5MoeForConditionalGeneration" if arch.moe else "Qwen3_5ForConditionalGeneration"
+        ]
+        text = demo.text_config(config)
+        assert text["model_type"] == f"{arch.value}_text" and text["vocab_size"] == 248_320
+        assert (config["image_token_id"], config["vision_start_token_id"]) == (248_056, 248_053)
+        assert text["eos_token_id"] == 248_044 and text["rope_parameters"]["rope_theta"] == 10_000_000
+        gen = json.loads((path / "generation_config.json").read_text("utf-8"))
+        assert gen["eos_token_id"] == [248_046, 248_044]
+        tok_config = json.loads((path / "tokenizer_config.json").read_text("utf-8"))
+        assert tok_config["chat_template"] == chat_template("qwen3_5")
+        assert tok_config["added_tokens_decoder"]["248069"]["content"] == "</think>"
+        readme = (path / "README.md").read_text("utf-8")
+        assert "random" in readme and "stand-in" in readme and "248044" in readme
+
+
+@pytest.mark.parametrize("arch", HYBRID_ARCHS)
+@pytest.mark.parametrize("size", list(demo.HYBRID_SIZES))
+def test_hybrid_layers_are_three_linear_to_one_full(arch: DemoArch, size: DemoSize) -> None:
+    config = demo.demo_config(arch, size)
+    text = config["text_config"]
+    kinds = text["layer_types"]
+    assert len(kinds) == text["num_hidden_layers"] and len(kinds) % 4 == 0
+    assert kinds == ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * (
+        len(kinds) // 4
+    )
+    shapes = demo.demo_tensor_shapes(config)
+    for i, kind in enumerate(kinds):
+        p = f"model.language_model.layers.{i}."
+        assert (p + "linear_attn.in_proj_qkv.weight" in shapes) == (kind == "linear_attention")
+        assert (p + "self_attn.q_proj.weight" in shapes) == (kind == "full_attention")
+    # Rotary dims covered by the M-RoPE sections: head_dim * partial_rotary_factor / 2.
+    rope = text["rope_parameters"]
+    assert sum(rope["mrope_section"]) * 2 == int(text["head_dim"] * rope["partial_rotary_factor"])
+
+
+def test_0_8b_shape_is_qwen3_5_0_8b() -> None:
+    text = demo.demo_config(DemoArch.QWEN3_5, DemoSize.B0_8)["text_config"]
+    expected = {
+        "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "head_dim": 256, "intermediate_size": 3584, "linear_num_key_heads": 16, "linear_num_value_heads": 16,
+        "linear_key_head_dim": 128, "linear_conv_kernel_dim": 4, "tie_word_embeddings": True,
+    }  # fmt: skip
+    got = {k: text[k] for k in expected}
+    assert got == expected
+    assert text["rope_parameters"]["mrope_section"] == [11, 11, 10]
+    with pytest.raises(DemoError, match="not made for qwen3_5"):
+        demo.demo_config(DemoArch.QWEN3_5, DemoSize.B0_5)
+    with pytest.raises(DemoError, match="not made for qwen3"):
+        demo.demo_config(DemoArch.QWEN3, DemoSize.B0_8)
+
+
+@pytest.mark.parametrize("arch", HYBRID_ARCHS)
+@pytest.mark.parametrize("size", [DemoSize.TINY, DemoSize.SMALL])
+def test_hybrid_tensor_names_and_shapes_match_transformers(arch: DemoArch, size: DemoSize) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = demo.demo_config(arch, size)
+    hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != demo.DEMO_MARKER})
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(hf_config)
+    want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config["tie_word_embeddings"]:
+        del want["lm_head.weight"]
+    got = {k: v for k, v in demo.demo_tensor_shapes(config).items() if not k.startswith("mtp.")}
+    assert got == want
+
+
+@pytest.mark.parametrize("arch", HYBRID_ARCHS)
+def test_hybrid_loads_in_transformers_and_runs_forward(hybrid: dict[DemoArch, Path], arch: DemoArch) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = hybrid[arch]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert type(model).__name__ == ("Qwen3_5MoeForCausalLM" if arch.moe else "Qwen3_5ForCausalLM")
+    state = model.state_dict()
+    file = {
+        k: v
+        for k, v in _tensors(path).items()
+        if k.startswith("model.language_model.") or k == "lm_head.weight"
+    }
+    for name, value in file.items():
+        loaded = state[name.replace("model.language_model.", "model.")]
+        assert np.array_equal(loaded.numpy(), value.astype(np.float32)), name  # nothing re-initialised
+    assert len(file) == len(state) - (1 if _config(path)["tie_word_embeddings"] else 0)
+    hf_tok = AutoTokenizer.from_pretrained(path)
+    prompt = "<|im_start|>user\nGated DeltaNet? नमस्ते<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    ids = hf_tok.encode(prompt, add_special_tokens=False)
+    from qwenkit.tokenizer.tokenizer import QwenTokenizer
+
+    assert QwenTokenizer.from_dir(path).encode(prompt) == ids and ids[0] == 248_045
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), 248_320) and bool(torch.isfinite(logits).all())
+
+
+def test_hybrid_same_arguments_give_identical_files(
+    tmp_path: Path, hybrid: dict[DemoArch, Path], env: dict[str, str]
+) -> None:
+    for arch, path in hybrid.items():
+        assert _digests(create_demo(tmp_path / arch.value, arch, env=env)) == _digests(path)
+    other = create_demo(tmp_path / "seed1", DemoArch.QWEN3_5_MOE, seed=1, env=env)
+    name = "model.language_model.layers.0.linear_attn.in_proj_qkv.weight"
+    assert not np.array_equal(_tensors(other)[name], _tensors(hybrid[DemoArch.QWEN3_5_MOE])[name])
+
+
+# Fields real Qwen3.5 config.json files carry that transformers' Qwen3_5(Moe)*Config does not declare.
+HYBRID_HUB_ONLY = {
+    "text_config": {"attn_output_gate", "full_attention_interval", "mamba_ssm_dtype", "mlp_only_layers",
+                    "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings", "partial_rotary_factor"},
+    "vision_config": {"deepstack_visual_indexes"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", HYBRID_ARCHS)
+def test_hybrid_config_fields_are_transformers_or_hub_fields(arch: DemoArch) -> None:
+    from transformers import AutoConfig
+
+    config = demo.demo_config(arch, DemoSize.TINY)
+    hf = AutoConfig.for_model(**{k: v for k, v in config.items() if k != demo.DEMO_MARKER})
+    assert {k for k in config if k not in type(hf).__dataclass_fields__} == {demo.DEMO_MARKER}
+    for section in ("text_config", "vision_config"):
+        sub = getattr(hf, section)
+        unknown = {k for k in config[section] if k not in type(sub).__dataclass_fields__}
+        assert unknown <= HYBRID_HUB_ONLY[section], unknown
+        for key in config[section].keys() - unknown - {"dtype", "model_type"}:
+            assert getattr(sub, key) == config[section][key], key
+    assert hf.text_config.rope_parameters["partial_rotary_factor"] == 0.25
+
+
+def test_hybrid_mtp_layer_is_laid_out_like_the_hub() -> None:
+    dense = demo.demo_tensor_shapes(demo.demo_config(DemoArch.QWEN3_5, DemoSize.TINY))
+    full = "model.language_model.layers.3."  # the first full-attention layer
+    mtp = {k.removeprefix("mtp.layers.0."): v for k, v in dense.items() if k.startswith("mtp.layers.0.")}
+    assert mtp == {k.removeprefix(full): v for k, v in dense.items() if k.startswith(full)}
+    assert dense["mtp.fc.weight"] == (64, 128) and "mtp.norm.weight" in dense
+    moe = demo.demo_tensor_shapes(demo.demo_config(DemoArch.QWEN3_5_MOE, DemoSize.TINY))
+    # Trunk experts fused, MTP experts one by one (Qwen3.5-35B-A3B's safetensors).
+    assert moe["model.language_model.layers.3.mlp.experts.gate_up_proj"] == (4, 64, 64)
+    assert moe["mtp.layers.0.mlp.experts.3.down_proj.weight"] == (64, 32)
+    assert "mtp.layers.0.mlp.experts.gate_up_proj" not in moe

@@ -30,6 +30,9 @@ from qwenkit.tokenizer.specials import (
     IM_END,
     IM_START,
     PRETOKENIZE_REGEX,
+    QWEN3_5_ADDED_TOKENS,
+    QWEN3_5_LAYOUT,
+    QWEN3_5_PRETOKENIZE_REGEX,
     THINK_END,
     THINK_START,
     TOOL_CALL_END,
@@ -453,3 +456,92 @@ def test_from_tokenizer_wraps_an_in_memory_tokenizer(qwen: QwenTokenizer) -> Non
     assert (twin.eos_token_id, twin.pad_token_id) == (151643, None)
     with pytest.raises(TokenizerError, match="not in the vocabulary"):
         QwenTokenizer.from_tokenizer(qwen.backend, eos_token="<|no_such_token|>")
+
+
+# --- Qwen3.5 stand-in and real checkpoints' tokenizer.json -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen35(env: dict[str, str]) -> QwenTokenizer:
+    path = builtin_tokenizer_json(env, QWEN3_5_LAYOUT)
+    return QwenTokenizer(path.read_text("utf-8"), eos_token=IM_END, pad_token=ENDOFTEXT)
+
+
+def test_qwen3_5_added_tokens_sit_at_their_real_ids(qwen35: QwenTokenizer) -> None:
+    assert len(QWEN3_5_ADDED_TOKENS) == 33
+    expected = {IM_START: 248045, IM_END: 248046, TOOL_CALL_START: 248058, THINK_START: 248068,
+                THINK_END: 248069, "<|image_pad|>": 248056, "<|audio_pad|>": 248076}  # fmt: skip
+    for content, token_id in expected.items():
+        assert qwen35.special_id(content) == token_id == QWEN3_5_LAYOUT.token_ids[content]
+    for t in QWEN3_5_ADDED_TOKENS:
+        assert qwen35.token_to_id(t.content) == t.id
+        assert (t.id in qwen35.special_token_ids) == t.special
+    assert qwen35.vocab_size == 248_077 and qwen35.eos_token_id == 248046 and qwen35.pad_token_id == 248044
+    assert QWEN3_5_LAYOUT.config_vocab_size == 248_320
+
+
+def test_qwen3_5_ids_match_tiktoken_with_qwen3_5_split(
+    qwen35: QwenTokenizer, ranks: dict[bytes, int], env: dict[str, str]
+) -> None:
+    reference = tiktoken.Encoding(
+        name="qwen35", pat_str=QWEN3_5_PRETOKENIZE_REGEX, mergeable_ranks=ranks, special_tokens={}
+    )
+    for text in CORPUS[:800]:
+        nfc = unicodedata.normalize("NFC", text)
+        assert qwen35.encode_text(text) == reference.encode_ordinary(nfc), text
+    # The split rule is Qwen3.5's: a combining mark stays with its letter (Qwen2's rule splits it off).
+    pieces = qwen35.backend.pre_tokenizer.pre_tokenize_str("क\u093c")
+    assert len(pieces) == 1
+    assert len(QwenTokenizer.builtin(env=env).backend.pre_tokenizer.pre_tokenize_str("क\u093c")) == 2
+
+
+def test_qwen3_5_placeholders_are_never_produced(qwen35: QwenTokenizer) -> None:
+    first, last = BPE_VOCAB_SIZE, QWEN3_5_LAYOUT.first_added_id - 1
+    assert qwen35.id_to_token(first) == build.UNUSED_FORMAT.format(first)
+    assert qwen35.id_to_token(last) == build.UNUSED_FORMAT.format(last)
+    for text in [*CORPUS[:300], build.UNUSED_FORMAT.format(first), build.UNUSED_FORMAT.format(200_000)]:
+        assert not [i for i in qwen35.encode(text) if first <= i <= last], text
+    assert qwen35.decode([first]) == build.UNUSED_FORMAT.format(first)  # decodable, so never a crash
+
+
+def test_qwen3_5_tokenizer_json_uses_qwen3_5_split(env: dict[str, str]) -> None:
+    spec = json.loads(builtin_tokenizer_json(env, QWEN3_5_LAYOUT).read_text("utf-8"))
+    split, _ = spec["pre_tokenizer"]["pretokenizers"]
+    assert split["pattern"]["Regex"] == QWEN3_5_PRETOKENIZE_REGEX
+    assert [t["id"] for t in spec["added_tokens"]] == [t.id for t in QWEN3_5_ADDED_TOKENS]
+    config = tokenizer_config(None, layout=QWEN3_5_LAYOUT)
+    assert list(config["added_tokens_decoder"]) == [str(t.id) for t in QWEN3_5_ADDED_TOKENS]
+    assert builtin_tokenizer_json(env, QWEN3_5_LAYOUT) != builtin_tokenizer_json(env)
+
+
+def _with_added(spec: dict, tokens: list[tuple[int, str]]) -> str:
+    extra = [
+        {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for i, c in tokens
+    ]  # fmt: skip
+    return json.dumps({**spec, "added_tokens": [*spec["added_tokens"], *extra]})
+
+
+def test_real_tokenizer_json_with_extra_high_added_tokens_loads_unchanged(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    spec = json.loads(builtin_tokenizer_json(env, QWEN3_5_LAYOUT).read_text("utf-8"))
+    text = _with_added(spec, [(248_077, "<|extra_0|>"), (248_078, "<|extra_1|>")])
+    (tmp_path / "tokenizer.json").write_text(text, "utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|extra_1|>"}), "utf-8")
+    tok = QwenTokenizer.from_dir(tmp_path)
+    assert tok.eos_token_id == 248_078 and tok.vocab_size == 248_079
+    prompt = "<|im_start|>user\nhi<|extra_0|> there<|extra_1|>"
+    ids = tok.encode(prompt)
+    assert ids[0] == 248_045 and 248_077 in ids and ids[-1] == 248_078
+    assert tok.decode(ids) == prompt
+    assert tok.decode(ids, skip_special_tokens=True) == "user\nhi there"
+    assert 248_077 not in tok.encode_text(prompt)
+
+
+def test_added_token_ids_with_a_gap_are_refused(env: dict[str, str]) -> None:
+    # The tokenizers library would silently renumber <|extra|> to 248077: every later id would be off by one.
+    spec = json.loads(builtin_tokenizer_json(env, QWEN3_5_LAYOUT).read_text("utf-8"))
+    with pytest.raises(TokenizerError, match=r"'<\|extra\|>' id 248100 but it loads as id 248077"):
+        QwenTokenizer(_with_added(spec, [(248_100, "<|extra|>")]), eos_token=IM_END)

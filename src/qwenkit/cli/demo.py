@@ -20,7 +20,13 @@ app = typer.Typer(
 @friendly_errors
 def create(
     arch: Annotated[DemoArch, typer.Option(help="Architecture (config model_type).")] = DemoArch.QWEN3,
-    size: Annotated[DemoSize, typer.Option(help="tiny: tests and demos; small: benchmarks.")] = DemoSize.TINY,
+    size: Annotated[
+        DemoSize,
+        typer.Option(
+            help="tiny: tests and demos; small and the real shapes (0.5b, 1.5b for qwen2/qwen3; "
+            "0.8b for qwen3_5/qwen3_5_moe): benchmarks."
+        ),
+    ] = DemoSize.TINY,
     out: Annotated[
         Path | None, typer.Option(help="Directory to write (default: the qwenkit cache).", file_okay=False)
     ] = None,

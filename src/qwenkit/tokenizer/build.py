@@ -2,9 +2,12 @@
 
 Contract: build_tokenizer() gives a `tokenizers.Tokenizer` whose ids equal tiktoken's on NFC-normalised text
 (byte-level BPE, PRETOKENIZE_REGEX split, no BOS/unk/byte fallback) plus specials.ADDED_TOKENS from id 151643.
-builtin_tokenizer_json(env) caches that build under cache_root(env)/tokenizer/<key>/ (building merges costs
-seconds). write_tokenizer_files() writes tokenizer.json, tokenizer_config.json, vocab.json and merges.txt,
-loadable by tokenizers and transformers' AutoTokenizer. All files are written atomically (temp + rename).
+With layout=QWEN3_5_LAYOUT it is the Qwen3.5 stand-in: the same 151,643 BPE tokens, unreachable placeholder
+entries (UNUSED_FORMAT) filling ids 151643..248043, Qwen3.5's added tokens at their real ids from 248044 and
+Qwen3.5's pre-tokenizer regex (no registry package ships the real 248,320-token vocabulary).
+builtin_tokenizer_json(env, layout) caches a build under cache_root(env)/tokenizer/<key>/ (building merges
+costs seconds). write_tokenizer_files() writes tokenizer.json, tokenizer_config.json, vocab.json and
+merges.txt, loadable by tokenizers and transformers' AutoTokenizer. Files are written atomically.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from qwenkit.paths import cache_root
 from qwenkit.tokenizer.specials import (
-    ADDED_TOKEN_IDS,
-    ADDED_TOKENS,
     ENDOFTEXT,
     FIRST_ADDED_ID,
     IM_END,
     PRETOKENIZE_REGEX,
+    QWEN2_LAYOUT,
+    VocabLayout,
 )
 from qwenkit.tokenizer.specials import (
     AddedToken as SpecAddedToken,
@@ -36,6 +39,9 @@ from qwenkit.tokenizer.vocab import TokenizerError, load_ranks, vocab_path
 # Bump whenever the built tokenizer.json would change, so stale caches are not reused.
 BUILDER_VERSION = "qwenkit-tokenizer-1"
 MODEL_MAX_LENGTH = 131_072
+# Vocabulary rows the stand-in Qwen3.5 tokenizer cannot produce: no merge leads to them, so BPE never emits
+# them; they only keep the real ids of the added tokens. Decoded, they read as this text.
+UNUSED_FORMAT = "<|qwenkit_unused_{}|>"
 MERGES_HEADER = "#version: 0.2"
 # False, as in the hub's Qwen2/2.5/3 tokenizer.json: every vocabulary entry is reachable through its derived
 # merges, so tiktoken's whole-word lookup shortcut changes nothing (the tests check both facts).
@@ -84,8 +90,10 @@ def derive_merges(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
     return [_merge_parts(token, rank, ranks) for token, rank in ordered if len(token) > 1]
 
 
-def build_tokenizer(ranks: Mapping[bytes, int] | None = None) -> Tokenizer:
-    """The Qwen tokenizer built from the tiktoken ranks (dashscope's unless given)."""
+def build_tokenizer(
+    ranks: Mapping[bytes, int] | None = None, layout: VocabLayout = QWEN2_LAYOUT
+) -> Tokenizer:
+    """The Qwen tokenizer built from the tiktoken ranks (dashscope's unless given), in `layout`'s ids."""
     ranks = load_ranks() if ranks is None else ranks
     byte_char = bytes_to_unicode()
 
@@ -98,11 +106,16 @@ def build_tokenizer(ranks: Mapping[bytes, int] | None = None) -> Tokenizer:
         raise TokenizerError(
             f"vocabulary has {len(vocab)} tokens, expected {FIRST_ADDED_ID}; reinstall dashscope"
         )
-    return assemble_tokenizer(vocab, merges, ADDED_TOKENS)
+    for token_id in range(len(vocab), layout.first_added_id):
+        vocab[UNUSED_FORMAT.format(token_id)] = token_id
+    return assemble_tokenizer(vocab, merges, layout.added_tokens, layout.pretokenize_regex)
 
 
 def assemble_tokenizer(
-    vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], added: Sequence[SpecAddedToken]
+    vocab: Mapping[str, int],
+    merges: Sequence[tuple[str, str]],
+    added: Sequence[SpecAddedToken],
+    pretokenize_regex: str = PRETOKENIZE_REGEX,
 ) -> Tokenizer:
     """A Qwen byte-level BPE tokenizer from its byte-level vocab, merges and added tokens (in id order)."""
     model = models.BPE(
@@ -120,7 +133,7 @@ def assemble_tokenizer(
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(pretokenize_regex), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
         ]
     )
@@ -143,7 +156,7 @@ def assemble_tokenizer(
     return tokenizer
 
 
-def added_tokens_decoder() -> dict[str, dict[str, Any]]:
+def added_tokens_decoder(layout: VocabLayout = QWEN2_LAYOUT) -> dict[str, dict[str, Any]]:
     """tokenizer_config.json's added_tokens_decoder: id string → AddedToken fields."""
     return {
         str(t.id): {
@@ -154,28 +167,30 @@ def added_tokens_decoder() -> dict[str, dict[str, Any]]:
             "single_word": False,
             "special": t.special,
         }
-        for t in ADDED_TOKENS
+        for t in layout.added_tokens
     }
 
 
-def tokenizer_config(chat_template: str | None, eos_token: str = IM_END) -> dict[str, Any]:
-    """tokenizer_config.json as the Qwen2.5/Qwen3 hub repos have it (eos <|im_end|> for chat models)."""
-    if eos_token not in ADDED_TOKEN_IDS:
+def tokenizer_config(
+    chat_template: str | None, eos_token: str = IM_END, layout: VocabLayout = QWEN2_LAYOUT
+) -> dict[str, Any]:
+    """tokenizer_config.json as the Qwen2.5/Qwen3/Qwen3.5 hub repos have it (eos <|im_end|> for chat)."""
+    if eos_token not in layout.token_ids:
         raise TokenizerError(
             f"eos_token {eos_token!r} is not a Qwen added token; use {IM_END!r} or {ENDOFTEXT!r}"
         )
     config: dict[str, Any] = {
         "add_bos_token": False,
         "add_prefix_space": False,
-        "added_tokens_decoder": added_tokens_decoder(),
+        "added_tokens_decoder": added_tokens_decoder(layout),
         "additional_special_tokens": [
-            t.content for t in ADDED_TOKENS if t.special and t.content != ENDOFTEXT
+            t.content for t in layout.added_tokens if t.special and t.content != ENDOFTEXT
         ],
         "bos_token": None,
         "clean_up_tokenization_spaces": False,
         "eos_token": eos_token,
         "errors": "replace",
-        "model_max_length": MODEL_MAX_LENGTH,
+        "model_max_length": MODEL_MAX_LENGTH if layout is QWEN2_LAYOUT else 262_144,
         "pad_token": ENDOFTEXT,
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
@@ -186,9 +201,12 @@ def tokenizer_config(chat_template: str | None, eos_token: str = IM_END) -> dict
     return config
 
 
-def _cache_key(vocab_file: Path) -> str:
+def _cache_key(vocab_file: Path, layout: VocabLayout = QWEN2_LAYOUT) -> str:
     digest = hashlib.sha256(vocab_file.read_bytes())
     digest.update(BUILDER_VERSION.encode())
+    if layout is not QWEN2_LAYOUT:
+        # The Qwen2 key stays as it was, so existing caches are reused.
+        digest.update(layout.name.encode())
     return digest.hexdigest()[:16]
 
 
@@ -219,12 +237,12 @@ def _atomic_write_all(files: Mapping[Path, str]) -> None:
             temp.unlink(missing_ok=True)
 
 
-def builtin_tokenizer_json(env: Mapping[str, str] | None = None) -> Path:
+def builtin_tokenizer_json(env: Mapping[str, str] | None = None, layout: VocabLayout = QWEN2_LAYOUT) -> Path:
     """Path of the cached tokenizer.json built from dashscope's vocabulary; builds it on first use."""
     source = vocab_path()
-    target = cache_root(env) / "tokenizer" / _cache_key(source) / "tokenizer.json"
+    target = cache_root(env) / "tokenizer" / _cache_key(source, layout) / "tokenizer.json"
     if not target.is_file():
-        tokenizer = build_tokenizer(load_ranks(source))
+        tokenizer = build_tokenizer(load_ranks(source), layout)
         _atomic_write_all({target: tokenizer.to_str(pretty=False)})
     return target
 
@@ -242,11 +260,12 @@ def write_tokenizer_files(
     chat_template: str | None,
     eos_token: str = IM_END,
     env: Mapping[str, str] | None = None,
+    layout: VocabLayout = QWEN2_LAYOUT,
 ) -> None:
     """Write tokenizer.json, tokenizer_config.json, vocab.json and merges.txt into `out_dir` (created)."""
     out_dir = Path(out_dir)
-    config = tokenizer_config(chat_template, eos_token)
-    tokenizer_text = builtin_tokenizer_json(env).read_text("utf-8")
+    config = tokenizer_config(chat_template, eos_token, layout)
+    tokenizer_text = builtin_tokenizer_json(env, layout).read_text("utf-8")
     vocab_json, merges_txt = _vocab_and_merges(json.loads(tokenizer_text))
     _atomic_write_all(
         {

@@ -1,8 +1,10 @@
-"""The Qwen2/Qwen2.5/Qwen3 added tokens: ids, order and which are "special".
+"""The Qwen added tokens: ids, order and which are "special", for both vocabulary generations.
 
-Contract: ADDED_TOKENS lists every added token in id order starting at FIRST_ADDED_ID. Only the
+Contract: ADDED_TOKENS lists every Qwen2/2.5/3 added token in id order starting at FIRST_ADDED_ID. Only the
 endoftext/im_* tokens and the vision/box/quad ones are special; tool, think and FIM tokens are plain
-added tokens, so decoding with skip_special_tokens keeps them.
+added tokens, so decoding with skip_special_tokens keeps them. QWEN3_5_ADDED_TOKENS is the Qwen3.5/3.6/3.8
+table (248,320-row vocabulary): the same 26 tokens in the same order from id 248044, then 7 audio/TTS tokens.
+VocabLayout bundles one generation's added tokens, padded config vocab_size and pre-tokenizer regex.
 """
 
 from __future__ import annotations
@@ -69,4 +71,53 @@ ADDED_TOKEN_IDS: dict[str, int] = {t.content: t.id for t in ADDED_TOKENS}
 PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+# Qwen3.5's regex adds \p{M} (combining marks) to the letter classes (transformers' Qwen3_5Tokenizer).
+QWEN3_5_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN3_5_FIRST_ADDED_ID = 248_044  # <|endoftext|>; Qwen3.5's BPE vocabulary fills ids 0..248043
+QWEN3_5_CONFIG_VOCAB_SIZE = 248_320
+# After the Qwen2-era 26 (ids 248044..248069, </think> = 248069): Qwen3-Omni's audio/TTS tokens, all special.
+_QWEN3_5_EXTRA: tuple[tuple[str, bool], ...] = (
+    ("<|audio_start|>", True),
+    ("<|audio_end|>", True),
+    ("<tts_pad>", True),
+    ("<tts_text_bos>", True),
+    ("<tts_text_eod>", True),
+    ("<tts_text_bos_single>", True),
+    ("<|audio_pad|>", True),
+)
+QWEN3_5_ADDED_TOKENS: tuple[AddedToken, ...] = tuple(
+    AddedToken(content, QWEN3_5_FIRST_ADDED_ID + i, special)
+    for i, (content, special) in enumerate(_NAMES_AND_SPECIAL + _QWEN3_5_EXTRA)
+)
+QWEN3_5_ADDED_TOKEN_IDS: dict[str, int] = {t.content: t.id for t in QWEN3_5_ADDED_TOKENS}
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    """One Qwen vocabulary generation: where added tokens start, which they are, and the embedding rows."""
+
+    name: str
+    first_added_id: int
+    added_tokens: tuple[AddedToken, ...]
+    config_vocab_size: int
+    pretokenize_regex: str
+
+    @property
+    def token_ids(self) -> dict[str, int]:
+        return {t.content: t.id for t in self.added_tokens}
+
+
+QWEN2_LAYOUT = VocabLayout("qwen2", FIRST_ADDED_ID, ADDED_TOKENS, CONFIG_VOCAB_SIZE, PRETOKENIZE_REGEX)
+QWEN3_5_LAYOUT = VocabLayout(
+    "qwen3_5",
+    QWEN3_5_FIRST_ADDED_ID,
+    QWEN3_5_ADDED_TOKENS,
+    QWEN3_5_CONFIG_VOCAB_SIZE,
+    QWEN3_5_PRETOKENIZE_REGEX,
 )

@@ -4,6 +4,9 @@ Contract: encode_text() never yields added-token ids (a user typing "<|im_start|
 ids): it runs a second `tokenizers.Tokenizer` made from the same tokenizer.json minus its added tokens.
 encode_parts() maps Special markers to their ids and encodes text runs with encode_text, so for benign text it
 equals encode() of the joined prompt. encode() matches added tokens and is for trusted text only.
+Any real checkpoint's tokenizer.json loads unchanged (Qwen2/2.5/3's 151,665 ids, Qwen3.5's 248,077, extra
+added tokens); one whose added-token ids the `tokenizers` library would silently renumber (a gap after the
+vocabulary) is refused with a TokenizerError instead.
 """
 
 from __future__ import annotations
@@ -33,6 +36,21 @@ def _token_content(value: Any) -> str | None:
     raise TokenizerError(f"unreadable token entry {value!r} in tokenizer_config.json; expected a string")
 
 
+def _check_added_ids(spec: Any, tokenizer: Tokenizer) -> None:
+    """Every added token must get the id its tokenizer.json gives it (the library renumbers on a gap)."""
+    entries = spec.get("added_tokens") if isinstance(spec, Mapping) else None
+    for entry in entries or ():
+        if not isinstance(entry, Mapping):
+            continue
+        content, want = entry.get("content"), entry.get("id")
+        got = tokenizer.token_to_id(content) if isinstance(content, str) else None
+        if isinstance(want, int) and got != want:
+            raise TokenizerError(
+                f"tokenizer.json gives {content!r} id {want} but it loads as id {got}: added-token ids must "
+                "follow the vocabulary without gaps; re-download the tokenizer files"
+            )
+
+
 class QwenTokenizer:
     """A Qwen tokenizer: the full `tokenizers.Tokenizer` plus an added-token-free twin for untrusted text."""
 
@@ -44,6 +62,7 @@ class QwenTokenizer:
             self._plain = Tokenizer.from_str(json.dumps(plain_spec))
         except Exception as exc:  # the Rust loader raises bare Exception subclasses
             raise TokenizerError(f"not a valid tokenizer.json ({exc}); re-download or rebuild it") from exc
+        _check_added_ids(spec, self._full)
         decoder = self._full.get_added_tokens_decoder()
         self._added_ids = frozenset(decoder)
         self._special_ids = frozenset(i for i, tok in decoder.items() if tok.special)
@@ -120,7 +139,8 @@ class QwenTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of token ids (BPE vocabulary + added tokens); configs pad embeddings beyond this."""
+        """Number of token ids, i.e. one past the largest (BPE vocabulary + added tokens); configs pad
+        embeddings beyond this."""
         return self._vocab_size
 
     @property
