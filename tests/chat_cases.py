@@ -543,7 +543,8 @@ EXPECTED: dict[str, str] = {
     "qwen25_system_multi_turn": (
         "<|im_start|>system\nYou are a pirate.<|im_end|>\n"
         "<|im_start|>user\nHi<|im_end|>\n"
-        "<|im_start|>assistant\nArr!<|im_end|>\n"
+        # Qwen2.5's official template keeps inline think tags in history as plain text.
+        "<|im_start|>assistant\n<think>Be piratey.</think>\n\nArr!<|im_end|>\n"
         "<|im_start|>user\nBye /think<|im_end|>\n"
         "<|im_start|>assistant\n"
     ),

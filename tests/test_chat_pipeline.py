@@ -104,3 +104,33 @@ def test_new_turn_after_assistant_message_is_not_a_continuation(tokenizer: QwenT
     prepared = prepare(tokenizer, CONTINUED)
     assert prepared.prompt.text.endswith("The smallest is<|im_end|>\n<|im_start|>assistant\n")
     assert prepared.thinking is True
+
+
+# Families whose prompt opens the think block: the output holds only </think>.
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_thinking_2507", "qwq"])
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_prompt_opened_think_block(tokenizer: QwenTokenizer, family: str, chunk: int) -> None:
+    from qwenkit.engines.request import Grammar
+    from qwenkit.tokenizer.specials import THINK_START
+
+    prepared = prepare(tokenizer, [{"role": "user", "content": "Hi"}], flavor=family)
+    assert prepared.think_opened and prepared.request.thinking is not None
+    assert prepared.request.thinking.starts_inside
+    assert parse(prepared, "A greeting.\n</think>\n\nHello!", chunk) == ParsedOutput(
+        "A greeting.", "Hello!", [], False
+    )
+    # A grammar that waits for </think> must not open a second block.
+    with_grammar = prepare(
+        tokenizer, [{"role": "user", "content": "Hi"}], flavor=family, grammar=Grammar('root ::= "ok"')
+    )
+    think_id = tokenizer.special_id(THINK_START)
+    assert with_grammar.request.prompt_token_ids.count(think_id) == 1
+    assert with_grammar.request.prompt_token_ids == prepared.request.prompt_token_ids
+
+
+def test_prompt_closed_think_block_parses_as_content(tokenizer: QwenTokenizer) -> None:
+    prepared = prepare(
+        tokenizer, [{"role": "user", "content": "Hi"}], flavor="qwen3_5", enable_thinking=False
+    )
+    assert not prepared.think_opened and prepared.request.thinking is None
+    assert parse(prepared, "Hello!", 2) == ParsedOutput(None, "Hello!", [], False)

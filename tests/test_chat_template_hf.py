@@ -16,8 +16,9 @@ from qwenkit.chat.messages import messages_from_openai, tools_from_openai
 from qwenkit.chat.render import render
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
-# Cases whose user/tool text contains markup tokens: HF turns them into special ids, we do not (by design).
-INJECTION = {"injection_text", "user_tool_response_wrapper"}
+# Cases whose caller text contains markup tokens: HF turns them into special ids, we do not (by design).
+# (Qwen2.5 has no think handling: think tags in its assistant history are caller text.)
+INJECTION = {"injection_text", "user_tool_response_wrapper", "qwen25_system_multi_turn"}
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,11 @@ def _split_on_markup(text: str) -> tuple:
 
 def _user_text(case: ChatCase) -> list[str]:
     roles = ("system", "developer", "user", "tool")
-    return [m["content"] for m in case.messages if m["role"] in roles and m["content"]]
+    texts = [m["content"] for m in case.messages if m["role"] in roles and m["content"]]
+    if not Flavor(case.flavor).thinks:
+        # Without think handling, assistant history text is caller text too (its tags stay plain).
+        texts += [m["content"] for m in case.messages if m["role"] == "assistant" and m.get("content")]
+    return texts
 
 
 def test_cases_cover_enough() -> None:
@@ -290,7 +294,7 @@ def test_render_input_errors() -> None:
         render([{"role": "user", "content": "hi"}])  # type: ignore[list-item]
     with pytest.raises(ChatInputError, match="tools_from_openai"):
         render([_user("hi")], [WEATHER])  # type: ignore[list-item]
-    with pytest.raises(ChatInputError, match="unknown chat flavor"):
+    with pytest.raises(ChatInputError, match="unknown chat family 'qwen4'"):
         render([_user("hi")], flavor="qwen4")  # type: ignore[arg-type]
 
 

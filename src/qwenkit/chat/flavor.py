@@ -1,9 +1,10 @@
-"""Chat flavours: which prompt conventions a Qwen generation follows.
+"""Legacy chat flavours, picked from model_type alone; the chat families (chat/families) replace them.
 
+A Flavor still names its family wherever a family is taken (QWEN3 → qwen3, QWEN2_5 → qwen2_5), so older
+call sites keep working; new code picks the family from the checkpoint's own template (choose_family).
 QWEN3: thinking mode (<think> blocks, /think and /no_think soft switches), no default system message.
 QWEN2_5: Qwen2/Qwen2.5 instruct conventions: a default system message when none is given, no think tags.
 Flavor.thinks: whether the model may open an answer with a <think> block, whatever the mode in force.
-No flavour has a developer role: OpenAI "developer" messages are read as "system" (chat/messages.py).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ user and tool messages need string content; only assistant messages carry tool_c
 tool_call_id belongs on tool messages only. A Tool keeps the exact dict it was given (key order included),
 because the tools block prints each tool's JSON verbatim. messages_from_openai / tools_from_openai build these
 from OpenAI-shaped dicts and raise ChatInputError (a ValueError) with a one-line message naming the fix.
-An OpenAI "developer" message becomes a system Message in place (no Qwen template has a developer role): a
-first one is the system prompt, a later one renders where it stands, as the templates render a later system.
+An OpenAI "developer" message becomes a system Message in place (of the official templates at hand, none has
+a developer role of its own): a first one is the system prompt, a later one renders where the family renders
+a later system message (Qwen3.5 refuses one that is not first).
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """Chat ↔ engine: turn a conversation into a GenerationRequest, and generated text into reasoning,
 content and tool calls.
 
-Contract: prepare_chat() renders with the one renderer, tokenizes with the injection guard (user text never
+Contract: prepare_chat() renders with the model's chat-template family (flavor: a family, its name or a
+legacy Flavor; see chat/families), tokenizes with the injection guard (user text never
 becomes special ids), picks Qwen's mode-dependent sampling defaults, opens the think block itself when a
-grammar must wait for </think>, and returns the request plus a matching OutputParser factory. The parser
-splits a leading think block off whenever the flavour thinks, whatever the mode (Qwen3 writes an empty one
-after /no_think). continue_final_message=True leaves the prompt open inside the final assistant message
-(no generation prompt) and parses what follows as content. The server and the CLI both use it, so the two
-behave the same.
+grammar must wait for </think> (unless the family's prompt opened it already), and returns the request plus
+a matching OutputParser factory. The parser splits a leading think block off whenever the family thinks,
+whatever the mode (Qwen3 writes an empty one after /no_think), and starts inside the block when the prompt
+opened it (Qwen3.5, Qwen3-2507 Thinking, QwQ). continue_final_message=True leaves the prompt open inside
+the final assistant message (no generation prompt) and parses what follows as content. The server and the
+CLI both use it, so the two behave the same.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwenkit.chat.flavor import Flavor
+from qwenkit.chat.families import FamilyLike, as_family
 from qwenkit.chat.messages import Message, Tool
 from qwenkit.chat.parse import OutputParser
 from qwenkit.chat.render import RenderedPrompt, render
@@ -52,7 +54,7 @@ def prepare_chat(
     tokenizer: QwenTokenizer,
     messages: Sequence[Message],
     *,
-    flavor: Flavor,
+    flavor: FamilyLike,
     tools: Sequence[Tool] | None = None,
     enable_thinking: bool | None = None,
     sampling: Mapping[str, object] | None = None,
@@ -60,23 +62,26 @@ def prepare_chat(
     logprobs: int | None = None,
     request_id: str | None = None,
     continue_final_message: bool = False,
+    preserve_thinking: bool | None = None,
 ) -> PreparedChat:
     """The engine request for a chat turn, and how to parse what comes back.
 
     continue_final_message: continue the final assistant message (prefill) instead of starting a new turn.
     """
+    family = as_family(flavor)
     prompt = render(
         messages,
         tools,
         add_generation_prompt=not continue_final_message,
         continue_final_message=continue_final_message,
         enable_thinking=enable_thinking,
-        flavor=flavor,
+        preserve_thinking=preserve_thinking,
+        flavor=family,
     )
     params, warnings = resolve_sampling(dict(sampling or {}), prompt.thinking)
     parts = list(prompt.parts)
-    think_opened = False
-    if grammar is not None and prompt.thinking and grammar.after_think:
+    think_opened = prompt.think_opened
+    if grammar is not None and prompt.thinking and grammar.after_think and not think_opened:
         # The grammar must wait for </think>: open the think block ourselves so the engine knows where it is.
         parts += [Special(THINK_START), "\n"]
         think_opened = True
@@ -99,6 +104,6 @@ def prepare_chat(
         think_opened=think_opened,
         tools=tuple(t.model_dump() for t in tools or ()),
         # A continued message goes on as content; a new turn may open with a think block.
-        think_block=think_opened or (Flavor(flavor).thinks and not continue_final_message),
+        think_block=think_opened or family.think_block(continue_final_message),
         warnings=warnings,
     )

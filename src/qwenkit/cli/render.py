@@ -1,4 +1,8 @@
-"""`qwenkit render`: print the exact prompt and token ids a conversation becomes."""
+"""`qwenkit render`: print the exact prompt and token ids a conversation becomes, and the chat family used.
+
+The family comes from the checkpoint's own chat template (model_type only when it has none); --family
+overrides it. --json prints {prompt, token_ids, num_tokens, thinking, family, warnings}.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.text import Text
 
-from qwenkit.chat.flavor import Flavor, flavor_for_model_type
+from qwenkit.chat.families import FAMILY_NAMES, as_family, choose_family, template_from_dir
 from qwenkit.chat.messages import messages_from_openai, tools_from_openai
 from qwenkit.chat.render import render
 from qwenkit.cli.common import AllowPickleOption, ModelOption, load_model
@@ -70,8 +74,13 @@ def render_command(
         typer.Option("--think/--no-think", help="enable_thinking; default: soft switches, else on."),
     ] = None,
     generation_prompt: Annotated[bool, typer.Option(help="End with the assistant generation prompt.")] = True,
-    flavor: Annotated[
-        Flavor | None, typer.Option(help="Override the chat flavour the model implies.")
+    family: Annotated[
+        str | None,
+        typer.Option(
+            "--family",
+            "--flavor",
+            help=f"Override the chat family the checkpoint's template implies ({', '.join(FAMILY_NAMES)}).",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     allow_pickle: AllowPickleOption = False,
@@ -82,7 +91,11 @@ def render_command(
     if resolved.kind != "hf":
         raise ValueError("render reads the tokenizer from a checkpoint directory; pass a directory or hub id")
     tokenizer = QwenTokenizer.from_dir(resolved.path)
-    chosen = flavor or flavor_for_model_type(resolved.model_type or "qwen3")
+    warnings: list[str] = []
+    if family is not None:
+        chosen = as_family(family)
+    else:
+        chosen, warnings = choose_family(template_from_dir(resolved.path), resolved.model_type or "qwen3")
     prompt = render(
         messages_from_openai(conv),
         tools_from_openai(tool_defs) if tool_defs else None,
@@ -97,11 +110,15 @@ def render_command(
             "token_ids": ids,
             "num_tokens": len(ids),
             "thinking": prompt.thinking,
+            "family": chosen.name,
+            "warnings": warnings,
         }
         typer.echo(json.dumps(payload, ensure_ascii=False))
         return
     out = Console(highlight=False, soft_wrap=True)
-    out.print(Rule(f"prompt ({chosen.value}, thinking {'on' if prompt.thinking else 'off'})"))
+    for warning in warnings:
+        out.print(Text(f"warning: {warning}", style="yellow"))
+    out.print(Rule(f"prompt ({chosen.name}, thinking {'on' if prompt.thinking else 'off'})"))
     out.print(Text(prompt.text), end="")
     out.print(Rule(f"{len(ids)} token ids"))
     out.print(Text(" ".join(map(str, ids))))
