@@ -100,3 +100,21 @@ def test_qwen3_coder_xml_tool_call_reaches_the_client(tokenizer: QwenTokenizer) 
         for tc in c["choices"][0]["delta"].get("tool_calls") or []
     )
     assert json.loads(streamed_args) == {"city": "Bern", "days": 2}
+
+
+def test_preserve_thinking_reaches_the_template(tokenizer: QwenTokenizer) -> None:
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "reasoning_content": "EARLIER-REASONING"},
+        {"role": "user", "content": "Again"},
+    ]
+    prompts = {}
+    for preserve in (False, True):
+        body = {"messages": history, "chat_template_kwargs": {"preserve_thinking": preserve}}
+        engine, response, _ = _ask(tokenizer, QWEN3_5, "x", body)
+        assert response.status_code == 200
+        prompts[preserve] = tokenizer.decode(engine.requests[0].prompt_token_ids)
+    assert "EARLIER-REASONING" in prompts[True] and "EARLIER-REASONING" not in prompts[False]
+    bad = {"messages": history, "chat_template_kwargs": {"preserve_thinking": "yes"}}
+    _, response, _ = _ask(tokenizer, QWEN3_5, "x", bad)
+    assert response.status_code == 400 and "preserve_thinking" in response.json()["error"]["message"]

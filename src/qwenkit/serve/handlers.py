@@ -78,7 +78,7 @@ from qwenkit.serve.tools import GrammarCache, ToolChoiceError, plan_tools
 from qwenkit.tokenizer.specials import ENDOFTEXT, IM_END
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
-CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking"})
+CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking", "preserve_thinking"})
 # reasoning_effort → thinking budget (tokens inside <think>); "none"/"minimal" turn thinking off.
 EFFORT_BUDGETS: dict[str, int | None] = {"low": 1024, "medium": 4096, "high": None}
 MAX_NAMED_IGNORED = 10  # unknown fields named in the warning; the rest are counted
@@ -264,22 +264,27 @@ def _fan_out(request: GenerationRequest, n: int, index0: int, base_id: str) -> l
     return out
 
 
-def _thinking_switch(kwargs: Mapping[str, Any] | None) -> bool | None:
+def _template_switches(kwargs: Mapping[str, Any] | None) -> tuple[bool | None, bool | None]:
+    """(enable_thinking, preserve_thinking) from chat_template_kwargs; None where not given."""
     if not kwargs:
-        return None
+        return None, None
     unknown = sorted(set(kwargs) - CHAT_TEMPLATE_KWARGS)
     if unknown:
         raise APIError(
             400,
-            f"chat_template_kwargs: unknown key {unknown[0]!r}; only enable_thinking is accepted",
+            f"chat_template_kwargs: unknown key {unknown[0]!r}; "
+            f"only {' and '.join(sorted(CHAT_TEMPLATE_KWARGS))} are accepted",
             param="chat_template_kwargs",
         )
-    value = kwargs.get("enable_thinking")
-    if value is not None and not isinstance(value, bool):
-        raise APIError(
-            400, "chat_template_kwargs.enable_thinking must be true or false", param="chat_template_kwargs"
-        )
-    return value
+    values = []
+    for key in ("enable_thinking", "preserve_thinking"):
+        value = kwargs.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise APIError(
+                400, f"chat_template_kwargs.{key} must be true or false", param="chat_template_kwargs"
+            )
+        values.append(value)
+    return values[0], values[1]
 
 
 def _response_grammar(
@@ -405,7 +410,8 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
         )
     if body.verbosity is not None:
         warnings.append("verbosity has no effect on this server")
-    enable_thinking, thinking_budget = _thinking(body, _thinking_switch(body.chat_template_kwargs), warnings)
+    enable_thinking, preserve_thinking = _template_switches(body.chat_template_kwargs)
+    enable_thinking, thinking_budget = _thinking(body, enable_thinking, warnings)
     try:
         messages = messages_from_openai(body.messages)
     except ChatInputError as exc:
@@ -450,6 +456,7 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
             logprobs=top if body.logprobs else None,
             request_id=response_id,
             continue_final_message=continues,
+            preserve_thinking=preserve_thinking,
         )
     except (ChatInputError, SamplingError) as exc:
         message = str(exc)
