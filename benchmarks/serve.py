@@ -99,25 +99,15 @@ async def _body_chunks(reader: asyncio.StreamReader, chunked: bool) -> AsyncIter
         yield (await reader.readexactly(size + 2))[:-2]
 
 
-async def one_stream(port: int, model: str, i: int, t0: float, salt: int) -> dict[str, float]:
-    """One streaming /v1/completions over a raw socket: a load generator far lighter than an HTTP library,
-    since it shares the CPU with the server under test (its CPU time is reported)."""
-    body = json.dumps(
-        {
-            "model": model,
-            "prompt": prompt_text(i, salt),
-            "max_tokens": NEW_TOKENS,
-            "temperature": 0.0,
-            "stream": True,
-        }
-    ).encode()
+async def sse_events(port: int, path: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of one streaming POST over a raw socket: a load generator far lighter than an HTTP
+    library, since it shares the CPU with the server under test (its CPU time is reported)."""
+    body = json.dumps(payload).encode()
     head = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    first: float | None = None
-    n_chunks = 0
     try:
         writer.write(head + body)
         status = (await reader.readuntil(b"\r\n")).split()
@@ -130,14 +120,27 @@ async def one_stream(port: int, model: str, i: int, t0: float, salt: int) -> dic
             pending = events.pop()
             for event in events:
                 event = event.strip()
-                if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                    continue
-                chunk = json.loads(event[6:])
-                if any(c.get("text") for c in chunk.get("choices", ())):
-                    n_chunks += 1
-                    first = first or time.perf_counter()
+                if event.startswith(b"data: ") and event != b"data: [DONE]":
+                    yield json.loads(event[6:])
     finally:
         writer.close()
+
+
+async def one_stream(port: int, model: str, i: int, t0: float, salt: int) -> dict[str, float]:
+    """One streaming /v1/completions; TTFT is the first chunk carrying text."""
+    payload = {
+        "model": model,
+        "prompt": prompt_text(i, salt),
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0.0,
+        "stream": True,
+    }
+    first: float | None = None
+    n_chunks = 0
+    async for chunk in sse_events(port, "/v1/completions", payload):
+        if any(c.get("text") for c in chunk.get("choices", ())):
+            n_chunks += 1
+            first = first or time.perf_counter()
     return {"ttft": (first or time.perf_counter()) - t0, "end": time.perf_counter(), "chunks": n_chunks}
 
 
@@ -173,10 +176,14 @@ def in_process(engine: LlamaCppEngine, prompts: list[tuple[int, ...]], tag: str)
     }
 
 
-def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
-    )
+def start(cmd: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
+    """A server in its own session; its output is appended to log, or dropped."""
+    if log is None:
+        return subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
