@@ -2,10 +2,14 @@
 
     python benchmarks/plan_accuracy.py           # random-weight models in the exact Qwen2.5-0.5B/1.5B shapes
     python benchmarks/plan_accuracy.py --quick   # the small demo models, a smoke run
+    python benchmarks/plan_accuracy.py --hybrid  # Qwen3.5 hybrids (qwen3_5 / qwen3_5_moe demos) only
+    python benchmarks/plan_accuracy.py --hybrid --quick  # the hybrids at the small demo size
 
 For each configuration, in one run on this machine:
-  1. the plan made before any download, from the catalog entry (Qwen2.5-0.5B-Instruct / -1.5B-Instruct):
-     predicted peak resident memory, from the measured runtime baseline and llama.cpp's buffer sizes;
+  1. the plan made before any download, from the catalog entry (Qwen2.5-0.5B-Instruct / -1.5B-Instruct,
+     Qwen3.5-0.8B; the demo's config where the catalog has no such model): predicted peak resident memory,
+     from the runtime baseline measured with the model's own vocabulary and llama.cpp's buffer sizes (for
+     the Gated DeltaNet hybrids: KV on the full-attention layers only plus the recurrent state per slot);
   2. the measured peak RSS (VmHWM) of a fresh process that loads the GGUF into LlamaCppEngine with the
      planned n_ctx / max_seqs / kv_type, keeps every slot busy, then fills one sequence's context;
 goal: |predicted / measured - 1| <= 10% everywhere. Also reports the planner's decode estimate (memory
@@ -48,19 +52,41 @@ QUICK = [
     ("qwen3", "small", "q8_0", 2048, 2, "f16", False),
     ("qwen3_moe", "small", "q4_k_m", 2048, 2, "f16", False),
 ]
-CATALOG_NAME = {"0.5b": "Qwen2.5-0.5B-Instruct", "1.5b": "Qwen2.5-1.5B-Instruct"}
+# Qwen3.5 (Gated DeltaNet hybrids): Qwen3.5-0.8B's exact shape, dense and an MoE variant of it.
+HYBRID = [
+    ("qwen3_5", "0.8b", "q8_0", 4096, 1, "f16", False),
+    ("qwen3_5", "0.8b", "q4_k_m", 2048, 4, "f16", False),
+    ("qwen3_5_moe", "0.8b", "q4_k_m", 2048, 2, "f16", False),
+]
+HYBRID_QUICK = [
+    ("qwen3_5", "small", "f16", 2048, 2, "f16", False),
+    ("qwen3_5", "small", "q8_0", 1024, 4, "f16", False),
+    ("qwen3_5_moe", "small", "q4_k_m", 2048, 2, "f16", False),
+    ("qwen3_5_moe", "small", "q8_0", 1024, 4, "q8_0", True),
+]
+CATALOG_NAME = {
+    ("qwen2", "0.5b"): "Qwen2.5-0.5B-Instruct",
+    ("qwen2", "1.5b"): "Qwen2.5-1.5B-Instruct",
+    ("qwen3_5", "0.8b"): "Qwen3.5-0.8B",
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small demo models only")
+    parser.add_argument("--hybrid", action="store_true", help="the Qwen3.5 hybrid demos only")
     parser.add_argument("--threads", type=int, default=hardware.physical_cores())
     args = parser.parse_args()
-    configs = QUICK if args.quick else FULL
+    groups = {(False, False): FULL, (False, True): QUICK, (True, False): HYBRID, (True, True): HYBRID_QUICK}
+    configs = groups[(args.hybrid, args.quick)]
 
     catalog = load_catalog()
     bandwidth = hardware.memory_bandwidth()
-    baseline = measure_runtime_baseline(bench_model("qwen3", "tiny", "q8_0"))
+    # The baseline holds the vocabulary, so it is measured per vocabulary (Qwen3.5 has 248,320 tokens).
+    baselines = {
+        hybrid: measure_runtime_baseline(bench_model("qwen3_5" if hybrid else "qwen3", "tiny", "q8_0"))
+        for hybrid in {DemoArch(c[0]).hybrid for c in configs}
+    }
     mem = hardware.memory_info()
     device = Device(
         "cpu", mem.total or 0, mem.available, bandwidth.read_gbs, hardware.cpu_flags(), "this machine"
@@ -68,9 +94,10 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for arch, size, fmt, ctx, seqs, kv, flash in configs:
         path = bench_model(arch, size, fmt)
+        baseline = baselines[DemoArch(arch).hybrid]
         # The plan a user gets before downloading: the catalog's shape (the demo's config for the smoke run).
-        if size in CATALOG_NAME:
-            shape = catalog.get(CATALOG_NAME[size]).shape()
+        if (arch, size) in CATALOG_NAME:
+            shape = catalog.get(CATALOG_NAME[(arch, size)]).shape()
         else:
             shape = ModelShape.from_config(demo_config(DemoArch(arch), DemoSize(size)), f"{arch}-{size}")
         request = PlanRequest(
@@ -101,6 +128,9 @@ def main() -> None:
                 "error": error,
                 "within_goal": abs(error) <= GOAL,
                 "prediction": asdict(p.memory),
+                "hybrid": shape.is_hybrid,
+                "kv_layers": shape.kv_layers,
+                "recurrent_state_bytes_per_seq": shape.recurrent_state_bytes_per_seq(),
                 "prompt_tokens": run.prompt_tokens,
                 "decode_estimate_tok_s": p.speed.single_tok_s,
                 "decode_measured_tok_s": run.decode_tok_s,
@@ -140,11 +170,12 @@ def main() -> None:
         "all_within_goal": all(r["within_goal"] for r in rows),
         "machine": machine(),
         "bandwidth": asdict(bandwidth),
-        "runtime_baseline": asdict(baseline),
+        "runtime_baseline": {("qwen3_5" if h else "qwen3"): asdict(b) for h, b in baselines.items()},
         "threads": args.threads,
         "rows": rows,
     }
-    write_results("plan_accuracy-quick" if args.quick else "plan_accuracy", payload, table)
+    name = "plan_accuracy" + ("-hybrid" if args.hybrid else "") + ("-quick" if args.quick else "")
+    write_results(name, payload, table)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ def _request(shape: ModelShape, fmt: str, **kw) -> PlanRequest:  # type: ignore[
         ("qwen3", "small", "q4_k_m"),  # "more bits" for some attn_v and ffn_down
         ("qwen2", "small", "q4_0"),
         ("qwen3_moe", "small", "q4_k_m"),  # experts, and llama.cpp's 8-expert rules
+        ("qwen3_5", "small", "f16"),  # Gated DeltaNet layers: ssm_* tensors, gated q, f32 conv
+        ("qwen3_5_moe", "small", "q4_k_m"),  # hybrid + experts + shared expert, k-quant recipe
         pytest.param("qwen2", "small", "q6_k", marks=pytest.mark.slow),
     ],
 )
@@ -183,10 +185,117 @@ def test_targets(catalog, demo_checkpoint, demo_gguf) -> None:  # type: ignore[n
         resolve_target("someone/not-a-qwen-model", catalog)
 
 
+# ---- hybrid (Gated DeltaNet) memory ------------------------------------------------------------------
+# Qwen3.5-0.8B's config.json (text_config), as published on the hub.
+QWEN3_5_0_8B = {
+    "model_type": "qwen3_5",
+    "tie_word_embeddings": True,
+    "text_config": {
+        "model_type": "qwen3_5_text", "vocab_size": 248320, "hidden_size": 1024, "intermediate_size": 3584,
+        "num_hidden_layers": 24, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256,
+        "linear_num_key_heads": 16, "linear_num_value_heads": 16, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+        "max_position_embeddings": 262144, "tie_word_embeddings": True,
+        "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 6,
+    },
+}  # fmt: skip
+
+
+def _moe_35b_config() -> dict:
+    # transformers documents Qwen3_5MoeTextConfig's defaults as the Qwen3.5-35B-A3B configuration.
+    from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
+
+    return Qwen3_5MoeTextConfig().to_dict() | {"model_type": "qwen3_5_moe"}
+
+
+def test_recurrent_state_from_the_real_configs(catalog) -> None:  # type: ignore[no-untyped-def]
+    small = ModelShape.from_config(QWEN3_5_0_8B)
+    # By hand from the config: 18 DeltaNet layers; conv state (4-1) x (2 x 16x128 + 16x128); delta state
+    # 16 heads x 128 x 128; f32 as llama.cpp keeps them.
+    assert (small.kv_layers, small.linear_layers) == (6, 18)
+    assert small.recurrent_state_bytes_per_seq() == 18 * (3 * (2 * 2048 + 2048) + 16 * 128 * 128) * 4
+    assert small.kv_bytes_per_token(2) == 6 * 2 * 256 * 2 * 2
+    assert small.tensors() == catalog.get("Qwen3.5-0.8B").shape().tensors()
+    moe = ModelShape.from_config(_moe_35b_config())
+    assert (moe.layers, moe.kv_layers, moe.experts, moe.experts_used) == (40, 10, 256, 8)
+    assert moe.recurrent_state_bytes_per_seq() == 30 * (3 * (2 * 2048 + 4096) + 32 * 128 * 128) * 4
+    assert moe.tensors() == catalog.get("Qwen3.5-35B-A3B").shape().tensors()
+
+
+def test_irregular_layer_types_are_refused() -> None:
+    config = json.loads(json.dumps(QWEN3_5_0_8B))
+    config["text_config"]["layer_types"][0] = "full_attention"
+    with pytest.raises(ValueError, match="not a regular full-attention interval"):
+        ModelShape.from_config(config)
+
+
+def test_hybrid_plan_has_kv_on_full_attention_layers_and_a_state_per_sequence(catalog) -> None:  # type: ignore[no-untyped-def]
+    shape = catalog.get("Qwen3.5-9B").shape()
+    one = plan(_request(shape, "q4_k_m", context=32768, concurrency=1))
+    assert one.memory.kv_cache == 8 * 4 * 256 * 2 * 2 * 32768  # 8 of 32 layers carry KV
+    assert one.memory.recurrent == shape.recurrent_state_bytes_per_seq() == 24 * (3 * 8192 + 32 * 128**2) * 4
+    longer = plan(_request(shape, "q4_k_m", context=65536, concurrency=1))
+    assert longer.memory.recurrent == one.memory.recurrent  # the state does not grow with the context
+    four = plan(_request(shape, "q4_k_m", context=32768, concurrency=4))
+    assert four.memory.recurrent == 4 * one.memory.recurrent
+    assert four.memory.peak - one.memory.peak >= 3 * (one.memory.recurrent + one.memory.kv_cache)
+    assert any("KV cache on 8 of 32 layers" in n for n in one.notes)
+    # A dense transformer of the same size keeps KV on every layer and no state.
+    dense = plan(_request(catalog.get("Qwen3-8B").shape(), "q4_k_m", context=32768))
+    assert dense.memory.recurrent == 0 and dense.memory.kv_cache > 2 * one.memory.kv_cache
+
+
+def test_moe_expert_weights_are_shown(catalog) -> None:  # type: ignore[no-untyped-def]
+    p = plan(_request(catalog.get("Qwen3.5-35B-A3B").shape(), "q4_k_m"))
+    routed = [lay for lay in weight_layout(p.request.shape, WeightFormat.Q4_K_M) if lay.tensor.experts > 1]
+    assert p.memory.experts == sum(lay.nbytes for lay in routed) > 0.8 * p.memory.weights
+
+
+def test_recurrent_state_matches_what_llama_cpp_keeps(demo_gguf) -> None:  # type: ignore[no-untyped-def]
+    import llama_cpp
+
+    from qwenkit.gguf.reader import read_gguf_info
+
+    path = demo_gguf("qwen3_5", "tiny", "f16")
+    shape = ModelShape.from_gguf_info(read_gguf_info(path))
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
+    sizes = {}
+    for n in (8, 16, 32):
+        llm.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+        llm.eval(list(range(1000, 1000 + n)))
+        sizes[n] = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+    # A sequence's saved state: a small header, per token its K and V (+ cell metadata), and the
+    # fixed recurrent state of every DeltaNet layer.
+    per_token = (sizes[32] - sizes[16]) // 16
+    assert per_token == (sizes[16] - sizes[8]) // 8
+    assert 0 <= per_token - shape.kv_bytes_per_token(2) < 64
+    fixed = sizes[8] - 8 * per_token
+    assert 0 <= fixed - shape.recurrent_state_bytes_per_seq() < 1024
+
+
+def test_the_baseline_is_measured_with_the_models_own_vocabulary(tmp_path: Path) -> None:
+    from qwenkit.catalog.measure import cached_runtime_baseline
+    from qwenkit.paths import CACHE_ENV
+
+    env = {CACHE_ENV: str(tmp_path)}
+    qwen3 = cached_runtime_baseline(env, vocab=151936)
+    qwen3_5 = cached_runtime_baseline(env, vocab=248320)
+    # llama.cpp's vocabulary tables grow with the vocabulary: Qwen3.5's 96K more tokens hold more memory.
+    assert qwen3_5.steady_bytes > qwen3.steady_bytes + 8 * MIB
+    assert cached_runtime_baseline(env, vocab=248320) == qwen3_5  # measured once, then cached
+    assert (tmp_path / "planner" / "runtime-baseline-qwen3_5.json").is_file()
+
+
 # ---- the accuracy goal: predicted peak RSS within 10% of the measured peak -------------------------
 @pytest.fixture(scope="module")
 def baseline(demo_gguf):  # type: ignore[no-untyped-def]
     return measure_runtime_baseline(demo_gguf("qwen3", "tiny", "q8_0"))
+
+
+@pytest.fixture(scope="module")
+def hybrid_baseline(demo_gguf):  # type: ignore[no-untyped-def]
+    return measure_runtime_baseline(demo_gguf("qwen3_5", "small", "f16"))
 
 
 @pytest.mark.parametrize(
@@ -196,14 +305,19 @@ def baseline(demo_gguf):  # type: ignore[no-untyped-def]
         ("qwen2", "small", "q4_0", 2048, 1, "f16", False),  # repacked weights, attention scores dominate
         ("qwen3_moe", "small", "q4_k_m", 2048, 2, "f16", False),  # experts, k-quant repack
         ("qwen2", "small", "q8_0", 1024, 2, "q8_0", True),  # quantized KV with flash attention
+        ("qwen3_5", "small", "f16", 2048, 2, "f16", False),  # hybrid: KV on 1 layer in 4 + state
+        ("qwen3_5_moe", "small", "q4_k_m", 1024, 4, "f16", False),  # hybrid MoE, four state slots
     ],
 )
 def test_predicted_peak_rss_within_10_percent(
-    demo_gguf, quantized, baseline, catalog, arch, size, fmt, ctx, seqs, kv, flash
+    demo_gguf, quantized, baseline, hybrid_baseline, catalog, arch, size, fmt, ctx, seqs, kv, flash
 ) -> None:  # type: ignore[no-untyped-def]
     path = demo_gguf(arch, size, fmt) if fmt in ("f16", "q8_0") else quantized(arch, size, fmt)
     target = resolve_target(str(path), catalog)
     device = replace(BIG_CPU, cpu_flags=hardware.cpu_flags())
+    if target.shape.is_hybrid:
+        # The baseline holds the vocabulary: measure it with Qwen3.5's 248,320 tokens, not Qwen3's.
+        baseline = hybrid_baseline
     predicted = plan(
         PlanRequest(
             target.shape,
@@ -250,6 +364,22 @@ def test_cli_plan_described_device_json() -> None:
     tight = json.loads(CliRunner().invoke(_app(), [*args, "--memory", "8GB"]).output)
     assert tight["verdict"] == "fits with changes"
     assert tight["changes"][0]["change"].startswith("turn on flash attention")
+
+
+def test_cli_plan_shows_the_hybrid_parts(catalog) -> None:  # type: ignore[no-untyped-def]
+    args = ["plan", "Qwen/Qwen3.5-35B-A3B", "--ctx", "32768", "-c", "2", "--device", "cpu"]
+    args += ["--memory", "32GB"]
+    data = json.loads(CliRunner().invoke(_app(), [*args, "--json"]).output)
+    # A natively multimodal hybrid still plans its text tower on llama.cpp (the vision tower is skipped).
+    assert data["engine"] == "llamacpp" and data["weight_format"] == "q4_k_m"
+    shape = catalog.get("Qwen3.5-35B-A3B").shape()
+    memory = data["memory_bytes"]
+    assert memory["kv_cache"] == 10 * 2 * 256 * 2 * 2 * 32768 * 2
+    assert memory["recurrent"] == 2 * shape.recurrent_state_bytes_per_seq()
+    assert 0.8 * memory["weights"] < memory["experts"] < memory["weights"]
+    table = CliRunner().invoke(_app(), args, terminal_width=200).output
+    assert "recurrent state" in table and "10 of 40 layers (full attention only)" in table
+    assert "of which MoE experts" in table and "+16-bit encoder" not in table
 
 
 def test_cli_plan_local_gguf_table(demo_gguf) -> None:  # type: ignore[no-untyped-def]

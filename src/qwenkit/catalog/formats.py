@@ -92,6 +92,8 @@ _GGUF_TYPE: dict[WeightFormat, str] = {
 # llama.cpp's fallback when a row is not a whole number of 256-element blocks (llama-quant.cpp).
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 _LINEAR_ROLES = {
+    "linear_gate",
+    "linear_out",
     "attn_q",
     "attn_k",
     "attn_v",
@@ -144,8 +146,10 @@ def _gguf_types(shape: ModelShape, fmt: WeightFormat) -> list[tuple[TensorSpec, 
     base = _GGUF_TYPE[fmt]
     quantizing = fmt not in (WeightFormat.F32, WeightFormat.BF16, WeightFormat.FP16)
     tensors = shape.tensors()
-    n_v = sum(1 for t in tensors if t.role == "attn_v")
-    n_down = sum(1 for t in tensors if "ffn_down" in t.role)
+    # llama-quant.cpp treats a fused qkv (first-generation Qwen, Gated DeltaNet layers) as an attn_v.
+    n_v = sum(1 for t in tensors if t.role in ("attn_v", "attn_qkv"))
+    # MoE recipes index ffn_down by the block number in the name, out of n_layer (shared experts too).
+    n_down = shape.layers if shape.is_moe else sum(1 for t in tensors if "ffn_down" in t.role)
     i_v = i_down = 0
     eight_experts = quantizing and shape.experts == 8
     # llama.cpp sizes qwen2 models by layer count; 80 layers is its "70B" type (Qwen2/2.5-72B).
@@ -161,7 +165,7 @@ def _gguf_types(shape: ModelShape, fmt: WeightFormat) -> list[tuple[TensorSpec, 
                 dtype = "Q8_0"
             elif base != "Q8_0":
                 dtype = "Q6_K"
-        elif t.role == "attn_v":
+        elif t.role in ("attn_v", "attn_qkv"):
             if fmt in (WeightFormat.Q4_K_M, WeightFormat.Q5_K_M) and _use_more_bits(i_v, n_v):
                 dtype = "Q6_K"
             if seventy_b and dtype == "Q4_K":
@@ -179,8 +183,6 @@ def _gguf_types(shape: ModelShape, fmt: WeightFormat) -> list[tuple[TensorSpec, 
             if fmt in (WeightFormat.Q4_K_M, WeightFormat.Q5_K_M) and _use_more_bits(i, n_down):
                 dtype = "Q6_K"
             i_down += 1
-        elif t.role == "attn_qkv":
-            dtype = {WeightFormat.Q4_K_M: "Q5_K", WeightFormat.Q5_K_M: "Q6_K"}.get(fmt, dtype)
         if t.ne0 % GGML_BLOCKS[dtype][0]:
             dtype = _FALLBACK.get(dtype, "F16")
             if t.ne0 % GGML_BLOCKS[dtype][0]:

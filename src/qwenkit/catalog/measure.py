@@ -6,7 +6,9 @@ engine process that no weight, KV or compute buffer explains. measure_engine_run
 peak resident memory (VmHWM) of a process that loads the GGUF into LlamaCppEngine and runs a workload
 that reaches the configuration's worst case: every slot busy, then one prompt that fills a sequence's
 context in n_batch chunks. cached_runtime_baseline() measures the baseline once per qwenkit/Python/
-llama-cpp-python version on the built-in demo model's vocabulary and keeps it in the qwenkit cache.
+llama-cpp-python version and vocabulary (the built-in demo's Qwen2/Qwen3 one; a tiny Qwen3.5 demo's
+248,320-token one for vocabularies past Qwen2's, since the baseline holds the vocabulary) and keeps it in
+the qwenkit cache.
 Both run `python -m qwenkit.catalog.measure`, so none of the caller's memory is counted.
 """
 
@@ -131,9 +133,17 @@ def _baseline_key() -> dict[str, str]:
     return {"python": platform.python_version(), "llama_cpp": llama, "qwenkit": version("qwenkit")}
 
 
-def cached_runtime_baseline(env: Mapping[str, str] | None = None, refresh: bool = False) -> RuntimeBaseline:
-    """This machine's measured baseline, from the qwenkit cache or measured now (about two seconds)."""
-    path = cache_root(env) / "planner" / "runtime-baseline.json"
+QWEN2_VOCAB = 152064  # the largest Qwen2/Qwen2.5/Qwen3 vocabulary (padded embedding rows)
+
+
+def cached_runtime_baseline(
+    env: Mapping[str, str] | None = None, refresh: bool = False, vocab: int | None = None
+) -> RuntimeBaseline:
+    """This machine's measured baseline for a model with `vocab` tokens (default: Qwen2/Qwen3's), from the
+    qwenkit cache or measured now (about two seconds; a first Qwen3.5-vocabulary one builds a tiny demo)."""
+    qwen3_5 = vocab is not None and vocab > QWEN2_VOCAB
+    name = "runtime-baseline-qwen3_5.json" if qwen3_5 else "runtime-baseline.json"
+    path = cache_root(env) / "planner" / name
     key = _baseline_key()
     if not refresh:
         try:
@@ -142,16 +152,36 @@ def cached_runtime_baseline(env: Mapping[str, str] | None = None, refresh: bool 
                 return RuntimeBaseline(**saved["baseline"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    from qwenkit.checkpoints.demo import ensure_default_demo
-    from qwenkit.gguf.convert import ensure_gguf
-
-    # Every Qwen2+ model shares this vocabulary, so the demo's GGUF stands for all of them.
-    baseline = measure_runtime_baseline(ensure_gguf(ensure_default_demo(env), "q8_0", env=env))
+    baseline = measure_runtime_baseline(_qwen3_5_vocab_gguf(env) if qwen3_5 else _default_vocab_gguf(env))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"key": key, "baseline": asdict(baseline)}, indent=2) + "\n", "utf-8")
     os.replace(tmp, path)
     return baseline
+
+
+def _default_vocab_gguf(env: Mapping[str, str] | None) -> Path:
+    from qwenkit.checkpoints.demo import ensure_default_demo
+    from qwenkit.gguf.convert import ensure_gguf
+
+    # Every Qwen2/Qwen2.5/Qwen3 model shares this vocabulary, so the demo's GGUF stands for all of them.
+    return ensure_gguf(ensure_default_demo(env), "q8_0", env=env)
+
+
+def _qwen3_5_vocab_gguf(env: Mapping[str, str] | None) -> Path:
+    from qwenkit.checkpoints.demo import DemoArch, DemoSize, create_demo, is_demo_checkpoint
+    from qwenkit.gguf.convert import convert_to_gguf
+
+    root = cache_root(env) / "planner"
+    out = root / "qwen3_5-tiny-q8_0.gguf"
+    if not out.is_file():
+        ckpt = root / "qwen3_5-tiny"
+        if not is_demo_checkpoint(ckpt):
+            create_demo(ckpt, arch=DemoArch.QWEN3_5, size=DemoSize.TINY)
+        tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.gguf")
+        convert_to_gguf(ckpt, tmp, "q8_0")
+        os.replace(tmp, out)
+    return out
 
 
 # ---- the subprocess side ---------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Contract: plan(PlanRequest) is pure arithmetic (no I/O). It predicts the peak resident memory of the
 engine running the workload: the runtime baseline (measured, see measure.py), the weights as stored
 (formats.weight_layout, exact for GGUF recipes) plus llama.cpp's repacked copies, the KV cache
-(layers × KV heads × head dim × 2 × bytes × cells), llama.cpp's logits buffer (n_vocab × n_seq_max × 4)
+(KV layers × KV heads × head dim × 2 × bytes × cells; in a Gated DeltaNet hybrid only the full-attention
+layers carry KV), the recurrent state of hybrids (conv + delta-rule state per linear-attention layer, f32,
+one per sequence slot), llama.cpp's logits buffer (n_vocab × n_seq_max × 4)
 and the compute buffer the worst step touches (a full n_batch chunk attending over a whole sequence's
 context). It compares that with the device's budget and returns a Plan with a verdict: fits, fits with
 the listed changes (flash attention, quantized KV, fewer slots, shorter context, smaller format), or
@@ -61,6 +63,7 @@ FALLBACK_BASELINE = RuntimeBaseline(
     115 * MIB, 120 * MIB, "not measured (llama-cpp-python missing): typical value"
 )
 N_CTX_PAD = 256  # llama.cpp pads each sequence's KV cells to a multiple of 256
+DELTA_CHUNK = 64  # llama.cpp's chunked gated delta rule works on 64-token chunks in a prompt
 LLAMA_TOKEN_DATA = 12  # sizeof(llama_token_data): the sampler's candidate array per sampled token
 
 GGUF_LADDER = (
@@ -183,6 +186,8 @@ class MemoryBreakdown:
     runtime: int
     peak: int
     reclaimable: int
+    recurrent: int = 0  # hybrid models: conv + delta-rule state of every sequence slot
+    experts: int = 0  # MoE: the routed expert weights (part of `weights`), all resident
 
     @property
     def required(self) -> int:
@@ -281,7 +286,7 @@ def _compute_bytes(r: PlanRequest, w: _Weights, n_ctx_seq: int, flash: bool) -> 
     the scores KQ (heads × n_kv × T, f32) are materialised, and the work buffer holds them again in the
     V cache's type for the KQ·V product; the KQ mask is n_kv × T. The other phase holds the feed-forward
     activations; the graph allocator reuses memory between phases, so the larger phase counts, plus the
-    logits rows the engine asks for (one per sequence).
+    logits rows the engine asks for (one per sequence), plus a hybrid's DeltaNet phase (_delta_net_bytes).
     """
     s = r.shape
     t = min(r.n_batch, n_ctx_seq)
@@ -302,21 +307,42 @@ def _compute_bytes(r: PlanRequest, w: _Weights, n_ctx_seq: int, flash: bool) -> 
         ffn = 4 * t * (3 * s.ffn + 2 * s.hidden)
     work = max(attn_work, int(t * w.widest_row * w.activation_bytes))
     logits = 4 * s.vocab * min(t, r.concurrency)
-    return max(attn, ffn, logits) + work
+    # A hybrid's DeltaNet layers touch their own buffer region: measured on the demos, their pages add to
+    # the attention phase's rather than being reused by it (the scores need one block larger than any
+    # the DeltaNet phase freed).
+    return max(attn, ffn, logits) + _delta_net_bytes(s, t) + work
+
+
+def _delta_net_bytes(s: ModelShape, t: int) -> int:
+    """What a Gated DeltaNet layer's prompt step touches (f32, llama.cpp's chunked delta rule): the
+    projections, the conv input (history + chunk), q/k/v and their gated copies per head (S × T × H),
+    the per-chunk decay and attention matrices (chunk × T × H) and a state per chunk (H × S × S)."""
+    if not s.is_hybrid:
+        return 0
+    key_dim, value_dim = s.linear_k_heads * s.linear_k_dim, s.linear_v_heads * s.linear_v_dim
+    conv_dim = 2 * key_dim + value_dim
+    padded = -(-t // DELTA_CHUNK) * DELTA_CHUNK
+    heads, dim = s.linear_v_heads, s.linear_k_dim
+    proj = t * (s.hidden + 2 * conv_dim + 3 * value_dim + 2 * heads)
+    conv_in = (t + s.conv_kernel - 1) * conv_dim
+    per_head = 8 * padded * heads * dim + 6 * padded * heads * DELTA_CHUNK
+    states = (padded // DELTA_CHUNK) * 2 * heads * dim * dim
+    return 4 * (proj + conv_in + per_head + states)
 
 
 def _speed(r: PlanRequest, w: _Weights, kv_per_token: float, context: int) -> Speed:
     s = r.shape
+    state = 2 * s.recurrent_state_bytes_per_seq()  # a hybrid reads and writes its state every step
     experts_bytes = w.experts
     dense = w.total - experts_bytes
     if not s.tied:
         dense -= w.embed  # an untied embedding is a lookup: one row per token
     one = experts_bytes * (s.experts_used / s.experts) if s.is_moe else 0
     kv_read = kv_per_token * context / 2  # on average a sequence is half way through its context
-    single = dense + one + kv_read
+    single = dense + one + kv_read + state
     n = r.concurrency
     touched = experts_bytes * (1 - (1 - s.experts_used / s.experts) ** n) if s.is_moe else 0
-    step = dense + touched + n * kv_read
+    step = dense + touched + n * (kv_read + state)
     bw = r.device.bandwidth_gbs
     basis = f"estimate: {bw:.1f} GB/s memory bandwidth / bytes read per step" if bw else "no bandwidth known"
     return Speed(
@@ -359,6 +385,8 @@ def _memory(r: PlanRequest, cache: _Layouts) -> tuple[Engine, bool, int, MemoryB
         weights += 2 * s.encoder_params  # vision/audio encoders stay in 16-bit in every official repo
     kv_per_token = s.kv_bytes_per_token(KV_BYTES[r.kv_type])
     kv = int(kv_per_token * cells)
+    # llama.cpp and vLLM keep one recurrent state (f32) per sequence slot, whatever its length.
+    recurrent = s.recurrent_state_bytes_per_seq() * r.concurrency
     speed = _speed(r, w, kv_per_token, n_ctx_seq)
     if engine is Engine.LLAMACPP:
         compute = _compute_bytes(r, w, n_ctx_seq, flash)
@@ -371,6 +399,7 @@ def _memory(r: PlanRequest, cache: _Layouts) -> tuple[Engine, bool, int, MemoryB
                 + weights
                 + repacked
                 + kv
+                + recurrent
                 + output
                 + compute
                 + s.vocab * LLAMA_TOKEN_DATA
@@ -379,17 +408,19 @@ def _memory(r: PlanRequest, cache: _Layouts) -> tuple[Engine, bool, int, MemoryB
             runtime = r.runtime.steady_bytes
         else:
             runtime = CUDA_OVERHEAD["llamacpp"]
-            run = load = runtime + weights + kv + output + compute
+            run = load = runtime + weights + kv + recurrent + output + compute
         peak = max(run, load)
         # The file pages a repacked tensor was read from stay mapped but are never touched again.
-        memory = MemoryBreakdown(weights, repacked, kv, compute, output, runtime, peak, reclaimable=repacked)
+        memory = MemoryBreakdown(
+            weights, repacked, kv, compute, output, runtime, peak, repacked, recurrent, w.experts
+        )
     else:
         tokens = min(VLLM_PROFILE_TOKENS, cells)
         width = (s.experts_used * s.moe_ffn + s.shared_ffn) if s.is_moe else s.ffn
         compute = 2 * tokens * (6 * s.hidden + 3 * width) + 4 * s.vocab * r.concurrency
         runtime = CUDA_OVERHEAD["vllm"] if r.device.kind == "cuda" else FALLBACK_BASELINE.steady_bytes
-        peak = runtime + weights + kv + compute
-        memory = MemoryBreakdown(weights, 0, kv, compute, 0, runtime, peak, reclaimable=0)
+        peak = runtime + weights + kv + recurrent + compute
+        memory = MemoryBreakdown(weights, 0, kv, compute, 0, runtime, peak, 0, recurrent, w.experts)
     return engine, flash, n_ctx_seq, memory, speed
 
 
@@ -407,6 +438,13 @@ def _notes(r: PlanRequest, engine: Engine) -> list[str]:
                 f"{r.context} tokens exceeds the model's maximum context ({s.max_context}): output past it "
                 "is not supported by the model"
             )
+    if s.is_hybrid:
+        per_seq = s.recurrent_state_bytes_per_seq()
+        notes.append(
+            f"hybrid (Gated DeltaNet): KV cache on {s.kv_layers} of {s.layers} layers; each sequence also "
+            f"keeps a fixed {per_seq / MIB:.1f} MiB recurrent state ({s.linear_layers} linear-attention "
+            "layers, f32), whatever its length"
+        )
     if s.is_moe:
         notes.append(
             f"MoE: memory holds all {s.params_total / 1e9:.1f}B parameters; each token reads "

@@ -5,7 +5,10 @@ model has a known family, at least one https source, consistent numbers (KV head
 ≤ total parameters, extended ≥ native context) and hub ids of the form org/name; anything else raises
 CatalogError naming the entry. Catalog.find() accepts a catalog name, a Hugging Face or ModelScope id
 (the model's, its base's or an official quantized repo's), case-insensitively. `None` in the data means
-"not confirmed"; Entry merges a model with its family's defaults.
+"not confirmed"; Entry merges a model with its family's defaults. Hybrid (Gated DeltaNet) models record
+which layers carry KV (full_attention_interval) and their linear-attention heads, head dims and conv
+kernel; a model may list `unverified` fields: numbers recorded from a secondary source (not the model's
+own config.json or card), which `qwenkit models` shows as such.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qwenkit.catalog.formats import WeightFormat
-from qwenkit.catalog.shape import ModelShape, ShapeError
+from qwenkit.catalog.shape import HYBRID_TYPES, ModelShape, ShapeError
 
 __all__ = [
     "TASKS",
@@ -64,13 +67,30 @@ class Arch(_Strict):
     experts_used: int | None = Field(default=None, ge=1)
     moe_ffn: int | None = Field(default=None, ge=1)
     shared_ffn: int | None = Field(default=None, ge=1)
+    # Gated DeltaNet hybrids: every interval-th layer is gated full attention (with a KV cache), the
+    # others linear attention with a per-sequence state (conv kernel, key/value heads and head dims).
+    full_attention_interval: int | None = Field(default=None, ge=1)
+    linear_k_heads: int | None = Field(default=None, ge=1)
+    linear_v_heads: int | None = Field(default=None, ge=1)
+    linear_k_dim: int | None = Field(default=None, ge=1)
+    linear_v_dim: int | None = Field(default=None, ge=1)
+    conv_kernel: int | None = Field(default=None, ge=2)
+
+    @property
+    def hybrid(self) -> bool:
+        return self.type in HYBRID_TYPES
 
     @model_validator(mode="after")
     def _consistent(self) -> Arch:
         if self.heads and self.kv_heads and self.heads % self.kv_heads:
             raise ValueError(f"kv_heads {self.kv_heads} does not divide heads {self.heads}")
-        if self.experts and not (self.experts_used and self.moe_ffn):
-            raise ValueError("an MoE arch needs experts_used and moe_ffn")
+        if self.experts and not self.experts_used:
+            raise ValueError("an MoE arch needs experts_used")
+        linear = [self.linear_k_heads, self.linear_v_heads, self.linear_k_dim, self.linear_v_dim]
+        if not self.hybrid and (self.full_attention_interval or any(linear)):
+            raise ValueError(f"{self.type} is not a hybrid architecture: drop the linear-attention fields")
+        if self.linear_v_heads and self.linear_k_heads and self.linear_v_heads % self.linear_k_heads:
+            raise ValueError("linear_k_heads does not divide linear_v_heads")
         if self.experts and self.experts_used and self.experts_used > self.experts:
             raise ValueError("experts_used exceeds experts")
         return self
@@ -101,8 +121,18 @@ class Context(_Strict):
         return self
 
 
+ThinkingStyle = Literal["none", "switch", "opened-by-template", "always"]
+ToolFormat = Literal["hermes-json", "qwen3-coder-xml"]
+
+
 class Capabilities(_Strict):
+    """`thinking_style`: none; switch (enable_thinking, the model writes <think>); opened-by-template (the
+    prompt ends in <think>, so output holds only </think>); always (thinking-only, template opens it).
+    `tool_format`: hermes-json (<tool_call>{json}</tool_call>) or qwen3-coder-xml (<function=...>)."""
+
     thinking: bool | None = None
+    thinking_style: ThinkingStyle | None = None
+    tool_format: ToolFormat | None = None
     tools: bool | None = None
     languages: int | None = Field(default=None, ge=1)
     programming_languages: int | None = Field(default=None, ge=1)
@@ -127,7 +157,7 @@ class Family(_Strict):
     title: str
     released: date
     release_notes: str
-    specialty: Literal["general", "code", "math", "vision", "audio", "long-context"]
+    specialty: Literal["general", "code", "math", "vision", "audio", "long-context", "omni"]
     modalities: list[Modality]
     capabilities: Capabilities
     context_extension: str | None
@@ -152,6 +182,7 @@ class Model(_Strict):
     capabilities: Capabilities | None = None
     quantized: dict[QuantKey, str] = Field(default_factory=dict)
     notes: str | None = None
+    unverified: list[str] = Field(default_factory=list)  # fields taken from a secondary source
     sources: list[str] = Field(min_length=1)
 
     @field_validator("hf", "hf_base", "modelscope")
@@ -175,6 +206,16 @@ class Model(_Strict):
         for url in value:
             if not url.startswith("https://"):
                 raise ValueError(f"source {url!r} is not an https URL")
+        return value
+
+    @field_validator("unverified")
+    @classmethod
+    def _unverified(cls, value: list[str]) -> list[str]:
+        for key in value:
+            section, _, name = key.partition(".")
+            fields = {"arch": Arch, "params": Params, "context": Context, "capabilities": Capabilities}
+            if section not in fields or name not in fields[section].model_fields:
+                raise ValueError(f"unverified entry {key!r} is not a field such as arch.layers")
         return value
 
     @model_validator(mode="after")
@@ -248,6 +289,15 @@ class Entry:
         ]
         if missing:
             raise ShapeError(f"{self.name}: the catalog does not confirm {', '.join(missing)}")
+        hybrid: dict[str, int] = {}
+        if a.hybrid:
+            linear = ("full_attention_interval", "linear_k_heads", "linear_v_heads", "linear_k_dim")
+            missing = [k for k in (*linear, "linear_v_dim", "conv_kernel") if getattr(a, k) is None]
+            if missing:
+                raise ShapeError(f"{self.name}: the catalog does not confirm {', '.join(missing)}")
+            hybrid = {k: getattr(a, k) for k in (*linear, "linear_v_dim", "conv_kernel")}
+        if a.experts and a.moe_ffn is None:
+            raise ShapeError(f"{self.name}: the catalog does not confirm moe_ffn")
         shape = ModelShape(
             name=self.name,
             model_type=a.type,
@@ -265,6 +315,7 @@ class Entry:
             shared_ffn=a.shared_ffn or 0,
             context_native=self.model.context.native,
             context_extended=self.model.context.extended,
+            **hybrid,
         )
         total = self.model.params.total
         if total and set(self.modalities) - {"text"}:

@@ -9,6 +9,8 @@ total parameter count in billions for dense models and √(total × active) for 
 quality by √(single-stream decode tok/s), "throughput" by √(aggregate tok/s at the requested
 concurrency) (both bandwidth estimates; relative bytes per token when the bandwidth is unknown).
 Each recommendation carries the planner's numbers, a one-line reason from the catalog and the command.
+Natively multimodal Qwen3.5+ models run their text tower on llama.cpp for text tasks (vision skipped);
+entries whose dimensions the catalog does not confirm are left out (they cannot be planned).
 """
 
 from __future__ import annotations
@@ -21,12 +23,22 @@ from qwenkit.catalog.formats import WeightFormat
 from qwenkit.catalog.measure import RuntimeBaseline
 from qwenkit.catalog.planner import FALLBACK_BASELINE, Device, Engine, Plan, PlanRequest, plan
 from qwenkit.catalog.schema import TASKS, Catalog, Entry
+from qwenkit.catalog.shape import ShapeError
 
-__all__ = ["Preference", "Recommendation", "SelectRequest", "run_command", "select_models"]
+__all__ = [
+    "TEXT_TOWER_TYPES",
+    "Preference",
+    "Recommendation",
+    "SelectRequest",
+    "run_command",
+    "select_models",
+]
 
 Preference = Literal["quality", "latency", "throughput"]
 # Text models qwenkit's llama.cpp engine (and converter) can run.
-_LLAMACPP_TYPES = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
+_LLAMACPP_TYPES = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe"}
+# Natively multimodal families whose text tower the llama.cpp engine runs on its own (vision skipped).
+TEXT_TOWER_TYPES = frozenset({"qwen3_5", "qwen3_5_moe"})
 _CPU_GGUF = (
     WeightFormat.Q8_0,
     WeightFormat.Q6_K,
@@ -80,12 +92,16 @@ def _size_b(entry: Entry) -> float:
     return math.sqrt(total * shape.params_active / 1e9) if shape.is_moe else total
 
 
-def _formats(entry: Entry, device: Device) -> list[tuple[WeightFormat, Engine]]:
-    """The (format, engine) pairs this entry can run in on the device."""
+def _formats(entry: Entry, device: Device, task: str) -> list[tuple[WeightFormat, Engine]]:
+    """The (format, engine) pairs this entry can run in on the device for the task."""
     text_only = entry.modalities == ["text"]
     arch = entry.model.arch
+    text_task = task not in _NEEDS
     gguf_ok = (
-        text_only and entry.family.supported_by_qwenkit and arch is not None and arch.type in _LLAMACPP_TYPES
+        (text_only or (text_task and arch is not None and arch.type in TEXT_TOWER_TYPES))
+        and entry.family.supported_by_qwenkit
+        and arch is not None
+        and arch.type in _LLAMACPP_TYPES
     )
     out: list[tuple[WeightFormat, Engine]] = []
     if device.kind == "cuda":
@@ -157,11 +173,14 @@ def select_models(catalog: Catalog, request: SelectRequest) -> list[Recommendati
         need = _NEEDS.get(request.task)
         if fit <= 0 or not entry.model.open_weights or (need and need not in entry.modalities):
             continue
-        shape = entry.shape()
+        try:
+            shape = entry.shape()
+        except ShapeError:
+            continue  # an entry whose dimensions the catalog does not confirm cannot be planned
         if shape.max_context is None or request.context > shape.max_context:
             continue
         size = _size_b(entry)
-        for fmt, engine in _formats(entry, request.device):
+        for fmt, engine in _formats(entry, request.device, request.task):
             base = PlanRequest(
                 shape=shape,
                 weight_format=fmt,

@@ -5,25 +5,40 @@ metadata; tensors() lists the text model's tensors under llama.cpp's GGUF names 
 (ggml ne0) and row count, which is what quantization recipes and memory formulas work on. Parameter
 counts are computed from the tensors, so they can be checked against the published figures. A config
 that lacks a dimension raises ShapeError (a ValueError) naming the missing field.
+Hybrid models (Qwen3.5/3.6 `qwen3_5`, `qwen3_5_moe`; Qwen3-Next) interleave Gated DeltaNet layers with
+gated full attention (every `full_attention_interval`-th layer): only full-attention layers carry a KV
+cache, and each linear-attention layer keeps a fixed-size recurrent state per sequence (conv + delta
+rule), which llama.cpp keeps in f32 (recurrent_state_bytes_per_seq).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from qwenkit.gguf.reader import GGUFInfo
 
-__all__ = ["ModelShape", "ShapeError", "TensorSpec"]
+__all__ = ["HYBRID_TYPES", "ModelShape", "ShapeError", "TensorSpec"]
 
 # GGUF architectures (general.architecture) → the HF model_type they come from.
-_GGUF_ARCHES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_GGUF_ARCHES = {
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "qwen35": "qwen3_5",
+    "qwen35moe": "qwen3_5_moe",
+    "qwen3next": "qwen3_next",
+}
 # Families whose attention has q/k/v biases (Qwen, Qwen1.5, Qwen2, Qwen2.5 and their VL/Audio/Math kin).
 _QKV_BIAS = {"qwen", "qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl", "qwen2_audio"}
-_QK_NORM = {"qwen3", "qwen3_moe"}
+_QK_NORM = {"qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next"}
+# Gated DeltaNet + gated attention hybrids (HF model_type, text tower).
+HYBRID_TYPES = frozenset({"qwen3_5", "qwen3_5_moe", "qwen3_next"})
+RECURRENT_STATE_BYTES = 4  # llama.cpp keeps the conv and delta-rule states in f32 (llama-model.cpp)
 
 
 class ShapeError(ValueError):
@@ -69,6 +84,13 @@ class ModelShape:
     moe_ffn: int = 0
     shared_ffn: int = 0
     encoder_params: int = 0
+    # Hybrid (Gated DeltaNet) models: every interval-th layer is full attention, the rest linear attention.
+    full_attention_interval: int = 0
+    linear_k_heads: int = 0
+    linear_v_heads: int = 0
+    linear_k_dim: int = 0
+    linear_v_dim: int = 0
+    conv_kernel: int = 0
     context_native: int | None = None
     context_extended: int | None = None
     _tensors: tuple[TensorSpec, ...] = field(default=(), repr=False, compare=False)
@@ -83,11 +105,49 @@ class ModelShape:
             raise ShapeError(f"{self.name}: an MoE model needs experts, experts_used and moe_ffn")
         if not self.is_moe and self.ffn < 1:
             raise ShapeError(f"{self.name}: a dense model needs its feed-forward size")
+        if self.full_attention_interval:
+            linear = ("linear_k_heads", "linear_v_heads", "linear_k_dim", "linear_v_dim", "conv_kernel")
+            missing = [k for k in linear if getattr(self, k) < 1]
+            if missing:
+                raise ShapeError(f"{self.name}: a hybrid model needs {', '.join(missing)}")
         object.__setattr__(self, "_tensors", tuple(self._build_tensors()))
 
     @property
     def is_moe(self) -> bool:
         return self.experts > 0
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.full_attention_interval > 0
+
+    def is_full_attention(self, layer: int) -> bool:
+        """Whether `layer` is a (KV-carrying) attention layer; every layer is one in non-hybrid models."""
+        return not self.is_hybrid or (layer + 1) % self.full_attention_interval == 0
+
+    @property
+    def kv_layers(self) -> int:
+        """Layers that carry a KV cache: all of them, or only the full-attention ones of a hybrid."""
+        return sum(1 for i in range(self.layers) if self.is_full_attention(i))
+
+    @property
+    def linear_layers(self) -> int:
+        return self.layers - self.kv_layers
+
+    @property
+    def conv_state_elements(self) -> int:
+        """One linear-attention layer's conv state: (kernel - 1) × (2 × key dims + value dims)."""
+        key_dim, value_dim = self.linear_k_heads * self.linear_k_dim, self.linear_v_heads * self.linear_v_dim
+        return max(0, self.conv_kernel - 1) * (2 * key_dim + value_dim)
+
+    @property
+    def delta_state_elements(self) -> int:
+        """One linear-attention layer's delta-rule state: value heads × key dim × value dim."""
+        return self.linear_v_heads * self.linear_k_dim * self.linear_v_dim
+
+    def recurrent_state_bytes_per_seq(self, bytes_per_element: int = RECURRENT_STATE_BYTES) -> int:
+        """Conv + delta-rule state of one sequence over all linear-attention layers (0 if not hybrid)."""
+        per_layer = self.conv_state_elements + self.delta_state_elements
+        return self.linear_layers * per_layer * bytes_per_element
 
     @property
     def qkv_bias(self) -> bool:
@@ -104,6 +164,10 @@ class ModelShape:
         out = [TensorSpec("token_embd.weight", "embed", None, h, self.vocab)]
         for i in range(self.layers):
             p = f"blk.{i}."
+            if self.is_hybrid:
+                out.extend(self._hybrid_mixer_tensors(p, i))
+                out.extend(self._ffn_tensors(p, i))
+                continue
             out.append(TensorSpec(p + "attn_norm.weight", "norm", i, h, 1))
             if self.model_type == "qwen":  # first-generation Qwen fuses q, k and v
                 out.append(TensorSpec(p + "attn_qkv.weight", "attn_qkv", i, h, q_out + 2 * kv_out))
@@ -123,6 +187,41 @@ class ModelShape:
         if not self.tied:
             out.append(TensorSpec("output.weight", "output", None, h, self.vocab))
         return out
+
+    def _hybrid_mixer_tensors(self, p: str, i: int) -> list[TensorSpec]:
+        """A Qwen3.5/Qwen3-Next layer's norms and token mixer, as llama.cpp's qwen35 loader names them."""
+        h, d = self.hidden, self.head_dim
+        out = [
+            TensorSpec(p + "attn_norm.weight", "norm", i, h, 1),
+            TensorSpec(p + "post_attention_norm.weight", "norm", i, h, 1),
+        ]
+        if self.is_full_attention(i):
+            q_out, kv_out = self.heads * d, self.kv_heads * d
+            # Gated attention: q_proj also produces the output gate (twice the query width).
+            out += [
+                TensorSpec(p + "attn_q.weight", "attn_q", i, h, 2 * q_out),
+                TensorSpec(p + "attn_k.weight", "attn_k", i, h, kv_out),
+                TensorSpec(p + "attn_v.weight", "attn_v", i, h, kv_out),
+                TensorSpec(p + "attn_output.weight", "attn_output", i, q_out, h),
+                TensorSpec(p + "attn_q_norm.weight", "norm", i, d, 1),
+                TensorSpec(p + "attn_k_norm.weight", "norm", i, d, 1),
+            ]
+            return out
+        key_dim = self.linear_k_heads * self.linear_k_dim
+        value_dim = self.linear_v_heads * self.linear_v_dim
+        conv_dim = 2 * key_dim + value_dim
+        return [
+            *out,
+            TensorSpec(p + "attn_qkv.weight", "attn_qkv", i, h, conv_dim),
+            TensorSpec(p + "attn_gate.weight", "linear_gate", i, h, value_dim),
+            TensorSpec(p + "ssm_conv1d.weight", "norm", i, self.conv_kernel, conv_dim),  # never quantized
+            TensorSpec(p + "ssm_dt.bias", "bias", i, self.linear_v_heads, 1),
+            TensorSpec(p + "ssm_a", "norm", i, self.linear_v_heads, 1),
+            TensorSpec(p + "ssm_beta.weight", "linear_beta", i, h, self.linear_v_heads),
+            TensorSpec(p + "ssm_alpha.weight", "linear_alpha", i, h, self.linear_v_heads),
+            TensorSpec(p + "ssm_norm.weight", "norm", i, self.linear_v_dim, 1),
+            TensorSpec(p + "ssm_out.weight", "linear_out", i, value_dim, h),
+        ]
 
     def _ffn_tensors(self, p: str, i: int) -> list[TensorSpec]:
         h = self.hidden
@@ -172,8 +271,8 @@ class ModelShape:
         return sum(t.elements for t in self._tensors if t.role in ("embed", "output"))
 
     def kv_bytes_per_token(self, bytes_per_element: float) -> float:
-        """K and V of one token over all layers: layers × KV heads × head dim × 2 × bytes."""
-        return self.layers * self.kv_heads * self.head_dim * 2 * bytes_per_element
+        """K and V of one token over the KV layers: KV layers × KV heads × head dim × 2 × bytes."""
+        return self.kv_layers * self.kv_heads * self.head_dim * 2 * bytes_per_element
 
     @property
     def max_context(self) -> int | None:
@@ -182,7 +281,8 @@ class ModelShape:
     # ---- constructors -----------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: Mapping[str, Any], name: str = "") -> ModelShape:
-        """From a Hugging Face config.json (qwen2, qwen2_moe, qwen3, qwen3_moe and the VL/audio wrappers)."""
+        """From a Hugging Face config.json (qwen2/qwen3 dense and MoE, qwen3_5/qwen3_5_moe/qwen3_next hybrids,
+        and the VL/audio wrappers whose text tower sits in text_config)."""
         model_type = str(config.get("model_type", ""))
         text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else None
         c: Mapping[str, Any] = {**config, **text} if text and "hidden_size" in text else config
@@ -220,6 +320,7 @@ class ModelShape:
             shared_ffn=int(c.get("shared_expert_intermediate_size") or 0) if experts else 0,
             context_native=native,
             context_extended=extended,
+            **_hybrid_fields(c, model_type, name),
         )
 
     @classmethod
@@ -249,6 +350,7 @@ class ModelShape:
             moe_ffn=get("expert_feed_forward_length") if experts else 0,
             shared_ffn=get("expert_shared_feed_forward_length") if experts else 0,
             context_native=info.context_length or None,
+            **_gguf_hybrid_fields(info, get),
         )
 
     def with_context(self, native: int | None, extended: int | None) -> ModelShape:
@@ -257,6 +359,49 @@ class ModelShape:
             **{k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_")}
             | {"context_native": native, "context_extended": extended}
         )
+
+
+def _gguf_hybrid_fields(info: GGUFInfo, get: Callable[[str], int]) -> dict[str, int]:
+    """A hybrid GGUF's linear-attention fields, named as llama.cpp's qwen35 loader reads them."""
+    if _GGUF_ARCHES.get(info.architecture) not in HYBRID_TYPES:
+        return {}
+    interval = get("full_attention_interval")
+    if not interval:  # recurrent_layers is an array (not in metadata): the first layer without a conv
+        interval = next(
+            (i + 1 for i in range(info.block_count) if f"blk.{i}.ssm_conv1d.weight" not in info.tensors), 0
+        )
+    state, v_heads = get("ssm.state_size"), get("ssm.time_step_rank")
+    return {
+        "full_attention_interval": interval,
+        "linear_k_heads": get("ssm.group_count"),
+        "linear_v_heads": v_heads,
+        "linear_k_dim": state,
+        "linear_v_dim": get("ssm.inner_size") // max(1, v_heads),
+        "conv_kernel": get("ssm.conv_kernel"),
+    }
+
+
+def _hybrid_fields(c: Mapping[str, Any], model_type: str, name: str) -> dict[str, int]:
+    """The linear-attention fields of a hybrid config (empty for a plain transformer)."""
+    if model_type not in HYBRID_TYPES and "linear_num_value_heads" not in c:
+        return {}
+    interval = int(c.get("full_attention_interval") or 4)  # transformers' default when neither is given
+    layer_types = c.get("layer_types")
+    if isinstance(layer_types, list) and layer_types:
+        full = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+        interval = full[0] + 1 if full else 0
+        expected = [(i + 1) % interval == 0 if interval else False for i in range(len(layer_types))]
+        if not interval or [kind == "full_attention" for kind in layer_types] != expected:
+            raise ShapeError(f"{name}: layer_types is not a regular full-attention interval")
+    k_heads = int(c.get("linear_num_key_heads") or 16)
+    return {
+        "full_attention_interval": interval,
+        "linear_k_heads": k_heads,
+        "linear_v_heads": int(c.get("linear_num_value_heads") or 32),
+        "linear_k_dim": int(c.get("linear_key_head_dim") or 128),
+        "linear_v_dim": int(c.get("linear_value_head_dim") or 128),
+        "conv_kernel": int(c.get("linear_conv_kernel_dim") or 4),
+    }
 
 
 def billions(n: float) -> str:

@@ -2,7 +2,9 @@
 
 Contract: reads only the reviewed catalog (no network). Filters combine (AND); an unknown family, task or
 modality is a one-line error listing the valid ones. Numbers the catalog does not confirm print as
-"?"; parameter counts computed from the architecture (where no figure is published) print with "≈".
+"?"; parameter counts computed from the architecture (where no figure is published) print with "≈";
+a model with numbers from a secondary source is marked "†" (JSON: `unverified`); a hybrid's layer count
+shows how many layers keep a KV cache (JSON: `kv_layers`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ def _computed(entry: Entry) -> dict[str, float] | None:
     return {"total": round(shape.params_total / 1e9, 3), "active": round(shape.params_active / 1e9, 3)}
 
 
+def _kv_layers(entry: Entry) -> int | None:
+    """Layers that carry a KV cache (a hybrid's full-attention layers), when the catalog confirms them."""
+    a = entry.model.arch
+    if a is None or a.layers is None:
+        return None
+    if not a.hybrid:
+        return a.layers
+    return a.layers // a.full_attention_interval if a.full_attention_interval else None
+
+
 def entry_json(entry: Entry) -> dict[str, Any]:
     """One catalog entry for machines: the data as reviewed plus the family defaults and computed counts."""
     m = entry.model
@@ -54,8 +66,11 @@ def entry_json(entry: Entry) -> dict[str, Any]:
         "specialty": entry.family.specialty,
         "license": entry.license,
         "quantized": dict(m.quantized),
-        "runs_on_qwenkit_llamacpp": entry.family.supported_by_qwenkit and entry.modalities == ["text"],
+        "runs_on_qwenkit_llamacpp": entry.family.supported_by_qwenkit
+        and (entry.modalities == ["text"] or bool(m.arch and m.arch.hybrid)),
+        "kv_layers": _kv_layers(entry),
         "notes": m.notes,
+        "unverified": list(m.unverified),
         "sources": entry.sources,
     }
 
@@ -143,10 +158,14 @@ def render_table(entries: list[Entry]) -> Table:
         heads = f"{a.heads or '?'}/{a.kv_heads or '?'}×{a.head_dim or '?'}" if a else "?"
         ctx = e.model.context
         context = _ctx(ctx.native) + (f"→{_ctx(ctx.extended)}" if ctx.extended else "")
+        kv = _kv_layers(e)
+        layers = str(a.layers) if a and a.layers else "?"
+        if a and a.hybrid:
+            layers += f" ({kv if kv is not None else '?'} KV)"
         table.add_row(
-            e.name,
+            e.name + ("†" if e.model.unverified else ""),
             _params(e),
-            str(a.layers) if a and a.layers else "?",
+            layers,
             heads,
             context,
             "+".join(m for m in e.modalities if m != "text") or "text",
@@ -189,7 +208,8 @@ def catalog_command(
         console = Console(width=170)  # piped: keep one model per line
     console.print(render_table(entries))
     console.print(
-        "? = not confirmed by a source; ≈ = computed from the architecture. "
+        "? = not confirmed by a source; ≈ = computed from the architecture; † = some numbers from a "
+        "secondary source; (n KV) = hybrid: only n layers keep a KV cache. "
         "Sources: qwenkit models catalog --json",
         style="dim",
     )

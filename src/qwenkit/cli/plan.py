@@ -2,7 +2,9 @@
 
 Contract: nothing here downloads a model. The device is this machine, probed (CPU, free RAM, measured
 bandwidth; a CUDA GPU with --device cuda), or one described with --memory (and --device, --bandwidth).
-Every command prints rich output, or JSON with --json; errors are one line naming the fix.
+Every command prints rich output, or JSON with --json; errors are one line naming the fix. `plan` shows
+the memory by part (weights and the MoE experts among them, KV cache, a hybrid's recurrent state, buffers)
+and measures the runtime baseline with the model's own vocabulary size.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from qwenkit.catalog.formats import KV_BYTES, WeightFormat, parse_format
 from qwenkit.catalog.measure import MeasureError, RuntimeBaseline, cached_runtime_baseline
 from qwenkit.catalog.planner import FALLBACK_BASELINE, GIB, Device, Engine, Plan, PlanRequest, Verdict, plan
 from qwenkit.catalog.schema import TASKS, load_catalog
-from qwenkit.catalog.select import Recommendation, SelectRequest, run_command, select_models
+from qwenkit.catalog.select import TEXT_TOWER_TYPES, Recommendation, SelectRequest, run_command, select_models
 from qwenkit.catalog.target import Target, resolve_target
 from qwenkit.cli.errors import err_console, friendly_errors
 
@@ -82,12 +84,13 @@ def resolve_device(kind: str | None, memory: str | None, bandwidth: float | None
     return Device("cpu", mem.total, mem.available, bw, hardware.cpu_flags(), name)
 
 
-def runtime_baseline() -> RuntimeBaseline:
-    """This machine's measured engine baseline (cached), or the documented fallback without llama.cpp."""
+def runtime_baseline(vocab: int | None = None) -> RuntimeBaseline:
+    """This machine's measured engine baseline for this vocabulary size (cached), or the documented
+    fallback without llama.cpp."""
     if importlib.util.find_spec("llama_cpp") is None:
         return FALLBACK_BASELINE
     try:
-        return cached_runtime_baseline()
+        return cached_runtime_baseline(vocab=vocab)
     except (MeasureError, OSError, ValueError) as error:
         err_console.print(f"[yellow]warning:[/] baseline not measured ({error}); using a typical value")
         return FALLBACK_BASELINE
@@ -176,20 +179,41 @@ def _print_plan(p: Plan, target: Target, command: str) -> None:
     table.add_row(
         "weights",
         _size(m.weights),
-        f"{fmt} as stored" + (" (+16-bit encoder)" if r.shape.encoder_params else ""),
+        f"{fmt} as stored"
+        + (" (+16-bit encoder)" if r.shape.encoder_params and p.engine is Engine.VLLM else ""),
     )
+    if m.experts:
+        table.add_row(
+            "  of which MoE experts",
+            _size(m.experts),
+            f"all {r.shape.experts} experts stay resident; {r.shape.experts_used} are read per token",
+        )
     if m.repacked:
         table.add_row(
             "repacked copy",
             _size(m.repacked),
             "llama.cpp re-lays these out for SIMD; their file pages are reclaimable",
         )
+    kv_layers = (
+        f"{r.shape.kv_layers} of {r.shape.layers} layers (full attention only)"
+        if r.shape.is_hybrid
+        else f"{r.shape.layers} layers"
+    )
     table.add_row(
         "KV cache",
         _size(m.kv_cache),
-        f"{r.shape.layers} layers × {r.shape.kv_heads} KV heads × {r.shape.head_dim} × 2 × {kv_bytes:g} B × "
+        f"{kv_layers} × {r.shape.kv_heads} KV heads × {r.shape.head_dim} × 2 × {kv_bytes:g} B × "
         f"{p.n_ctx} cells",
     )
+    if r.shape.is_hybrid:
+        sh = r.shape
+        conv_width = sh.conv_state_elements // max(1, sh.conv_kernel - 1)
+        table.add_row(
+            "recurrent state",
+            _size(m.recurrent),
+            f"{sh.linear_layers} DeltaNet layers × (conv {sh.conv_kernel - 1}×{conv_width} + delta "
+            f"{sh.linear_v_heads}×{sh.linear_k_dim}×{sh.linear_v_dim}) × 4 B × {r.concurrency} sequence(s)",
+        )
     table.add_row(
         "compute + activations", _size(m.compute), "worst step: a full prompt chunk over a whole context"
     )
@@ -270,6 +294,8 @@ def plan_command(
     catalog = load_catalog()
     target = resolve_target(model, catalog)
     dev = resolve_device(device, memory, bandwidth)
+    # Vision/audio: vLLM, 16-bit unless a format says; Qwen3.5's text tower runs on llama.cpp alone.
+    multimodal = target.shape.encoder_params > 0 and target.shape.model_type not in TEXT_TOWER_TYPES
     if target.layout is not None:
         if weight_format is not None and parse_format(weight_format) is not target.format_hint:
             raise ValueError(
@@ -279,7 +305,6 @@ def plan_command(
     elif weight_format is not None:
         fmt = parse_format(weight_format)
     else:
-        multimodal = target.shape.encoder_params > 0  # vision/audio: vLLM, 16-bit unless a format says
         cpu_default = WeightFormat.BF16 if multimodal else WeightFormat.Q4_K_M
         fmt = target.format_hint or (WeightFormat.BF16 if dev.kind == "cuda" else cpu_default)
     native = target.shape.context_native
@@ -295,9 +320,9 @@ def plan_command(
         concurrency=concurrency,
         device=dev,
         kv_type=kv,
-        engine=Engine.VLLM if target.shape.encoder_params else None,
+        engine=Engine.VLLM if multimodal else None,
         flash_attn=flash_attn,
-        runtime=runtime_baseline(),
+        runtime=runtime_baseline(target.shape.vocab),
         layout=target.layout,
         formats_allowed=allowed,
     )
