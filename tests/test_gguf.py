@@ -23,9 +23,16 @@ from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from qwenkit.cli.convert import convert_command, quantize_command
-from qwenkit.gguf.convert import ConversionError, convert_to_gguf, ensure_gguf, gguf_cache_key
+from qwenkit.gguf.convert import (
+    ConversionError,
+    convert_to_gguf,
+    ensure_gguf,
+    flat_text_config,
+    gguf_cache_key,
+)
 from qwenkit.gguf.quantize import QuantizeError, quantize_gguf
 from qwenkit.gguf.reader import GGUFReadError, read_gguf_info
+from qwenkit.gguf.vocab import tokenizer_from_gguf
 from qwenkit.tokenizer.specials import ADDED_TOKEN_IDS, CONFIG_VOCAB_SIZE, ENDOFTEXT, IM_END, IM_START
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
@@ -278,6 +285,174 @@ def test_qwen2_moe_with_shared_expert_and_untied_head(demos: dict[str, Path], tm
     assert np.isfinite(llama_logits(info.path)).all()  # llama.cpp accepts every tensor's shape
 
 
+# --- Qwen3.5 hybrids (Gated DeltaNet + gated attention, dense and MoE) ----------------------------------
+
+HYBRIDS = ("qwen3_5", "qwen3_5_moe")
+HYBRID_MATRIX = [
+    pytest.param(
+        arch, outtype, marks=[pytest.mark.slow] if arch != "qwen3_5" and outtype in ("f16", "bf16") else []
+    )
+    for arch in HYBRIDS
+    for outtype in OUTTYPES
+]
+# Per layer kind, what llama.cpp's qwen35 graph loads (ssm_a has no .weight suffix, ssm_dt is a bias).
+LINEAR = {
+    "attn_qkv",
+    "attn_gate",
+    "ssm_conv1d",
+    "ssm_dt",
+    "ssm_a",
+    "ssm_alpha",
+    "ssm_beta",
+    "ssm_norm",
+    "ssm_out",
+}
+FULL = {"attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm"}
+
+
+def _text_config(directory: Path) -> dict[str, object]:
+    return flat_text_config(json.loads((directory / "config.json").read_text()))
+
+
+@pytest.mark.parametrize(("arch", "outtype"), HYBRID_MATRIX)
+def test_convert_hybrid_demo(
+    demo_checkpoint: Callable[[str, str], Path],
+    demo_gguf: Callable[[str, str, str], Path],
+    arch: str,
+    outtype: str,
+) -> None:
+    path = demo_gguf(arch, "tiny", outtype)
+    info, config = read_gguf_info(path), _text_config(demo_checkpoint(arch, "tiny"))
+    prefix, meta = ("qwen35moe" if arch.endswith("moe") else "qwen35"), info.metadata
+    assert info.architecture == prefix and info.file_type_name == WEIGHT_TYPE[outtype]
+    assert info.block_count == config["num_hidden_layers"] and info.vocab_size == config["vocab_size"]
+    assert meta[f"{prefix}.ssm.conv_kernel"] == config["linear_conv_kernel_dim"]
+    assert meta[f"{prefix}.ssm.state_size"] == config["linear_key_head_dim"]
+    assert meta[f"{prefix}.ssm.group_count"] == config["linear_num_key_heads"]
+    assert meta[f"{prefix}.ssm.time_step_rank"] == config["linear_num_value_heads"]
+    assert (
+        meta[f"{prefix}.ssm.inner_size"] == config["linear_value_head_dim"] * config["linear_num_value_heads"]
+    )
+    assert (
+        meta[f"{prefix}.rope.dimension_count"]
+        == config["head_dim"] * config["rope_parameters"]["partial_rotary_factor"]
+    )
+    full = [i for i, kind in enumerate(config["layer_types"]) if kind == "full_attention"]
+    assert meta[f"{prefix}.full_attention_interval"] == full[0] + 1
+    assert meta["tokenizer.ggml.pre"] == "qwen35"  # the demo carries Qwen3.5's split regex
+    # The text model only: no vision tower, no MTP head; each layer has its kind's tensors.
+    for layer in range(info.block_count):
+        parts = {name.split(".")[2] for name in info.tensors if name.startswith(f"blk.{layer}.")}
+        assert parts & (LINEAR | FULL) == (FULL if layer in full else LINEAR), layer
+    assert not any(name.startswith(("v.", "mm.")) for name in info.tensors)
+    assert info.tensors["blk.0.ssm_conv1d.weight"] == info.tensors["blk.0.ssm_a"] == "F32"
+    assert info.tensors["blk.0.ssm_norm.weight"] == info.tensors["blk.0.post_attention_norm.weight"] == "F32"
+    assert info.tensors["blk.0.attn_qkv.weight"] == WEIGHT_TYPE[outtype]
+    if arch == "qwen3_5_moe":
+        assert info.expert_count == config["num_experts"]
+        assert (
+            info.tensors["blk.0.ffn_gate_inp.weight"]
+            == info.tensors["blk.0.ffn_gate_inp_shexp.weight"]
+            == "F32"
+        )
+        assert info.tensors["blk.0.ffn_gate_exps.weight"] == WEIGHT_TYPE[outtype]
+    if outtype != "f32":
+        logits, reference = llama_logits(path), llama_logits(demo_gguf(arch, "tiny", "f32"))
+        assert np.isfinite(logits).all() and correlation(logits, reference) > 0.999
+
+
+def test_hybrid_tokenizer_from_gguf_matches_the_checkpoint(
+    demo_checkpoint: Callable[[str, str], Path], demo_gguf: Callable[[str, str, str], Path]
+) -> None:
+    # tokenizer.ggml.pre "qwen35" brings back Qwen3.5's split regex (marks join letters) and added tokens.
+    rebuilt, original = (
+        tokenizer_from_gguf(demo_gguf("qwen3_5", "tiny", "f32")),
+        QwenTokenizer.from_dir(demo_checkpoint("qwen3_5", "tiny")),
+    )
+    text = "<|im_start|>user\nनमस्ते café\u0301 <think>ok</think> 你好<|im_end|>"
+    assert rebuilt.encode(text) == original.encode(text)
+    assert rebuilt.encode_text(text) == original.encode_text(text)
+
+
+def test_vision_tower_and_mtp_are_skipped_with_a_note(
+    demo_checkpoint: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    notes: list[str] = []
+    convert_to_gguf(demo_checkpoint("qwen3_5", "tiny"), tmp_path / "m.gguf", "f32", note=notes.append)
+    assert len(notes) == 1 and "vision-tower" in notes[0] and "MTP" in notes[0]
+
+
+def test_fused_and_per_expert_layouts_convert_to_the_same_file(
+    demo_checkpoint: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    # The demo stores each layer's experts fused (as the hub does); transformers saves one tensor per expert.
+    fused = demo_checkpoint("qwen3_5_moe", "tiny")
+    split = tmp_path / "split"
+    shutil.copytree(fused, split)
+    files = sorted(split.glob("*.safetensors"))
+    for file in files:
+        tensors, out = load_file(file), {}
+        for name, value in tensors.items():
+            if name.endswith("mlp.experts.gate_up_proj"):
+                ff = value.shape[1] // 2
+                for e in range(value.shape[0]):
+                    out[name.replace("gate_up_proj", f"{e}.gate_proj.weight")] = value[e, :ff]
+                    out[name.replace("gate_up_proj", f"{e}.up_proj.weight")] = value[e, ff:]
+            elif name.endswith("mlp.experts.down_proj"):
+                for e in range(value.shape[0]):
+                    out[name.replace("down_proj", f"{e}.down_proj.weight")] = value[e]
+            else:
+                out[name] = value
+        assert len(out) > len(tensors)
+        save_file(out, str(file), metadata={"format": "pt"})
+    a = convert_to_gguf(fused, tmp_path / "fused.gguf", "q8_0", name="same")
+    b = convert_to_gguf(split, tmp_path / "split.gguf", "q8_0", name="same")
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_quantize_hybrid(demo_gguf: Callable[[str, str, str], Path], tmp_path: Path) -> None:
+    src = demo_gguf("qwen3_5_moe", "tiny", "f32")
+    info = read_gguf_info(quantize_gguf(src, tmp_path / "m-q8_0.gguf", "q8_0", threads=2))
+    assert info.file_type_name == "Q8_0" and info.architecture == "qwen35moe"
+    assert info.tensors["blk.0.ssm_conv1d.weight"] == "F32"  # llama.cpp never quantizes conv kernels
+    assert info.tensors["blk.0.attn_qkv.weight"] == "Q8_0"
+    assert correlation(llama_logits(info.path), llama_logits(src)) > 0.999
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"linear_value_head_dim": 32}, "equal head dims"),
+        (
+            {"layer_types": ["full_attention", "linear_attention", "linear_attention", "full_attention"]},
+            "layer_types",
+        ),
+        (
+            {
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 1e7,
+                    "partial_rotary_factor": 0.25,
+                    "mrope_section": [24, 24, 16],
+                }
+            },
+            "mrope_section",
+        ),
+    ],
+)
+def test_hybrid_configs_llama_cpp_cannot_run(
+    demo_checkpoint: Callable[[str, str], Path], tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    checkpoint = tmp_path / "c"
+    shutil.copytree(demo_checkpoint("qwen3_5", "tiny"), checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["text_config"] |= change
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=message):
+        convert_to_gguf(checkpoint, tmp_path / "out.gguf", "f32")
+    assert not (tmp_path / "out.gguf").exists()
+
+
 # --- conversion errors ----------------------------------------------------------------------------------
 
 
@@ -296,7 +471,8 @@ def test_non_qwen_model_type_is_refused(demos: dict[str, Path], tmp_path: Path) 
     checkpoint = _copy_demo(demos, tmp_path)
     _edit_config(checkpoint, model_type="llama")
     with pytest.raises(
-        ConversionError, match=r"model_type 'llama'.*supports qwen2, qwen3, qwen2_moe, qwen3_moe"
+        ConversionError,
+        match=r"model_type 'llama'.*supports qwen2, qwen3, qwen2_moe, qwen3_moe, qwen3_5, qwen3_5_moe$",
     ):
         convert_to_gguf(checkpoint, tmp_path / "out.gguf", "f32")
 
@@ -545,3 +721,15 @@ def test_cli_convert_then_quantize(cli: typer.Typer, demos: dict[str, Path], tmp
     assert result.exit_code == 0, result.output
     assert read_gguf_info(target).file_type_name == "Q8_0"
     assert os.listdir(target.parent) == ["q.gguf"]
+
+
+def test_cli_convert_notes_the_skipped_vision_tower(
+    cli: typer.Typer, demo_checkpoint: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "m.gguf"
+    result = CliRunner().invoke(
+        cli, ["convert", "--model", str(demo_checkpoint("qwen3_5", "tiny")), "-t", "f16", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "note:" in result.stderr and "vision-tower" in result.stderr
+    assert read_gguf_info(out).architecture == "qwen35"

@@ -2,9 +2,11 @@
 
 Each checkpoint is loaded by transformers (AutoModelForCausalLM, float32) and, converted to an f32 GGUF, by
 llama.cpp (f32 KV cache, no flash attention, 2 threads); logits for every prompt position must agree to 1e-4
-and greedy generations must be identical. The demo's weights (std 0.02) give nearly flat logits and almost
-uniform attention, so each arch is also checked "sharpened": weights rescaled so activations are O(1), logits
-spread over several units and attention depends on RoPE; a wrong rope base must then fail the comparison.
+and greedy generations must be identical (qwen3_5 / qwen3_5_moe included: hybrid Gated DeltaNet demos in the
+hub's multimodal layout, and a text tower saved by transformers itself). The demo's weights (std 0.02) give
+nearly flat logits and almost uniform attention, so each arch is also checked "sharpened": weights rescaled
+so activations are O(1), logits spread over several units and attention depends on RoPE; a wrong rope base,
+or a broken DeltaNet parameter (A_log, conv kernel, value-head order) must then fail the comparison.
 llama_cpp, torch and transformers (the dev install) are imported plainly: without one the run fails, it
 never skips the checks.
 """
@@ -23,22 +25,28 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from gguf import GGUFReader
 from safetensors.numpy import load_file, save_file
 
 from qwenkit.chat.messages import messages_from_openai, tools_from_openai
 from qwenkit.chat.render import render
-from qwenkit.gguf.convert import convert_to_gguf
+from qwenkit.checkpoints.resolve import resolve_model
+from qwenkit.engines.loader import prepare_files
+from qwenkit.gguf.convert import convert_to_gguf, flat_text_config
 from qwenkit.tokenizer.specials import ADDED_TOKEN_IDS, THINK_START
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
-DEMO_ARCHS = ("qwen2", "qwen3", "qwen3_moe")
-ARCHS = (*DEMO_ARCHS, "qwen2_moe", "qwen3_head_dim32")  # the last two are written by transformers
+DEMO_ARCHS = ("qwen2", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe")
+ARCHS = (*DEMO_ARCHS, "qwen2_moe", "qwen3_head_dim32", "qwen3_5_moe_text")  # the last three: by transformers
 MAX_ABS_DIFF = 1e-4
 GREEDY_TOKENS = 20
 PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     "What is 2 + 2? Answer briefly, s'il vous plaît. 你好!<|im_end|>\n<|im_start|>assistant\n<think>\n"
 )
+
+
+_BLOCK_OUTPUTS = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
 
 
 def sharpen(directory: Path, seed: int = 0) -> None:
@@ -49,25 +57,31 @@ def sharpen(directory: Path, seed: int = 0) -> None:
     std 0.5 (logit std ~4), norm weights 1 ± 0.2 and biases std 0.1.
     """
     rng = np.random.default_rng(seed)
+    # Qwen3.5's RMSNorms scale by (1 + weight), except the DeltaNet's gated norm (a plain scale).
+    model_type = json.loads((directory / "config.json").read_text())["model_type"]
+    hybrid = model_type.startswith("qwen3_5")
+    norm_offset = 0.0 if hybrid else 1.0
     for file in sorted(directory.glob("*.safetensors")):
         tensors = load_file(file)
         for name, tensor in tensors.items():
             values = tensor.astype(np.float32)
             if name.endswith("norm.weight"):
-                values = 1 + 0.2 * rng.standard_normal(values.shape, dtype=np.float32)
+                offset = 1.0 if name.endswith("linear_attn.norm.weight") else norm_offset
+                values = offset + 0.2 * rng.standard_normal(values.shape, dtype=np.float32)
             elif values.ndim == 1:  # qkv biases (zeros when transformers initialised them)
                 values = 0.1 * rng.standard_normal(values.shape, dtype=np.float32)
-            elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
                 values = values / values.std() * 0.5
-            else:
-                boost = 6.0 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
-                values = values / values.std() / np.sqrt(values.shape[1]) * boost
+            else:  # the last axis is the fan-in, also of fused experts (E, out, in) and conv kernels
+                boost = 6.0 if name.endswith(_BLOCK_OUTPUTS) else 1.0
+                values = values / values.std() / np.sqrt(values.shape[-1]) * boost
             tensors[name] = values.astype(tensor.dtype)
         save_file(tensors, str(file), metadata={"format": "pt"})
 
 
 # Checkpoints the demos do not cover, written by transformers itself (sharded, untied head): qwen2_moe with a
-# shared expert, and qwen3 with head_dim != hidden / heads, as in Qwen3-0.6B (1024 / 16 heads, head_dim 128).
+# shared expert, qwen3 with head_dim != hidden / heads, as in Qwen3-0.6B (1024 / 16 heads, head_dim 128),
+# and a Qwen3.5 MoE text tower alone (flat qwen3_5_moe_text config, one tensor per expert, default mrope).
 _TINY = {
     "vocab_size": 151_936,
     "hidden_size": 64,
@@ -91,6 +105,21 @@ TRANSFORMERS_BUILT = {
         )
     ),
     "qwen3_head_dim32": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**_TINY, head_dim=32)),
+    "qwen3_5_moe_text": lambda: transformers.Qwen3_5MoeForCausalLM(
+        transformers.Qwen3_5MoeTextConfig(
+            **{k: v for k, v in _TINY.items() if k != "intermediate_size"},
+            head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["linear_attention", "full_attention"],
+        )
+    ),
 }
 
 
@@ -103,18 +132,24 @@ def transformers_checkpoint(kind: str, directory: Path, tokenizer_from: Path) ->
 
 
 class Case:
-    """One checkpoint loaded both ways: transformers (reference) and llama.cpp (converted f32 GGUF)."""
+    """One checkpoint loaded both ways: transformers (reference) and llama.cpp (converted f32 GGUF).
 
-    def __init__(self, checkpoint: Path, gguf_path: Path) -> None:
+    The reference runs in float32, except sharpened hybrids: there transformers' own fp32 chunked DeltaNet
+    is up to ~1e-4 off its float64 result (the tolerance itself), while llama.cpp stays within ~3e-5 of it.
+    """
+
+    def __init__(self, checkpoint: Path, gguf_path: Path, dtype: torch.dtype = torch.float32) -> None:
         self.checkpoint = checkpoint
         self.gguf = gguf_path
         self.tokenizer = QwenTokenizer.from_dir(checkpoint)
-        self.hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        # torch's grouped_mm (transformers' default MoE kernel) has no float64.
+        options = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+        self.hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, **options).eval()
         self.llm = load_llama(gguf_path)
 
     def hf_logits(self, ids: list[int]) -> np.ndarray:
         with torch.no_grad():
-            return self.hf(torch.tensor([ids])).logits[0].numpy()
+            return self.hf(torch.tensor([ids])).logits[0].float().numpy()
 
     def llama_logits(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()
@@ -184,8 +219,10 @@ def case(
                     "original_max_position_embeddings": 16,
                 }
                 (checkpoint / "config.json").write_text(json.dumps(config))
+            hybrid = arch.startswith("qwen3_5")
+            dtype = torch.float64 if hybrid and variant != "demo" else torch.float32
             made[arch, variant] = Case(
-                checkpoint, convert_to_gguf(checkpoint, root / "model-f32.gguf", "f32")
+                checkpoint, convert_to_gguf(checkpoint, root / "model-f32.gguf", "f32"), dtype
             )
         return made[arch, variant]
 
@@ -207,7 +244,8 @@ def test_logits_match_transformers(
     c = case(arch, variant)
     ids = c.tokenizer.encode(PROMPT)
     reference, logits = c.hf_logits(ids), c.llama_logits(ids)
-    assert logits.shape == reference.shape == (len(ids), 151_936)
+    config = flat_text_config(json.loads((c.checkpoint / "config.json").read_text()))
+    assert logits.shape == reference.shape == (len(ids), config["vocab_size"])
     diff = float(np.abs(logits - reference).max())
     std = float(reference.std())
     record_property("max_abs_diff", diff)
@@ -245,6 +283,55 @@ def test_wrong_rope_base_is_caught(case: Callable[[str, str], Case]) -> None:
     diff = np.abs(logits - c.hf_logits(ids)).max(axis=1)
     assert diff[0] <= MAX_ABS_DIFF  # position 0 has no rotation to get wrong
     assert diff.max() > 100 * MAX_ABS_DIFF
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_real_loader_converts_the_compared_file(
+    case: Callable[[str, str], Case], tmp_path: Path, arch: str
+) -> None:
+    # The engine's loader (resolve → convert once → tokenizer) yields the very GGUF the parity tests compare.
+    c = case(arch, "demo")
+    files = prepare_files(resolve_model(str(c.checkpoint)), "f32", env={"QWENKIT_CACHE_DIR": str(tmp_path)})
+    assert files.gguf_path.read_bytes() == c.gguf.read_bytes()
+    config = flat_text_config(json.loads((c.checkpoint / "config.json").read_text()))
+    assert files.n_ctx_train == config["max_position_embeddings"]
+    assert files.tokenizer.encode(PROMPT) == c.tokenizer.encode(PROMPT)
+
+
+def _untile(rows: np.ndarray) -> np.ndarray:
+    # The demo's 2 key / 4 value heads: llama.cpp's tiled order (k0v0, k1v0, k0v1, k1v1) back to grouped.
+    return rows[[0, 2, 1, 3]]
+
+
+BREAKS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "ssm_a": lambda a: a * 1.5,  # A = -exp(A_log): a decay rate off by half
+    "ssm_conv1d": lambda w: w + 0.05 * np.sign(w),
+    "ssm_alpha": _untile,  # gates applied to the wrong value heads
+}
+
+
+@pytest.mark.parametrize("tensor", sorted(BREAKS))
+def test_broken_deltanet_parameter_is_caught(
+    case: Callable[[str, str], Case], tmp_path: Path, tensor: str
+) -> None:
+    # The negative control for the hybrid arch: one DeltaNet tensor of layer 0 changed in the GGUF.
+    c = case("qwen3_5", "sharpened")
+    broken = tmp_path / "broken.gguf"
+    shutil.copy(c.gguf, broken)
+    reader = GGUFReader(broken, "r+")
+    data = next(t.data for t in reader.tensors if t.name in (f"blk.0.{tensor}.weight", f"blk.0.{tensor}"))
+    data[...] = BREAKS[tensor](np.array(data))
+    reader.data.flush()
+    del reader, data
+    ids = c.tokenizer.encode(PROMPT)
+    assert float(np.abs(c.llama_logits(ids) - c.hf_logits(ids)).max()) <= MAX_ABS_DIFF  # the intact file
+    wrong = load_llama(broken)
+    try:
+        wrong.eval(ids)
+        logits = np.array(wrong.scores[: len(ids)])
+    finally:
+        wrong.close()
+    assert float(np.abs(logits - c.hf_logits(ids)).max()) > 100 * MAX_ABS_DIFF
 
 
 # --- tokenization ---------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def convert_command(
     ] = OutTypeChoice.Q8_0,
     out: OutOption = None,
 ) -> None:
-    """Convert a Hugging Face Qwen checkpoint (qwen2, qwen3, qwen2_moe, qwen3_moe) to a GGUF file."""
+    """Convert a Hugging Face Qwen checkpoint (qwen2/2_moe, qwen3/3_moe, qwen3_5/3_5_moe) to a GGUF file."""
     _require("gguf")
     from qwenkit.gguf.convert import checkpoint_name
     from qwenkit.gguf.reader import read_gguf_info
@@ -138,7 +138,11 @@ def _convert(checkpoint: Path, target: Path, outtype: str) -> None:
     from qwenkit.gguf.convert import convert_to_gguf
 
     with progress_bar(f"converting to {outtype} tensors") as update:
-        convert_to_gguf(checkpoint, target, outtype, progress=update)  # type: ignore[arg-type]
+        convert_to_gguf(checkpoint, target, outtype, progress=update, note=_note)  # type: ignore[arg-type]
+
+
+def _note(text: str) -> None:
+    err_console.print(f"[yellow]note:[/] {text}", soft_wrap=True)
 
 
 def _quantize(src: Path, target: Path, qtype: str, threads: int) -> None:

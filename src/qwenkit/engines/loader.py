@@ -1,7 +1,10 @@
-"""Open a resolved model reference on the llama.cpp engine, with the tokenizer and chat flavour it needs.
+"""Open a resolved model reference on the llama.cpp engine, with the tokenizer and chat family it needs.
 
 Contract: an HF checkpoint is converted to GGUF once (cached) and keeps its own tokenizer files; a .gguf
-file brings its tokenizer in its metadata. Either way the caller gets the same LoadedModel.
+file brings its tokenizer in its metadata. Either way the caller gets the same ModelFiles. The chat family
+comes from the checkpoint's own chat template (GGUF tokenizer.chat_template, else chat_template.jinja /
+tokenizer_config.json), model_type only when there is none; a template that cannot be rendered fails here
+(ChatTemplateError), not at the first request. `flavor` is the legacy model_type flavour.
 """
 
 from __future__ import annotations
@@ -10,12 +13,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwenkit.chat.families import ChatFamily, choose_family, template_from_dir
 from qwenkit.chat.flavor import Flavor, flavor_for_model_type
 from qwenkit.checkpoints.demo import is_demo_checkpoint
 from qwenkit.checkpoints.resolve import ResolvedModel
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
-from qwenkit.gguf.convert import OutType, ensure_gguf
+from qwenkit.gguf.convert import OutType, ensure_gguf, flat_text_config
 from qwenkit.gguf.reader import read_gguf_info
 from qwenkit.gguf.vocab import tokenizer_from_gguf
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
@@ -31,6 +35,8 @@ class ModelFiles:
     name: str
     is_demo: bool
     n_ctx_train: int | None
+    family: ChatFamily
+    warnings: tuple[str, ...] = ()
 
 
 def prepare_files(
@@ -42,6 +48,7 @@ def prepare_files(
     """Convert (once) and load the tokenizer; the slow part before an engine starts."""
     if resolved.kind == "gguf":
         info = read_gguf_info(resolved.path)
+        family, warnings = choose_family(info.chat_template, info.architecture)
         return ModelFiles(
             gguf_path=resolved.path,
             tokenizer=tokenizer_from_gguf(resolved.path),
@@ -49,9 +56,13 @@ def prepare_files(
             name=info.name or resolved.path.stem,
             is_demo=False,
             n_ctx_train=info.context_length,
+            family=family,
+            warnings=tuple(warnings),
         )
+    # The template is checked before the (slow) conversion, so a broken one fails at once.
+    family, warnings = choose_family(template_from_dir(resolved.path), resolved.model_type or "qwen3")
     gguf_path = ensure_gguf(resolved.path, outtype, env=env, progress=progress)
-    config = resolved.config or {}
+    config = flat_text_config(resolved.config or {})  # a multimodal config nests it in text_config
     return ModelFiles(
         gguf_path=gguf_path,
         tokenizer=QwenTokenizer.from_dir(resolved.path),
@@ -59,6 +70,8 @@ def prepare_files(
         name=resolved.name,
         is_demo=is_demo_checkpoint(resolved.path),
         n_ctx_train=config.get("max_position_embeddings"),
+        family=family,
+        warnings=tuple(warnings),
     )
 
 

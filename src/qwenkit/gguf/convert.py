@@ -1,9 +1,12 @@
 """Hugging Face safetensors Qwen checkpoint → a GGUF file that llama.cpp loads.
 
-Contract: convert_to_gguf() reads a qwen2 / qwen3 / qwen2_moe / qwen3_moe checkpoint (one file or shards with
-model.safetensors.index.json) one tensor at a time (an MoE layer's experts: one stacked tensor) and writes,
-with gguf.GGUFWriter, llama.cpp's metadata keys, its tensor names and its tokenizer layout; norms and 1-D
-tensors stay f32 as llama.cpp's own converter keeps them. The file appears atomically (temp file + rename).
+Contract: convert_to_gguf() reads a qwen2 / qwen3 / qwen2_moe / qwen3_moe / qwen3_5 / qwen3_5_moe checkpoint
+(one file or shards with model.safetensors.index.json) one tensor at a time (an MoE layer's experts: one
+stacked tensor) and writes, with gguf.GGUFWriter, llama.cpp's metadata keys, its tensor names and its
+tokenizer layout; norms, 1-D tensors and conv kernels stay f32 as llama.cpp's own converter keeps them. A
+multimodal config's text_config is used; its vision tower and MTP head are skipped with a note. Qwen3.5's
+Gated DeltaNet tensors get llama.cpp's layout (ssm_a = -exp(A_log), norms +1, value heads tiled, not grouped).
+The file appears atomically (temp file + rename).
 ensure_gguf() converts once into <cache root>/gguf/<key>/ and reuses the result. Bad input raises
 ConversionError (a ValueError) whose one-line message names the fix.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,11 +44,12 @@ __all__ = [
     "checkpoint_name",
     "convert_to_gguf",
     "ensure_gguf",
+    "flat_text_config",
     "gguf_cache_key",
 ]
 
 # Bump whenever the bytes convert_to_gguf() writes change, so ensure_gguf() rebuilds cached files.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 OutType = Literal["f32", "f16", "bf16", "q8_0"]
 ProgressCallback = Callable[[int, int], None]
@@ -54,20 +59,39 @@ ARCHES: dict[str, gguf.MODEL_ARCH] = {
     "qwen3": gguf.MODEL_ARCH.QWEN3,
     "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
     "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
+    "qwen3_5": gguf.MODEL_ARCH.QWEN35,
+    "qwen3_5_moe": gguf.MODEL_ARCH.QWEN35MOE,
 }
+# A text tower saved on its own (Qwen3_5ForCausalLM) names itself after its text config.
+_TEXT_MODEL_TYPES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
+_HYBRID = (gguf.MODEL_ARCH.QWEN35, gguf.MODEL_ARCH.QWEN35MOE)
+_MOE = (gguf.MODEL_ARCH.QWEN2MOE, gguf.MODEL_ARCH.QWEN3MOE, gguf.MODEL_ARCH.QWEN35MOE)
+# Qwen3.5's mrope split of the rotary pairs (time, height, width, extra); text uses one position for all.
+_DEFAULT_MROPE_SECTION = (11, 11, 10, 0)
 _OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-# The router weights stay f32, as llama.cpp's converter and quantizer keep them.
-_F32_TENSORS = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP)
+# The routers and conv kernels stay f32, as llama.cpp's converter and quantizer keep them.
+_F32_TENSORS = (
+    gguf.MODEL_TENSOR.FFN_GATE_INP,
+    gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+    gguf.MODEL_TENSOR.SSM_CONV1D,
+)
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# transformers 5 / some hub MoE checkpoints store each layer's experts fused: (experts, 2 * ff, hidden) etc.
+_FUSED_EXPERTS = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(?:\.weight)?$")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_TOKENIZER_PRE = "qwen2"  # llama.cpp's name for the Qwen2/2.5/3 pre-tokenizer regex
+# Multimodal checkpoints: the vision tower (a separate mmproj file) and the MTP draft head are not converted.
+_SKIPPED_PREFIXES = ("model.visual.", "visual.", "mtp.", "model.mtp.")
+# llama.cpp's names for the pre-tokenizer regexes: Qwen2/2.5/3, and Qwen3.5's (letters include marks, \p{M}).
+_TOKENIZER_PRE, _TOKENIZER_PRE_QWEN35 = "qwen2", "qwen35"
 _ROWS_PER_CHUNK = 16_384  # bounds the f32 copy of a big embedding while it is encoded
 _HASHED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+logger = logging.getLogger(__name__)
+Transform = Callable[[np.ndarray], np.ndarray]
 
 
 class ConversionError(ValueError):
@@ -76,12 +100,16 @@ class ConversionError(ValueError):
 
 @dataclass(frozen=True)
 class _Planned:
-    """One GGUF tensor: its HF sources (several = experts stacked in order), numpy shape and type."""
+    """One GGUF tensor: its HF sources (several = experts stacked in order), numpy shape and type.
+
+    transform, when set, maps each whole source (as f32) to the values written (then `shape` is the result's).
+    """
 
     name: str
     sources: tuple[str, ...]
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
+    transform: Transform | None = None
 
     @property
     def nbytes(self) -> int:
@@ -95,8 +123,12 @@ def convert_to_gguf(
     progress: ProgressCallback | None = None,
     *,
     name: str | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> Path:
-    """Convert an HF-layout Qwen checkpoint to a GGUF at `out_path`; `progress(done, total)` per tensor."""
+    """Convert an HF-layout Qwen checkpoint to a GGUF at `out_path`; `progress(done, total)` per tensor.
+
+    `note(text)` hears what was left out (a vision tower, an MTP head); by default it goes to the log.
+    """
     checkpoint_dir, out_path = Path(checkpoint_dir).expanduser(), Path(out_path).expanduser()
     qtype, ftype = _outtype(outtype)
     if out_path.suffix.lower() != ".gguf":
@@ -112,6 +144,10 @@ def convert_to_gguf(
     with contextlib.ExitStack() as stack:
         handles = {path: stack.enter_context(_open_safetensors(path)) for path in weight_files}
         located = _locate(handles)
+        skipped = sorted(k for k in located if k.startswith(_SKIPPED_PREFIXES))
+        if skipped:
+            (note or logger.warning)(_skipped_note(skipped))
+        located = {k: v for k, v in located.items() if not k.startswith(_SKIPPED_PREFIXES)}
         plan = _plan(located, handles, config, arch, qtype)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         _check_disk_space(out_path.parent, sum(p.nbytes for p in plan))
@@ -194,12 +230,23 @@ def _read_config(directory: Path) -> dict[str, Any]:
         config = json.loads(path.read_text("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConversionError(f"{path} is not valid JSON ({exc}): re-download the checkpoint") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    config = flat_text_config(config) if isinstance(config, dict) else {}
+    model_type = config.get("model_type")
     if model_type not in ARCHES:
         raise ConversionError(
             f"{directory} is model_type {model_type!r}: GGUF conversion supports {', '.join(ARCHES)}"
         )
     return config
+
+
+def flat_text_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The text model's settings at the top level: a multimodal config's text_config merged over the rest
+    (as llama.cpp's converter reads it); a text tower's own model_type (qwen3_5_text) becomes its family's."""
+    text = config.get("text_config")
+    flat = {**config, **text} if isinstance(text, dict) else dict(config)
+    model_type = config.get("model_type")
+    flat["model_type"] = _TEXT_MODEL_TYPES.get(model_type, model_type)  # type: ignore[arg-type]
+    return flat
 
 
 def _check_supported(config: Mapping[str, Any], directory: Path) -> None:
@@ -208,11 +255,19 @@ def _check_supported(config: Mapping[str, Any], directory: Path) -> None:
         raise ConversionError(
             f"{directory} is already quantized ({method}): convert the bf16 original, then `qwenkit quantize`"
         )
-    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+    model_type = config["model_type"]
+    required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
+    if model_type.endswith("_moe"):
+        required += ["num_experts", "num_experts_per_tok", "moe_intermediate_size"]
+    required += ["intermediate_size"] if model_type != "qwen3_5_moe" else []  # qwen3_5_moe has no dense FFN
+    if ARCHES[model_type] in _HYBRID:
+        required += [f"linear_{key}" for key in ("conv_kernel_dim", "key_head_dim", "value_head_dim")]
+        required += ["linear_num_key_heads", "linear_num_value_heads", "head_dim"]
     missing = [key for key in required if not isinstance(config.get(key), int)]
     if missing:
         raise ConversionError(f"{directory}/config.json lacks {missing[0]}: re-download the checkpoint")
-    model_type = config["model_type"]
+    if ARCHES[model_type] in _HYBRID:
+        _check_hybrid(config, directory)
     if model_type.endswith("_moe"):
         step = config.get("decoder_sparse_step", 1)
         if config.get("mlp_only_layers") or step != 1:
@@ -220,13 +275,50 @@ def _check_supported(config: Mapping[str, Any], directory: Path) -> None:
                 f"{directory} mixes dense and MoE layers (mlp_only_layers/decoder_sparse_step), "
                 f"which llama.cpp's {model_type} graph cannot run"
             )
-        # llama.cpp hard-codes top-k weight normalisation: on for qwen3moe, off for qwen2moe.
-        wants_norm = model_type == "qwen3_moe"
+        # llama.cpp hard-codes top-k weight normalisation: off for qwen2moe, on for the others.
+        wants_norm = model_type != "qwen2_moe"
         if bool(config.get("norm_topk_prob", wants_norm)) != wants_norm:
             raise ConversionError(
                 f"{directory} sets norm_topk_prob={config.get('norm_topk_prob')}, which llama.cpp's "
                 f"{model_type} graph does not support: use the transformers engine for this model"
             )
+
+
+def _check_hybrid(config: Mapping[str, Any], directory: Path) -> None:
+    """What llama.cpp's qwen35 graph assumes of the Gated DeltaNet layers, checked before any writing."""
+    n_k, n_v = config["linear_num_key_heads"], config["linear_num_value_heads"]
+    if config["linear_key_head_dim"] != config["linear_value_head_dim"] or n_v % n_k:
+        raise ConversionError(
+            f"{directory} has linear-attention key/value heads {n_k}x{config['linear_key_head_dim']} / "
+            f"{n_v}x{config['linear_value_head_dim']}: llama.cpp needs equal head dims and value heads a "
+            "multiple of key heads"
+        )
+    interval = _full_attention_interval(config)
+    if interval is None:
+        raise ConversionError(
+            f"{directory}/config.json layer_types is not one full-attention layer every N layers, "
+            "which llama.cpp's qwen35 graph requires"
+        )
+
+
+def _full_attention_interval(config: Mapping[str, Any]) -> int | None:
+    """N when every Nth layer (and only those) is full attention, as llama.cpp derives the layer kinds."""
+    n_layers = config["num_hidden_layers"]
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        return int(config.get("full_attention_interval", 4))
+    full = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+    if len(layer_types) != n_layers or not full:
+        return None
+    interval = full[0] + 1
+    pattern = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n_layers)]
+    return interval if list(layer_types) == pattern else None
+
+
+def _is_recurrent(config: Mapping[str, Any], layer: int) -> bool:
+    interval = _full_attention_interval(config)
+    assert interval is not None  # checked by _check_hybrid
+    return (layer + 1) % interval != 0
 
 
 def _weight_files(directory: Path) -> tuple[Path, ...]:
@@ -322,27 +414,47 @@ def _plan(
     def shape_of(key: str) -> tuple[int, ...]:
         return tuple(handles[located[key]].get_slice(key).get_shape())
 
+    def gguf_name_of(hf_name: str, suffixes: tuple[str, ...]) -> tuple[gguf.MODEL_TENSOR, str]:
+        found = names.get_type_and_name(hf_name, try_suffixes=suffixes)
+        if found is None:
+            raise ConversionError(
+                f"unexpected tensor {hf_name} for {gguf.MODEL_ARCH_NAMES[arch]}: "
+                "is this a plain Qwen text checkpoint? (adapters must be merged first)"
+            )
+        return found
+
     for key in located:
-        if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
+        if key.endswith(_IGNORED_SUFFIXES) or (tied and key.endswith("lm_head.weight")):
             continue
         dtype = handles[located[key]].get_slice(key).get_dtype()
         if dtype not in ("F32", "F16", "BF16"):
             raise ConversionError(
                 f"tensor {key} is {dtype}, not a float checkpoint: convert the bf16/f16 original instead"
             )
-        if match := _EXPERT.match(key):
+        # A multimodal checkpoint nests the text model under model.language_model.
+        hf_name = (
+            "model." + key.removeprefix("model.language_model.")
+            if key.startswith("model.language_model.")
+            else key
+        )
+        if match := _EXPERT.match(hf_name):
             layer, expert, proj = int(match[1]), int(match[2]), match[3]
             experts.setdefault((layer, proj), {})[expert] = key
             continue
-        found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
-        if found is None:
-            raise ConversionError(
-                f"unexpected tensor {key} for {gguf.MODEL_ARCH_NAMES[arch]}: "
-                "is this a plain Qwen text checkpoint? (adapters must be merged first)"
+        if match := _FUSED_EXPERTS.match(hf_name):
+            plan += _fused_experts(
+                key, int(match[1]), match[2], shape_of(key), n_experts, gguf_name_of, qtype
             )
-        kind, gguf_name = found
+            continue
+        lookup = (
+            hf_name.removesuffix(".dt_bias") + ".dt_proj.bias" if hf_name.endswith(".dt_bias") else hf_name
+        )
+        kind, gguf_name = gguf_name_of(lookup, (".weight", ".bias"))
         shape = shape_of(key)
-        plan.append(_Planned(gguf_name, (key,), shape, _qtype_for(gguf_name, kind, shape, qtype)))
+        if kind == gguf.MODEL_TENSOR.SSM_CONV1D:
+            shape = (shape[0], shape[-1])  # (channels, 1, kernel) → (channels, kernel)
+        transform = _hybrid_transform(hf_name, config) if arch in _HYBRID else None
+        plan.append(_Planned(gguf_name, (key,), shape, _qtype_for(gguf_name, kind, shape, qtype), transform))
 
     for (layer, proj), by_index in sorted(experts.items()):
         if sorted(by_index) != list(range(n_experts)):
@@ -356,19 +468,73 @@ def _plan(
             raise ConversionError(
                 f"layer {layer}'s {proj} experts differ in shape: re-download the checkpoint"
             )
-        found = names.get_type_and_name(
-            f"model.layers.{layer}.mlp.experts.{proj}.weight", try_suffixes=(".weight",)
-        )
-        if found is None:
-            raise ConversionError(
-                f"experts in layer {layer} are unexpected for {gguf.MODEL_ARCH_NAMES[arch]}"
-            )
-        kind, gguf_name = found
+        kind, gguf_name = gguf_name_of(f"model.layers.{layer}.mlp.experts.{proj}.weight", (".weight",))
         shape = (n_experts, *shapes.pop())
         plan.append(_Planned(gguf_name, sources, shape, _qtype_for(gguf_name, kind, shape, qtype)))
 
     _check_complete(plan, config, arch, tied)
     return sorted(plan, key=_tensor_order)
+
+
+def _fused_experts(
+    key: str,
+    layer: int,
+    proj: str,
+    shape: tuple[int, ...],
+    n_experts: int,
+    gguf_name_of: Callable[[str, tuple[str, ...]], tuple[gguf.MODEL_TENSOR, str]],
+    qtype: gguf.GGMLQuantizationType,
+) -> list[_Planned]:
+    """One layer's experts stored as one 3-D tensor: down_proj as is, gate_up_proj split into gate and up."""
+    if len(shape) != 3 or shape[0] != n_experts or (proj == "gate_up_proj" and shape[1] % 2):
+        raise ConversionError(
+            f"tensor {key} has shape {list(shape)}, not ({n_experts} experts, ...): re-download it"
+        )
+    if proj == "down_proj":
+        parts: list[tuple[str, tuple[int, ...], Transform | None]] = [("down_proj", shape, None)]
+    else:
+        ff = shape[1] // 2  # transformers' fused layout: gate rows first, then up rows
+        half = (n_experts, ff, shape[2])
+        parts = [("gate_proj", half, lambda x: x[:, :ff]), ("up_proj", half, lambda x: x[:, ff:])]
+    planned = []
+    for name, part_shape, transform in parts:
+        kind, gguf_name = gguf_name_of(f"model.layers.{layer}.mlp.experts.{name}.weight", (".weight",))
+        planned.append(
+            _Planned(gguf_name, (key,), part_shape, _qtype_for(gguf_name, kind, part_shape, qtype), transform)
+        )
+    return planned
+
+
+def _hybrid_transform(name: str, config: Mapping[str, Any]) -> Transform | None:
+    """llama.cpp's qwen35 layout for one HF tensor: norms +1, ssm_a = -exp(A_log), value heads tiled."""
+    n_k, n_v = config["linear_num_key_heads"], config["linear_num_value_heads"]
+    head_v, key_dim = config["linear_value_head_dim"], n_k * config["linear_key_head_dim"]
+
+    def tiled(values: np.ndarray, axis: int, head_dim: int) -> np.ndarray:
+        # HF groups value heads by key head (k0: v0..v{r-1}, k1: ...); ggml broadcasts k heads tiled
+        # (k0, k1, ..., k0, k1, ...), so value head j of key head i moves to position j * n_k + i.
+        moved = np.moveaxis(values, axis, 0)
+        grouped = moved.reshape(n_k, n_v // n_k, head_dim, *moved.shape[1:])
+        return np.moveaxis(grouped.swapaxes(0, 1).reshape(moved.shape), 0, axis)
+
+    def qkv_channels(values: np.ndarray) -> np.ndarray:
+        return np.concatenate([values[: 2 * key_dim], tiled(values[2 * key_dim :], 0, head_v)])
+
+    if ".linear_attn." not in name:
+        # Qwen3.5's RMSNorm scales by (1 + weight); llama.cpp's by weight.
+        return (lambda x: x + 1) if name.endswith("norm.weight") else None
+    leaf = name.rsplit(".linear_attn.", 1)[1]
+    transforms: dict[str, Transform] = {
+        "A_log": lambda x: tiled(-np.exp(x), 0, 1),
+        "dt_bias": lambda x: tiled(x, 0, 1),
+        "in_proj_a.weight": lambda x: tiled(x, 0, 1),
+        "in_proj_b.weight": lambda x: tiled(x, 0, 1),
+        "in_proj_z.weight": lambda x: tiled(x, 0, head_v),
+        "out_proj.weight": lambda x: tiled(x, 1, head_v),
+        "in_proj_qkv.weight": qkv_channels,
+        "conv1d.weight": lambda x: qkv_channels(x.reshape(x.shape[0], x.shape[-1])),
+    }
+    return transforms.get(leaf)  # the gated norm (linear_attn.norm) is a plain scale: written as is
 
 
 def _tensor_order(planned: _Planned) -> tuple[int, int, str]:
@@ -383,26 +549,39 @@ def _check_complete(
     plan: list[_Planned], config: Mapping[str, Any], arch: gguf.MODEL_ARCH, tied: bool
 ) -> None:
     have = {p.name for p in plan}
-    moe = arch in (gguf.MODEL_ARCH.QWEN2MOE, gguf.MODEL_ARCH.QWEN3MOE)
-    ffn = (
-        ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-        if moe
-        else ("ffn_gate", "ffn_up", "ffn_down")
-    )
-    parts = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", *ffn]
-    if arch in (gguf.MODEL_ARCH.QWEN3, gguf.MODEL_ARCH.QWEN3MOE):
-        parts += ["attn_q_norm", "attn_k_norm"]
-    if arch == gguf.MODEL_ARCH.QWEN2MOE and config.get("shared_expert_intermediate_size"):
-        parts += ["ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
     needed = ["token_embd.weight", "output_norm.weight"] + ([] if tied else ["output.weight"])
     for layer in range(config["num_hidden_layers"]):
-        needed += [f"blk.{layer}.{part}.weight" for part in parts]
+        needed += [f"blk.{layer}.{part}" for part in _layer_parts(config, arch, layer)]
     missing = [n for n in needed if n not in have]
     if missing:
         hint = " (lm_head.weight with tie_word_embeddings false)" if missing[0] == "output.weight" else ""
         raise ConversionError(
             f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}{hint}: re-download it"
         )
+
+
+def _layer_parts(config: Mapping[str, Any], arch: gguf.MODEL_ARCH, layer: int) -> list[str]:
+    """The GGUF tensors (after blk.N.) llama.cpp requires of one layer."""
+    ffn = (
+        ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+        if arch in _MOE
+        else ["ffn_gate", "ffn_up", "ffn_down"]
+    )
+    if arch in (gguf.MODEL_ARCH.QWEN2MOE, gguf.MODEL_ARCH.QWEN35MOE) and config.get(
+        "shared_expert_intermediate_size"
+    ):
+        ffn += ["ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
+    attention = ["attn_q", "attn_k", "attn_v", "attn_output"]
+    if arch != gguf.MODEL_ARCH.QWEN2 and arch != gguf.MODEL_ARCH.QWEN2MOE:
+        attention += ["attn_q_norm", "attn_k_norm"]
+    if arch not in _HYBRID:
+        return [f"{part}.weight" for part in ["attn_norm", *attention, "ffn_norm", *ffn]]
+    if _is_recurrent(config, layer):
+        linear = ["attn_qkv", "attn_gate", "ssm_conv1d", "ssm_alpha", "ssm_beta", "ssm_norm", "ssm_out"]
+        mixer = [f"{part}.weight" for part in linear] + ["ssm_dt.bias", "ssm_a"]
+    else:
+        mixer = [f"{part}.weight" for part in attention]
+    return [f"{part}.weight" for part in ["attn_norm", "post_attention_norm", *ffn]] + mixer
 
 
 def _check_disk_space(directory: Path, needed: int) -> None:
@@ -415,22 +594,46 @@ def _check_disk_space(directory: Path, needed: int) -> None:
 
 
 def _encode(planned: _Planned, located: Mapping[str, Path], handles: Mapping[Path, Any]) -> np.ndarray:
-    """Read the planned tensor's sources a block of rows at a time and encode them into one output array."""
+    """Read the planned tensor's sources a block of rows at a time and encode them into one output array.
+
+    A transformed or 3-D (fused experts) source is read whole first: those are small next to the embedding.
+    """
     out: np.ndarray | None = None
     for index, key in enumerate(planned.sources):
         source = handles[located[key]].get_slice(key)
         shape = source.get_shape()
-        n_rows = shape[0] if len(shape) == 2 else 1  # sources are matrices or vectors
+        if planned.transform is not None or len(shape) > 2:
+            values = source[:].astype(np.float32)
+            values = planned.transform(values) if planned.transform is not None else values
+            matrix = values.reshape(-1, values.shape[-1])
+            n_rows = matrix.shape[0]
+
+            def rows(start: int, stop: int, matrix: np.ndarray = matrix) -> np.ndarray:
+                return matrix[start:stop]
+
+        else:
+            n_rows = shape[0] if len(shape) == 2 else 1  # sources are matrices or vectors
+
+            def rows(start: int, stop: int, source: Any = source, shape: Any = shape) -> np.ndarray:
+                return source[start:stop] if len(shape) == 2 else source[:].reshape(1, -1)
+
         for start in range(0, n_rows, _ROWS_PER_CHUNK):
             stop = min(start + _ROWS_PER_CHUNK, n_rows)  # safetensors slices do not clamp
-            rows = source[start:stop] if len(shape) == 2 else source[:].reshape(1, -1)
-            chunk = gguf.quants.quantize(rows.astype(np.float32), planned.qtype)
+            chunk = gguf.quants.quantize(rows(start, stop).astype(np.float32), planned.qtype)
             if out is None:
                 out = np.empty((len(planned.sources), n_rows, chunk.shape[-1]), dtype=chunk.dtype)
             out[index, start : start + chunk.shape[0]] = chunk
     assert out is not None
     # The last axis counts output elements: floats for F32/F16, bytes for BF16 and block types.
     return out.reshape(*planned.shape[:-1], out.shape[-1])
+
+
+def _skipped_note(skipped: list[str]) -> str:
+    vision = sum(1 for k in skipped if not k.startswith(("mtp.", "model.mtp.")))
+    parts = [f"{vision} vision-tower tensor(s) (images need the transformers engine)"] if vision else []
+    if len(skipped) > vision:
+        parts.append(f"{len(skipped) - vision} MTP draft-head tensor(s)")
+    return f"converting the text model only: skipped {' and '.join(parts)}"
 
 
 def checkpoint_name(directory: Path) -> str:
@@ -460,7 +663,8 @@ def _add_metadata(
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(int(config.get("max_position_embeddings", 32_768)))
     writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
+    if isinstance(config.get("intermediate_size"), int):
+        writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
     theta, scaling = _rope(config)
@@ -477,8 +681,48 @@ def _add_metadata(
         writer.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
         if shared := config.get("shared_expert_intermediate_size"):
             writer.add_expert_shared_feed_forward_length(int(shared))
+    if ARCHES[config["model_type"]] in _HYBRID:
+        _add_hybrid_metadata(writer, config)
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _mrope_sections(config: Mapping[str, Any], rope_dims: int) -> list[int]:
+    """Four section sizes llama.cpp's interleaved mrope accepts (their sum at most head_dim).
+
+    Text tokens carry one position on every axis, so any split that puts each rotary pair on time, height or
+    width rotates as transformers does; without mrope_section in the config, transformers' default is used
+    when it fits, else an even split.
+    """
+    params = config.get("rope_parameters") or {}
+    given = params.get("mrope_section")
+    if given is None:
+        even = -(-rope_dims // 6)  # ceil(pairs / 3)
+        given = _DEFAULT_MROPE_SECTION if sum(_DEFAULT_MROPE_SECTION) <= config["head_dim"] else (even,) * 3
+    sections = [int(s) for s in given][:4]
+    if sum(sections) > config["head_dim"]:
+        raise ConversionError(
+            f"rope_parameters.mrope_section {given} adds up to more than head_dim {config['head_dim']}, "
+            "which llama.cpp's mrope cannot run: fix config.json"
+        )
+    return sections + [0] * (4 - len(sections))
+
+
+def _add_hybrid_metadata(writer: gguf.GGUFWriter, config: Mapping[str, Any]) -> None:
+    """Qwen3.5's partial (multi-section) rope and Gated DeltaNet sizes, under llama.cpp's qwen35 keys."""
+    params = config.get("rope_parameters") or {}
+    partial = float(params.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.25)))
+    rope_dims = int(config["head_dim"] * partial)
+    writer.add_rope_dimension_count(rope_dims)
+    writer.add_rope_dimension_sections(_mrope_sections(config, rope_dims))
+    writer.add_ssm_conv_kernel(config["linear_conv_kernel_dim"])
+    writer.add_ssm_state_size(config["linear_key_head_dim"])
+    writer.add_ssm_group_count(config["linear_num_key_heads"])
+    writer.add_ssm_time_step_rank(config["linear_num_value_heads"])
+    writer.add_ssm_inner_size(config["linear_value_head_dim"] * config["linear_num_value_heads"])
+    interval = _full_attention_interval(config)
+    assert interval is not None  # checked by _check_hybrid
+    writer.add_full_attention_interval(interval)
 
 
 def _add_rope_scaling(writer: gguf.GGUFWriter, scaling: Mapping[str, Any]) -> None:
@@ -536,7 +780,7 @@ def _add_vocab(writer: gguf.GGUFWriter, directory: Path, config: Mapping[str, An
         tokens.append(token)
         types.append(_token_type(token, token_id in added, token_id in added and added[token_id].special))
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_TOKENIZER_PRE)
+    writer.add_tokenizer_pre(_tokenizer_pre(tokenizer_file))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
 
@@ -565,3 +809,20 @@ def _generation_eos(directory: Path) -> int | None:
         return None
     eos = eos[0] if isinstance(eos, list) and eos else eos
     return eos if isinstance(eos, int) else None
+
+
+def _tokenizer_pre(tokenizer_file: Path) -> str:
+    """qwen35 when tokenizer.json's split regex is Qwen3.5's (marks join letters), else qwen2."""
+    try:
+        pre = json.loads(tokenizer_file.read_text("utf-8")).get("pre_tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return _TOKENIZER_PRE
+
+    def strings(node: Any) -> Iterator[str]:
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict | list):
+            for child in node.values() if isinstance(node, dict) else node:
+                yield from strings(child)
+
+    return _TOKENIZER_PRE_QWEN35 if any("\\p{M}" in s for s in strings(pre)) else _TOKENIZER_PRE

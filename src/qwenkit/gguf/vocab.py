@@ -1,8 +1,9 @@
 """The tokenizer inside a Qwen GGUF file, as a QwenTokenizer.
 
-Contract: a .gguf carries the byte-level vocab, merges, token types and eos id; tokenizer_from_gguf
-rebuilds the same tokenizer the checkpoint had (added tokens = control and user-defined entries, padding
-rows skipped), so a GGUF-only model renders and guards prompts exactly like its HF original.
+Contract: a .gguf carries the byte-level vocab, merges, token types, eos id and pre-tokenizer name;
+tokenizer_from_gguf rebuilds the same tokenizer the checkpoint had (added tokens = control and user-defined
+entries, padding rows skipped; tokenizer.ggml.pre "qwen35" selects Qwen3.5's split regex and added-token
+table), so a GGUF-only model renders and guards prompts exactly like its HF original.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from gguf.gguf_reader import ReaderField
 
 from qwenkit.gguf.reader import MetadataReader
 from qwenkit.tokenizer.build import assemble_tokenizer
-from qwenkit.tokenizer.specials import ADDED_TOKENS, AddedToken
+from qwenkit.tokenizer.specials import QWEN2_LAYOUT, QWEN3_5_LAYOUT, AddedToken, VocabLayout
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 from qwenkit.tokenizer.vocab import TokenizerError
 
-_QWEN_ADDED = {t.content: t for t in ADDED_TOKENS}
+# llama.cpp's pre-tokenizer names (written by qwenkit.gguf.convert) → our vocabulary layouts.
+_LAYOUTS: dict[str, VocabLayout] = {"qwen2": QWEN2_LAYOUT, "qwen35": QWEN3_5_LAYOUT}
 
 
 def _need(reader: gguf.GGUFReader, key: str) -> ReaderField:
@@ -49,6 +51,9 @@ def tokenizer_from_gguf(path: Path) -> QwenTokenizer:
     merges_raw = _strings(_need(reader, "tokenizer.ggml.merges"))
     eos_id = int(_need(reader, "tokenizer.ggml.eos_token_id").contents())
     pad_field = reader.get_field("tokenizer.ggml.padding_token_id")
+    pre_field = reader.get_field("tokenizer.ggml.pre")
+    layout = _LAYOUTS.get(pre_field.contents() if pre_field is not None else "qwen2", QWEN2_LAYOUT)
+    known_added = {t.content: t for t in layout.added_tokens}
     vocab: dict[str, int] = {}
     added: list[AddedToken] = []
     for i, (token, kind) in enumerate(zip(tokens, types, strict=True)):
@@ -56,11 +61,11 @@ def tokenizer_from_gguf(path: Path) -> QwenTokenizer:
             vocab[token] = i
         elif kind in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
             # llama.cpp marks every <|...|> token control; Qwen's own table says which are special.
-            known = _QWEN_ADDED.get(token)
+            known = known_added.get(token)
             added.append(
                 AddedToken(token, i, special=known.special if known else kind == gguf.TokenType.CONTROL)
             )
     merges = [tuple(m.split(" ", 1)) for m in merges_raw]
-    tokenizer = assemble_tokenizer(vocab, merges, added)  # type: ignore[arg-type]
+    tokenizer = assemble_tokenizer(vocab, merges, added, layout.pretokenize_regex)  # type: ignore[arg-type]
     pad = tokens[int(pad_field.contents())] if pad_field is not None else None
     return QwenTokenizer.from_tokenizer(tokenizer, eos_token=tokens[eos_id], pad_token=pad)
