@@ -244,7 +244,9 @@ def test_prefix_reuse_gives_same_output(engine: LlamaCppEngine) -> None:
 @pytest.mark.parametrize("unified", [False, True])
 def test_prefix_copied_from_a_running_sequence(demo_gguf: Callable[..., Path], unified: bool) -> None:
     eng = LlamaCppEngine(
-        demo_gguf("qwen3", "tiny", "f32"), EngineConfig(n_ctx=1024, max_seqs=2, threads=2, kv_unified=unified)
+        demo_gguf("qwen3", "tiny", "f32"),
+        # No state cache: the forgotten idle prefix must not come back from there.
+        EngineConfig(n_ctx=1024, max_seqs=2, threads=2, kv_unified=unified, state_cache_mb=0),
     )
     try:
         shared = prompt(13, 50)

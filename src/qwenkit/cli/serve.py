@@ -102,6 +102,15 @@ def serve_command(
         ),
     ] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: physical cores).")] = None,
+    state_cache_mb: Annotated[
+        int,
+        typer.Option(
+            "--state-cache-mb",
+            min=0,
+            help="Host memory (MiB) for saved conversation states, so a chat's next turn prefills only its "
+            "new tokens; least recently used first out; 0: off.",
+        ),
+    ] = 1024,
     quant: Annotated[
         str, typer.Option("--quant", help="GGUF type an HF checkpoint is converted to: f32, f16, bf16, q8_0.")
     ] = "q8_0",
@@ -182,12 +191,16 @@ def serve_command(
     files = open_model_files(model, allow_pickle, quant)
     n_ctx = ctx or default_ctx(max_seqs, files.n_ctx_train)
     engine_config = EngineConfig(
-        n_ctx=n_ctx, max_seqs=max_seqs, threads=threads or physical_cores(), max_waiting=max_waiting
+        n_ctx=n_ctx,
+        max_seqs=max_seqs,
+        threads=threads or physical_cores(),
+        max_waiting=max_waiting,
+        state_cache_mb=state_cache_mb,
     )
     from qwenkit.engines.loader import open_engine  # llama.cpp loads only when a model is served
 
     engine = open_engine(files, engine_config)
-    app = create_app(engine, files.tokenizer, files.flavor, files.name, config)
+    app = create_app(engine, files.tokenizer, files.family, files.name, config)
     bound_host, bound_port = sock.getsockname()[:2]
     shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     name = config.served_model_name or files.name

@@ -85,7 +85,7 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens not prefilled: a cached prefix or a restored saved state held them
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
 

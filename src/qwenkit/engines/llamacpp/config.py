@@ -2,6 +2,7 @@
 
 Contract: EngineConfig is validated and immutable; for_workload() picks n_ctx from how many sequences run
 at once and how long each may get, so a user states the workload rather than llama.cpp's knobs.
+state_cache_mb bounds the host memory kept for saved sequence states (see state_cache.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ class EngineConfig(BaseModel):
         default=None, ge=8, description="prompt tokens per step while others decode; None = adaptive"
     )
     prefix_cache: bool = True
+    state_cache_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="host memory for saved sequence states (turn-boundary snapshots, spilled prefix caches), "
+        "least recently used dropped first; 0 = off",
+    )
     # One shared pool lets sequences differ in length, but every token then attends over every cell.
     kv_unified: bool = False
     max_waiting: int = Field(default=256, ge=0)

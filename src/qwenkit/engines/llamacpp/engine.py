@@ -7,7 +7,11 @@ generate() is the async face: an async iterator of TokenEvents; leaving it early
 frees its KV cells within one step. An unexpected failure while starting or sampling one sequence ends
 only that sequence (finish_reason "error"); the loop and every other request go on. stats() returns the
 snapshot the engine thread publishes under its lock after each step, so any thread may call it.
-Knows nothing of chat templates or HTTP.
+Multi-turn reuse: with state_cache_mb > 0, idle prefix caches are saved to a bounded LRU of sequence
+states before their cells are dropped, and on recurrent (hybrid) models, whose state cannot be cut back,
+each prompt's state is also saved where its last message starts (the last <|im_start|>), so the next
+turn restores it and prefills only its new tokens; TokenEvent.cached_tokens counts the reused tokens.
+Knows nothing of chat templates or HTTP beyond Qwen's control tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from qwenkit.engines.llamacpp.model import LlamaModel
 from qwenkit.engines.llamacpp.sampler import Candidates, SeqSampler, check_grammar, logprobs_for
 from qwenkit.engines.llamacpp.scheduler import MIN_PREFILL_CHUNK, Scheduler, StepPlan
 from qwenkit.engines.llamacpp.sequence import Sequence, Status
+from qwenkit.engines.llamacpp.state_cache import StateCache
 from qwenkit.engines.request import (
     THINKING_EARLY_STOP,
     EngineError,
@@ -57,8 +62,16 @@ class LlamaCppEngine:
             )
         self.model = LlamaModel(Path(gguf_path), self.config)
         self.n_ctx = self.model.n_ctx_seq  # the most tokens one sequence may hold
+        mb = self.config.state_cache_mb
+        self.states = StateCache(mb * 1024 * 1024) if mb else None
         self.scheduler = Scheduler(
-            SlotManager(self.model, self.config.max_seqs, self.config.prefix_cache, self.config.kv_unified),
+            SlotManager(
+                self.model,
+                self.config.max_seqs,
+                self.config.prefix_cache,
+                self.config.kv_unified,
+                states=self.states,
+            ),
             self.model.n_ctx,
             self.config.n_batch,
             self.config.max_seqs,
@@ -67,6 +80,7 @@ class LlamaCppEngine:
             self.scheduler.prefill_chunk = self.config.prefill_chunk
         self._think_start = self.model.token_id("<think>")
         self._think_end = self.model.token_id("</think>")
+        self._turn_start = self.model.token_id("<|im_start|>")
         self._early_stop = self.model.tokenize(THINKING_EARLY_STOP, parse_special=True)
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
@@ -178,7 +192,19 @@ class LlamaCppEngine:
         except EngineError as exc:
             self._finish(seq, "error", [], "", error=str(exc))
             return
+        seq.snapshot_at = self._snapshot_point(req.prompt_token_ids)
         self.scheduler.waiting.append(seq)
+
+    def _snapshot_point(self, prompt: tuple[int, ...]) -> int:
+        """Where the last message starts: the next turn's prompt repeats everything before it, even when
+        the template re-renders this turn's answer differently (thinking dropped). Only recurrent models
+        need it: an attention-only cache is cut back to any prefix instead."""
+        if self.states is None or not self.model.recurrent or self._turn_start is None:
+            return 0
+        for i in range(len(prompt) - 1, 0, -1):
+            if prompt[i] == self._turn_start:
+                return i
+        return 0
 
     def _run(self, plan: StepPlan) -> None:
         tokens: list[int] = []
@@ -206,6 +232,8 @@ class LlamaCppEngine:
         self._learn_timing(plan, elapsed)
         for seq, n in plan.entries:
             seq.n_cached += n
+            if seq.snapshot_at and seq.n_cached == seq.snapshot_at:
+                self.scheduler.slots.save(seq.seq_id, seq.tokens[: seq.n_cached])
         for seq, index in samples:
             try:
                 self._postprocess(seq, index)

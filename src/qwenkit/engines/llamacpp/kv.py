@@ -6,6 +6,10 @@ the room is needed. Cell counts are upper bounds: shared cells count per slot. W
 buffers (not unified) each slot has its own n_ctx / n_slots cells, and llama.cpp splits a batch into one
 compute pass per run of consecutive seq ids (in batch order): so a new sequence always gets the lowest slot
 not running (lowest_available), keeping the running ids one run, and a prefix cached elsewhere is copied in.
+On a recurrent (hybrid) model a slot's state cannot be cut back: an idle cache is reused only whole (the
+prompt extends it), never copied from a running sequence. With a StateCache, an idle cache that is dropped,
+or cut back to less than half, is first saved there (spilled), so a later turn can restore it instead of
+prefilling again.
 """
 
 from __future__ import annotations
@@ -13,20 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qwenkit.engines.llamacpp.model import LlamaModel
+from qwenkit.engines.llamacpp.state_cache import StateCache, StateHit, common_prefix
 
 
 @dataclass
 class _Cached:
     tokens: list[int]
     last_used: int
-
-
-def common_prefix(a: list[int], b: tuple[int, ...] | list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @dataclass
@@ -42,6 +39,8 @@ class SlotManager:
     n_slots: int
     enabled: bool = True
     unified: bool = False
+    states: StateCache | None = None
+    spills: int = 0
     _free: list[int] = field(init=False)
     _idle: dict[int, _Cached] = field(init=False, default_factory=dict)
     _clock: int = 0
@@ -61,10 +60,15 @@ class SlotManager:
         if not self.enabled:
             return None
         best: PrefixMatch | None = None
+        exact = self.model.recurrent
         for slot, cached in self._idle.items():
             n = common_prefix(cached.tokens, prompt)
+            if exact and not n == len(cached.tokens) < len(prompt):
+                continue  # its recurrent state holds more than the prompt shares, or all of the prompt
             if n and (best is None or n > best.length):
                 best = PrefixMatch(n, slot, True)
+        if exact:
+            return best  # a running sequence's state moves on every step: never a source
         for slot, tokens in running.items():
             n = common_prefix(tokens, prompt)
             if n and (best is None or n > best.length):
@@ -82,9 +86,36 @@ class SlotManager:
 
     def take_idle(self, slot: int, keep: int) -> int:
         """Reuse an idle slot: keep its first `keep` cells, drop the rest."""
-        self._idle.pop(slot)
-        self.model.seq_rm(slot, keep, -1)
+        cached = self._idle.pop(slot)
+        if keep < len(cached.tokens) // 2:
+            # Most of it would be lost: likely another conversation taking the slot, so save it first.
+            self._spill(slot, cached)
+        if not self.model.seq_rm(slot, keep, -1):
+            raise RuntimeError(f"slot {slot} cannot be cut back to {keep} tokens (recurrent state)")
         return slot
+
+    def restore(self, slot: int, hit: StateHit) -> bool:
+        """Put a saved state into a slot just taken, cut back to hit.length; False leaves the slot empty."""
+        if not self.model.state_set(slot, hit.data):
+            return False
+        if hit.length < len(hit.tokens) and not self.model.seq_rm(slot, hit.length, -1):
+            self.model.seq_rm(slot)
+            return False
+        return True
+
+    def save(self, slot: int, tokens: list[int]) -> bool:
+        """Copy a slot's state (holding exactly `tokens`) into the state cache, when one is kept."""
+        key = tuple(tokens)
+        if self.states is None or not key or key in self.states:
+            return False
+        if not self.states.fits(self.model.state_size(slot)):
+            return False
+        return self.states.put(key, self.model.state_get(slot))
+
+    def _spill(self, slot: int, cached: _Cached) -> None:
+        """Save an idle cache to the state cache before its cells are dropped."""
+        if self.save(slot, cached.tokens):
+            self.spills += 1
 
     def lowest_available(self) -> int:
         """The lowest slot no running sequence holds (free, or idle with a cache that may be dropped)."""
@@ -92,7 +123,9 @@ class SlotManager:
 
     def take(self, slot: int) -> int:
         """Take an available slot for a new sequence, dropping its idle cache if it has one."""
-        if self._idle.pop(slot, None) is not None:
+        cached = self._idle.pop(slot, None)
+        if cached is not None:
+            self._spill(slot, cached)
             self.model.seq_rm(slot)
         else:
             self._free.remove(slot)
@@ -107,7 +140,7 @@ class SlotManager:
         if not candidates:
             return False
         slot = min(candidates, key=lambda s: self._idle[s].last_used)
-        del self._idle[slot]
+        self._spill(slot, self._idle.pop(slot))
         self.model.seq_rm(slot)
         self._free.append(slot)
         return True
@@ -115,7 +148,8 @@ class SlotManager:
     def release(self, slot: int, cached_tokens: list[int]) -> None:
         """A sequence ended: keep its cells for prefix reuse (or drop them when caching is off)."""
         self._clock += 1
-        if self.enabled and cached_tokens:
+        # Memory must hold exactly these tokens (a failed decode may leave it elsewhere): else drop it.
+        if self.enabled and cached_tokens and self.model.seq_len(slot) == len(cached_tokens):
             self._idle[slot] = _Cached(cached_tokens, self._clock)
         else:
             self.model.seq_rm(slot)

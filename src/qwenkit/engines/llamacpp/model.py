@@ -1,7 +1,10 @@
-"""A loaded GGUF model and its llama.cpp context: vocab, KV memory and one decode call.
+"""A loaded GGUF model and its llama.cpp context: vocab, KV memory, per-sequence state and one decode call.
 
 Contract: LlamaModel owns the native model, context and batch and frees them on close(); everything else
 in the engine talks to llama.cpp only through it. Not thread-safe: the engine's loop thread alone uses it.
+`recurrent` is true when the memory holds a recurrent state (Mamba-like or hybrid, e.g. Qwen3.5's Gated
+DeltaNet layers): such a sequence cannot be cut back to a prefix (seq_rm then returns False), only saved
+whole (state_get) and put back (state_set).
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self.recurrent = bool(
+            llama_cpp.llama_model_is_recurrent(self._model) or llama_cpp.llama_model_is_hybrid(self._model)
+        )
         self.n_batch = config.n_batch
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._pieces: dict[int, bytes] = {}
@@ -119,8 +125,34 @@ class LlamaModel:
         return ids[0] if len(ids) == 1 else None
 
     # KV memory
-    def seq_rm(self, seq_id: int, p0: int = 0, p1: int = -1) -> None:
-        llama_cpp.llama_memory_seq_rm(self._mem, seq_id, p0, p1)
+    def seq_rm(self, seq_id: int, p0: int = 0, p1: int = -1) -> bool:
+        """Drop cells [p0, p1) of a sequence; False (memory untouched) when a recurrent state forbids it."""
+        return bool(llama_cpp.llama_memory_seq_rm(self._mem, seq_id, p0, p1))
+
+    def seq_len(self, seq_id: int) -> int:
+        """How many positions the sequence holds in memory (its highest position + 1; 0 when empty)."""
+        return int(llama_cpp.llama_memory_seq_pos_max(self._mem, seq_id)) + 1
+
+    # per-sequence state (all its KV cells and its recurrent state, if any)
+    def state_size(self, seq_id: int) -> int:
+        return int(llama_cpp.llama_state_seq_get_size(self._ctx, seq_id))
+
+    def state_get(self, seq_id: int) -> bytes:
+        """A copy of one sequence's whole state, restorable into any sequence id with state_set."""
+        size = self.state_size(seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, seq_id)
+        if n == 0:
+            raise EngineError(f"llama.cpp could not save the state of sequence {seq_id}")
+        return bytes(memoryview(buf)[:n])
+
+    def state_set(self, seq_id: int, data: bytes) -> bool:
+        """Replace a sequence's state with a saved one; False (sequence left empty) when it does not fit."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), seq_id) == 0:
+            self.seq_rm(seq_id)
+            return False
+        return True
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         llama_cpp.llama_memory_seq_cp(self._mem, src, dst, p0, p1)

@@ -1,9 +1,12 @@
 """Continuous batching: which sequences run, and how many tokens each feeds into the next decode call.
 
-Contract: admit() moves waiting sequences into KV slots while room allows (reusing cached prefixes);
-plan() builds one step: every decoding sequence's next token first, then prompt chunks, so a long prompt
-is fed in pieces and never stalls the running streams. When the KV cells run out, the newest running
-sequence is preempted (its cells freed, re-queued first, recomputed later) rather than failing anyone.
+Contract: admit() moves waiting sequences into KV slots while room allows, reusing the longest cached
+prefix: an idle or running slot's cells, or a saved state from the StateCache (restored into the slot);
+on recurrent models only a state holding exactly a prefix of the prompt counts. plan() builds one step:
+every decoding sequence's next token first, then prompt chunks, so a long prompt is fed in pieces and
+never stalls the running streams; a chunk ends at the sequence's snapshot_at so its state can be saved.
+When the KV cells run out, the newest running sequence is preempted (its cells freed, re-queued first,
+recomputed later) rather than failing anyone.
 """
 
 from __future__ import annotations
@@ -51,11 +54,19 @@ class Scheduler:
         admitted: list[Sequence] = []
         while self.waiting and len(self.running) < self.max_seqs and self.slots.has_slot():
             seq = self.waiting[0]
+            prompt = tuple(seq.tokens)
             running = {s.seq_id: s.tokens[: s.n_cached] for s in self.running}
-            match = self.slots.best_prefix(tuple(seq.tokens), running)
+            match = self.slots.best_prefix(prompt, running)
             # At least one token must be fed so the step yields logits to sample from.
-            reuse = min(match.length, len(seq.tokens) - 1) if match else 0
-            need = len(seq.tokens) - reuse + len(self.running) + 1
+            reuse = min(match.length, len(prompt) - 1) if match else 0
+            states = self.slots.states
+            hit = states.best(prompt, exact=self.slots.model.recurrent) if states is not None else None
+            if hit is not None and hit.length > reuse:
+                match, reuse = None, hit.length
+            else:
+                hit = None
+            # A restored state brings its cells with it; a reused slot's cells are already counted.
+            need = len(prompt) - reuse + len(self.running) + 1 + (reuse if hit else 0)
             keep = match.slot if match and match.idle else None
             while self._over(need) and self.slots.evict_lru(keep=keep):
                 pass
@@ -63,7 +74,13 @@ class Scheduler:
                 break
             self.waiting.popleft()
             slot = self.slots.lowest_available()
-            if match and reuse and match.idle and match.slot == slot:
+            if hit is not None:
+                seq.seq_id = self.slots.take(slot)
+                if self.slots.restore(slot, hit):
+                    states.use(hit)  # type: ignore[union-attr]
+                else:
+                    reuse = 0
+            elif match and reuse and match.idle and match.slot == slot:
                 seq.seq_id = self.slots.take_idle(slot, reuse)
             else:
                 seq.seq_id = self.slots.take(slot)
@@ -91,6 +108,8 @@ class Scheduler:
         for seq in self.running:
             if seq.pending > 1 and prefill_budget > 0:
                 n = min(seq.pending, prefill_budget)
+                if seq.n_cached < seq.snapshot_at < seq.n_cached + n:
+                    n = seq.snapshot_at - seq.n_cached
                 entries.append((seq, n))
                 prefill_budget -= n
         plan = StepPlan(entries)

@@ -2,7 +2,8 @@
 
 Contract: tokens = prompt + everything generated or inserted; the first n_cached of them are in the KV
 cache under seq_id. What is left to feed is tokens[n_cached:] (a prompt chunk, forced tokens, or the one
-token sampled last step). The sequence never touches llama.cpp itself.
+token sampled last step). snapshot_at, when set, is a prompt position where a prompt chunk must end so
+the engine can save the state there. The sequence never touches llama.cpp itself.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Sequence:
     n_cached: int = 0
     n_generated: int = 0
     cached_prompt: int = 0
+    snapshot_at: int = 0  # prompt position where the engine saves this sequence's state (0: nowhere)
     status: Status = Status.WAITING
     in_reasoning: bool = False
     reasoning_tokens: int = 0
