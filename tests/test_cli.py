@@ -65,6 +65,31 @@ def test_render_prints_the_exact_prompt_and_ids(demo_checkpoint) -> None:
     assert code == 0 and "<|im_start|>assistant" in out and "token ids" in out
 
 
+def test_render_json_shows_the_family_the_template_picks(demo_checkpoint, tmp_path: Path) -> None:
+    import shutil
+
+    model = demo_checkpoint("qwen3", "tiny")
+    code, out, _ = invoke("render", "--model", str(model), "--user", "Hi", "--json")
+    assert code == 0 and json.loads(out)["family"] == "qwen3" and json.loads(out)["warnings"] == []
+    code, out, _ = invoke("render", "--model", str(model), "--user", "Hi", "--family", "qwen3_5", "--json")
+    assert code == 0 and json.loads(out)["family"] == "qwen3_5"
+    assert json.loads(out)["prompt"].endswith("<|im_start|>assistant\n<think>\n")
+    # A template of no known family: rendered by its own Jinja, with a warning; the template wins over
+    # model_type.
+    custom = tmp_path / "custom"
+    shutil.copytree(model, custom)
+    (custom / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    )
+    code, out, _ = invoke("render", "--model", str(custom), "--user", "Hi", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["family"] == "jinja" and data["prompt"] == "[user] Hi\n"
+    assert "matches no known family" in data["warnings"][0]
+    (custom / "chat_template.jinja").write_text("{% for %}")
+    code, _, err = invoke("render", "--model", str(custom), "--user", "Hi")
+    assert code != 0 and "does not compile" in err and "Traceback" not in err
+
+
 def test_render_reads_messages_and_tools_files(demo_checkpoint, tmp_path: Path) -> None:
     messages = tmp_path / "conv.json"
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]

@@ -222,7 +222,7 @@ def _prepare(
     prepared = prepare_chat(
         files.tokenizer,
         messages,
-        flavor=files.flavor,
+        flavor=files.family,
         tools=opts.tools,
         enable_thinking=opts.enable_thinking,
         sampling=opts.sampling,
