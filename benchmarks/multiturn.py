@@ -114,13 +114,18 @@ async def one_turn(port: int, messages: list[dict[str, str]], max_tokens: int) -
     }
 
 
+PLACEHOLDER = re.compile(r"<\|qwenkit_unused_\d+\|>")
+
+
 async def conversation(port: int, system: str, users: list[str], max_tokens: int) -> list[dict[str, Any]]:
     messages = [{"role": "system", "content": system}]
     turns = []
     for user in users:
         messages.append({"role": "user", "content": user})
         result = await one_turn(port, messages, max_tokens)
-        messages.append({"role": "assistant", "content": result.pop("answer")})
+        # The demo tokenizer's placeholder ids (<|qwenkit_unused_N|>; random weights pick them often) return
+        # as text that re-tokenizes to ~10 tokens each; a real model writes none. Drop them from the history.
+        messages.append({"role": "assistant", "content": PLACEHOLDER.sub("", result.pop("answer"))})
         turns.append(result)
     return turns
 
