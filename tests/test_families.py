@@ -354,7 +354,7 @@ OUTPUTS: dict[ChatFamily, tuple[str, str | None, str | None]] = {
 
 def _parse(family: ChatFamily, chunks: list[str]) -> ParsedOutput:
     prompt = family.render(messages_from_openai([U]), tools_from_openai([WEATHER]))
-    parser = family.output_parser(prompt, tools=[WEATHER])
+    parser = family.output_parser(think_opened=prompt.think_opened, tools=[WEATHER])
     return accumulate([*(parser.feed(c) for c in chunks), parser.finish()])
 
 

@@ -19,7 +19,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwenkit.chat.families import FamilyLike, as_family
+from qwenkit.chat.families import ChatFamily, FamilyLike, as_family
 from qwenkit.chat.messages import Message, Tool
 from qwenkit.chat.parse import OutputParser
 from qwenkit.chat.render import RenderedPrompt, render
@@ -37,14 +37,15 @@ class PreparedChat:
     thinking: bool  # the mode in force: the engine tracks a think block, thinking sampling defaults
     think_opened: bool
     tools: tuple[dict[str, Any], ...]
-    think_block: bool = False  # the output may open with a think block, to split off whatever the mode
+    family: ChatFamily
+    continued: bool = False  # the prompt continues the final assistant message: the output is content
     warnings: list[str] = field(default_factory=list)
 
     def parser(self, call_names: Collection[str] | None = None) -> OutputParser:
         """A parser for this turn's output; call_names limits which functions become calls (None: any)."""
-        return OutputParser(
-            thinking=self.think_block,
+        return self.family.output_parser(
             think_opened=self.think_opened,
+            continued=self.continued,
             tools=self.tools or None,
             call_names=call_names,
         )
@@ -103,7 +104,7 @@ def prepare_chat(
         thinking=prompt.thinking,
         think_opened=think_opened,
         tools=tuple(t.model_dump() for t in tools or ()),
-        # A continued message goes on as content; a new turn may open with a think block.
-        think_block=think_opened or family.think_block(continue_final_message),
+        family=family,
+        continued=continue_final_message,
         warnings=warnings,
     )

@@ -187,16 +187,17 @@ class ChatFamily:
 
     def output_parser(
         self,
-        prompt: RenderedPrompt,
         *,
+        think_opened: bool,
         continued: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
         call_names: Collection[str] | None = None,
     ) -> OutputParser:
-        """The parser for the output that follows prompt (starts inside the block the prompt opened)."""
+        """The parser for the output after a prompt; think_opened: the prompt (or the caller) opened <think>,
+        so the output starts inside the block."""
         return OutputParser(
-            thinking=prompt.think_opened or self.think_block(continued),
-            think_opened=prompt.think_opened,
+            thinking=think_opened or self.think_block(continued),
+            think_opened=think_opened,
             tools=tools,
             call_names=call_names,
         )
