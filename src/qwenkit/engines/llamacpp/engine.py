@@ -29,10 +29,11 @@ from pathlib import Path
 
 from qwenkit.engines.courier import Courier
 from qwenkit.engines.llamacpp.config import EngineConfig
+from qwenkit.engines.llamacpp.costs import StepCosts
 from qwenkit.engines.llamacpp.kv import SlotManager
 from qwenkit.engines.llamacpp.model import LlamaModel
 from qwenkit.engines.llamacpp.sampler import Candidates, SeqSampler, check_grammar, logprobs_for
-from qwenkit.engines.llamacpp.scheduler import MIN_PREFILL_CHUNK, Scheduler, StepPlan
+from qwenkit.engines.llamacpp.scheduler import Scheduler, StepPlan
 from qwenkit.engines.llamacpp.sequence import Sequence, Status
 from qwenkit.engines.llamacpp.state_cache import StateCache
 from qwenkit.engines.request import (
@@ -64,6 +65,8 @@ class LlamaCppEngine:
         self.n_ctx = self.model.n_ctx_seq  # the most tokens one sequence may hold
         mb = self.config.state_cache_mb
         self.states = StateCache(mb * 1024 * 1024) if mb else None
+        self.costs = StepCosts(CHUNK_STEP_COST, self.config.n_batch)
+        fixed = self.config.prefill_chunk
         self.scheduler = Scheduler(
             SlotManager(
                 self.model,
@@ -75,9 +78,8 @@ class LlamaCppEngine:
             self.model.n_ctx,
             self.config.n_batch,
             self.config.max_seqs,
+            chunk_for=(lambda n_decode: fixed) if fixed else self.costs.chunk,
         )
-        if self.config.prefill_chunk:
-            self.scheduler.prefill_chunk = self.config.prefill_chunk
         self._think_start = self.model.token_id("<think>")
         self._think_end = self.model.token_id("</think>")
         self._turn_start = self.model.token_id("<|im_start|>")
@@ -92,8 +94,6 @@ class LlamaCppEngine:
         self._stopping = False
         self._accepting = True
         self.steps = 0
-        self._t_decode: float | None = None  # seconds per decode-only step (EMA)
-        self._t_prefill_tok: float | None = None  # seconds per prompt token (EMA)
         self._candidates = Candidates(self.model.n_vocab)  # shared by the sequences' samplers
         self._stats = self._snapshot()
 
@@ -248,23 +248,9 @@ class LlamaCppEngine:
             self._finish(seq, "error", [], self._flush_text(seq), error=f"llama_decode failed ({status})")
 
     def _learn_timing(self, plan: StepPlan, elapsed: float) -> None:
-        """Size prompt chunks so a step that carries one costs about CHUNK_STEP_COST decode-only steps."""
         n_prefill = sum(n for _, n in plan.entries if n > 1)
-        n_decode = len(plan.entries) - sum(1 for _, n in plan.entries if n > 1)
-
-        def ema(old: float | None, new: float) -> float:
-            return new if old is None else 0.8 * old + 0.2 * new
-
-        if n_prefill == 0:
-            self._t_decode = ema(self._t_decode, elapsed)
-        elif n_decode == 0:
-            self._t_prefill_tok = ema(self._t_prefill_tok, elapsed / n_prefill)
-        elif self._t_decode is not None and elapsed > self._t_decode:
-            # Measured in mixed steps too: deep in a long prompt a token costs more than at its start.
-            self._t_prefill_tok = ema(self._t_prefill_tok, (elapsed - self._t_decode) / n_prefill)
-        if self.config.prefill_chunk is None and self._t_decode and self._t_prefill_tok:
-            chunk = int((CHUNK_STEP_COST - 1) * self._t_decode / self._t_prefill_tok)
-            self.scheduler.prefill_chunk = max(MIN_PREFILL_CHUNK, min(chunk, self.config.n_batch))
+        n_decode = sum(1 for _, n in plan.entries if n == 1)
+        self.costs.observe(n_decode, n_prefill, elapsed)
 
     def _postprocess(self, seq: Sequence, index: int) -> None:
         req = seq.request

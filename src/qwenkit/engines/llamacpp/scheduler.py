@@ -12,12 +12,11 @@ recomputed later) rather than failing anyone.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qwenkit.engines.llamacpp.kv import SlotManager
 from qwenkit.engines.llamacpp.sequence import Sequence, Status
-
-MIN_PREFILL_CHUNK = 8
 
 
 @dataclass
@@ -30,14 +29,22 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotManager, n_ctx: int, n_batch: int, max_seqs: int) -> None:
+    def __init__(
+        self,
+        slots: SlotManager,
+        n_ctx: int,
+        n_batch: int,
+        max_seqs: int,
+        chunk_for: Callable[[int], int] = lambda n_decode: 64,
+    ) -> None:
         self.slots = slots
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.max_seqs = max_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.prefill_chunk = 64  # tuned by the engine from measured step times
+        self.chunk_for = chunk_for  # prompt tokens per prefilling sequence beside n decodes (StepCosts.chunk)
+        self.prefill_chunk = chunk_for(0)  # the chunk the last plan used (for reports)
         self.preemptions = 0
 
     def has_work(self) -> bool:
@@ -104,6 +111,7 @@ class Scheduler:
         # While others decode, each prompt gets a chunk per step so their next tokens are not delayed much;
         # a burst of new prompts gets a chunk each, so it starts quickly rather than one prompt at a time.
         prefilling = sum(1 for s in self.running if s.pending > 1)
+        self.prefill_chunk = self.chunk_for(len(decoding))
         prefill_budget = min(budget, self.prefill_chunk * prefilling) if decoding else budget
         for seq in self.running:
             if seq.pending > 1 and prefill_budget > 0:

@@ -1,0 +1,69 @@
+"""What a step costs, learned from measured step times, and the prompt chunk that keeps decodes steady.
+
+Contract: observe(n_decode, n_prefill, seconds) after every llama_decode; chunk(n_decode) is the prompt
+tokens per prefilling sequence for a step beside n_decode decoding sequences, so that the step costs about
+step_cost_factor decode-only steps (floor MIN_CHUNK, cap n_batch). A decode-only step is modelled as
+a + b·n_decode (least squares over recent decode-only steps): on hybrid models (Qwen3.5) each decoding
+sequence reads and writes its whole recurrent state, so 8 decodes cost ~5x one, and a constant would
+charge the decodes' cost to the prompt tokens and starve prefill. A prompt token's cost is what a step
+took beyond its predicted decode part, per prompt token (EMA). Before anything is measured: initial_chunk.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+MIN_CHUNK = 8
+_WINDOW = 64  # decode-only steps kept for the fit
+
+
+class StepCosts:
+    def __init__(self, step_cost_factor: float, n_batch: int, initial_chunk: int = 64) -> None:
+        self.factor = step_cost_factor
+        self.n_batch = n_batch
+        self.initial_chunk = initial_chunk
+        self._decode: deque[tuple[int, float]] = deque(maxlen=_WINDOW)
+        self._fit: tuple[float, float] | None = None  # (a, b): seconds = a + b * n_decode
+        self.prefill_token: float | None = None  # seconds per prompt token (EMA)
+
+    def decode_cost(self, n_decode: int) -> float | None:
+        """Predicted seconds of a decode-only step with n_decode sequences (None before any measurement)."""
+        if self._fit is None or n_decode <= 0:
+            return None if self._fit is None else 0.0
+        a, b = self._fit
+        return max(a + b * n_decode, 0.0)
+
+    def observe(self, n_decode: int, n_prefill: int, seconds: float) -> None:
+        if n_prefill == 0 and n_decode > 0:
+            self._decode.append((n_decode, seconds))
+            self._refit()
+            return
+        if n_prefill == 0:
+            return
+        decode_part = self.decode_cost(n_decode) if n_decode else 0.0
+        if decode_part is None or seconds <= decode_part:
+            return  # nothing to attribute yet, or noise: the step cost less than its decodes alone
+        per_token = (seconds - decode_part) / n_prefill
+        old = self.prefill_token
+        self.prefill_token = per_token if old is None else 0.8 * old + 0.2 * per_token
+
+    def _refit(self) -> None:
+        ns = [n for n, _ in self._decode]
+        ts = [t for _, t in self._decode]
+        mean_n, mean_t = sum(ns) / len(ns), sum(ts) / len(ts)
+        var = sum((n - mean_n) ** 2 for n in ns)
+        if var == 0:
+            # One batch size seen so far: cost proportional to it (an over-estimate for more sequences).
+            self._fit = (0.0, mean_t / mean_n)
+            return
+        b = sum((n - mean_n) * (t - mean_t) for n, t in zip(ns, ts, strict=True)) / var
+        b = max(b, 0.0)
+        self._fit = (max(mean_t - b * mean_n, 0.0), b)
+
+    def chunk(self, n_decode: int) -> int:
+        """Prompt tokens per prefilling sequence for a step beside n_decode decoding sequences."""
+        decode = self.decode_cost(n_decode)
+        if not decode or not self.prefill_token:
+            return self.initial_chunk
+        tokens = int((self.factor - 1) * decode / self.prefill_token)
+        return max(MIN_CHUNK, min(tokens, self.n_batch))
