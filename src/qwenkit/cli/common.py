@@ -83,3 +83,29 @@ def open_model_files(model: str | None, allow_pickle: bool, quant: str) -> Model
     resolved = load_model(model, allow_pickle)
     with progress_bar("converting to GGUF") as update:
         return prepare_files(resolved, outtype, progress=update)
+
+
+PollOption = Annotated[
+    str,
+    typer.Option(
+        "--poll",
+        help="How long idle llama.cpp threads spin, 0-100 (0: sleep at once; 50: llama.cpp's default) or "
+        "'auto': 0 when other processes load the CPU at start (spinning threads of two programs starve "
+        "each other), else 50.",
+    ),
+]
+
+
+def engine_poll(poll: str, threads: int, say_default: bool = True) -> int:
+    """--poll as the level to run at ('auto' measured now, said on stderr, or only when it turns polling
+    off if not say_default); call before llama.cpp loads, so an OpenMP build's workers wait that way too."""
+    from qwenkit.engines.llamacpp.threads import prepare_openmp, resolve_poll
+
+    value = poll.strip().lower()
+    if value != "auto" and not (value.isdigit() and 0 <= int(value) <= 100):
+        raise ValueError(f"--poll must be 'auto' or a level 0-100 (got {poll!r})")
+    level, why = resolve_poll("auto" if value == "auto" else int(value), threads)
+    if value == "auto" and (say_default or level == 0):
+        err_console.print(f"[dim]--poll auto: {why}[/]", soft_wrap=True)
+    prepare_openmp(level)
+    return level

@@ -20,7 +20,14 @@ from qwenkit.chat.messages import Message, Tool, messages_from_openai, tools_fro
 from qwenkit.chat.parse import ParseAccumulator, ParsedOutput, ToolCallDelta
 from qwenkit.chat.pipeline import PreparedChat, prepare_chat
 from qwenkit.checkpoints.demo import DEMO_NOTICE
-from qwenkit.cli.common import AllowPickleOption, ModelOption, QuantOption, open_model_files
+from qwenkit.cli.common import (
+    AllowPickleOption,
+    ModelOption,
+    PollOption,
+    QuantOption,
+    engine_poll,
+    open_model_files,
+)
 from qwenkit.cli.errors import err_console, friendly_errors
 from qwenkit.engines.grammar import grammar_from_json_schema
 from qwenkit.engines.llamacpp.config import EngineConfig
@@ -66,14 +73,16 @@ def _load_tools(path: Path | None) -> list[Tool] | None:
 
 
 def _open(
-    model: str | None, allow_pickle: bool, quant: str, n_ctx: int, threads: int | None
+    model: str | None, allow_pickle: bool, quant: str, n_ctx: int, threads: int | None, poll: str
 ) -> tuple[ModelFiles, LlamaCppEngine]:
+    threads = threads or physical_cores()
+    level = engine_poll(poll, threads, say_default=False)  # before llama.cpp loads
     from qwenkit.engines.loader import open_engine  # llama.cpp loads only when a model is run
 
     files = open_model_files(model, allow_pickle, quant)
     if files.n_ctx_train:
         n_ctx = min(n_ctx, files.n_ctx_train)
-    config = EngineConfig(n_ctx=n_ctx, max_seqs=1, threads=threads or physical_cores())
+    config = EngineConfig(n_ctx=n_ctx, max_seqs=1, threads=threads, poll=level)
     return files, open_engine(files, config)
 
 
@@ -195,6 +204,7 @@ def generate_command(
     ] = None,
     ctx: CtxOption = None,
     threads: ThreadsOption = None,
+    poll: PollOption = "auto",
     quant: QuantOption = "q8_0",
     allow_pickle: AllowPickleOption = False,
 ) -> None:
@@ -203,7 +213,7 @@ def generate_command(
     raw: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     raw.append({"role": "user", "content": prompt})
     messages = messages_from_openai(raw)
-    files, engine = _open(model, allow_pickle, quant, ctx or 1 << 30, threads)
+    files, engine = _open(model, allow_pickle, quant, ctx or 1 << 30, threads, poll)
     try:
         prepared = _prepare(files, messages, opts, engine)
         for warning in prepared.warnings:
@@ -259,12 +269,13 @@ def chat_command(
         int, typer.Option("--ctx", min=256, help="Context length for the whole conversation.")
     ] = 8192,
     threads: ThreadsOption = None,
+    poll: PollOption = "auto",
     quant: QuantOption = "q8_0",
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Chat in the terminal. /think and /no_think switch thinking mode; /reset forgets; /exit quits."""
     opts = _options(max_tokens, temperature, top_p, top_k, seed, thinking_budget, think, tools, None)
-    files, engine = _open(model, allow_pickle, quant, ctx, threads)
+    files, engine = _open(model, allow_pickle, quant, ctx, threads, poll)
     console = Console(highlight=False)
     history: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     base = list(history)

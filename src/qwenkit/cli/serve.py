@@ -18,7 +18,14 @@ from typing import Annotated
 import typer
 
 from qwenkit.checkpoints.demo import DEMO_NOTICE
-from qwenkit.cli.common import AllowPickleOption, ModelOption, check_quant, open_model_files
+from qwenkit.cli.common import (
+    AllowPickleOption,
+    ModelOption,
+    PollOption,
+    check_quant,
+    engine_poll,
+    open_model_files,
+)
 from qwenkit.cli.errors import err_console, friendly_errors
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.hardware import physical_cores
@@ -102,6 +109,7 @@ def serve_command(
         ),
     ] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: physical cores).")] = None,
+    poll: PollOption = "auto",
     state_cache_mb: Annotated[
         int,
         typer.Option(
@@ -188,14 +196,17 @@ def serve_command(
         trusted_proxies=split_list(trusted_proxies),
     )
     sock = bind_socket(host, port)  # before loading: a busy port fails in a second, not after a conversion
+    threads = threads or physical_cores()
+    poll_level = engine_poll(poll, threads)  # before llama.cpp loads (open_model_files loads it)
     files = open_model_files(model, allow_pickle, quant)
     n_ctx = ctx or default_ctx(max_seqs, files.n_ctx_train)
     engine_config = EngineConfig(
         n_ctx=n_ctx,
         max_seqs=max_seqs,
-        threads=threads or physical_cores(),
+        threads=threads,
         max_waiting=max_waiting,
         state_cache_mb=state_cache_mb,
+        poll=poll_level,
     )
     from qwenkit.engines.loader import open_engine  # llama.cpp loads only when a model is served
 

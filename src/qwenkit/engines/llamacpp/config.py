@@ -2,14 +2,15 @@
 
 Contract: EngineConfig is validated and immutable; for_workload() picks n_ctx from how many sequences run
 at once and how long each may get, so a user states the workload rather than llama.cpp's knobs.
-state_cache_mb bounds the host memory kept for saved sequence states (see state_cache.py).
+state_cache_mb bounds the host memory kept for saved sequence states (see state_cache.py). poll is how
+long idle worker threads spin before sleeping (llama.cpp's --poll, 0-100) or "auto" (see threads.py).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qwenkit.hardware import physical_cores
 
@@ -39,6 +40,18 @@ class EngineConfig(BaseModel):
     # One shared pool lets sequences differ in length, but every token then attends over every cell.
     kv_unified: bool = False
     max_waiting: int = Field(default=256, ge=0)
+    poll: int | Literal["auto"] = Field(
+        default=50,
+        description="worker polling level 0-100 (llama.cpp's --poll; 0: sleep at once, for machines with "
+        "other CPU load) or 'auto': 0 when other processes load the cores at start, else 50",
+    )
+
+    @field_validator("poll", mode="before")
+    @classmethod
+    def _poll_level(cls, value: object) -> object:
+        if isinstance(value, bool) or (isinstance(value, int) and not 0 <= value <= 100):
+            raise ValueError("poll must be 0..100 or 'auto'")
+        return value
 
     @classmethod
     def for_workload(

@@ -4,7 +4,8 @@ Contract: LlamaModel owns the native model, context and batch and frees them on 
 in the engine talks to llama.cpp only through it. Not thread-safe: the engine's loop thread alone uses it.
 `recurrent` is true when the memory holds a recurrent state (Mamba-like or hybrid, e.g. Qwen3.5's Gated
 DeltaNet layers): such a sequence cannot be cut back to a prefix (seq_rm then returns False), only saved
-whole (state_get) and put back (state_set).
+whole (state_get) and put back (state_set). Decode runs on a ggml thread pool at config.poll's polling
+level ("auto" measured at open, see threads.py), created with the context and freed with it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from qwenkit.engines.llamacpp import threads
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.request import EngineError
 from qwenkit.gguf.reader import read_gguf_info
@@ -71,6 +73,8 @@ class LlamaModel:
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise EngineError(f"llama.cpp could not create a context of {config.n_ctx} tokens; lower --ctx")
+        self.poll = threads.resolve_poll(config.poll, config.threads)[0]
+        self._pool = self._attach_pool(config.threads, self.poll)
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self._ctx)
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -85,6 +89,23 @@ class LlamaModel:
         self._plain_pieces: dict[int, bytes] = {}
         self._eog_ids: tuple[int, ...] | None = None
         self._closed = False
+
+    def _attach_pool(self, n_threads: int, poll: int) -> threads.ThreadPool | None:
+        """A thread pool at this polling level for the context; None (llama.cpp's own) if ggml refuses."""
+        if threads.uses_openmp() and not threads.prepare_openmp(poll):
+            threads.log.warning(
+                "poll %d cannot apply: llama.cpp's OpenMP workers were set up when it loaded; start the "
+                "process with %s",
+                poll,
+                " ".join(f"{k}={v}" for k, v in threads.openmp_env(poll).items()),
+            )
+        try:
+            pool = threads.ThreadPool(n_threads, poll)
+        except RuntimeError as exc:
+            threads.log.warning("%s; decoding with llama.cpp's default threads", exc)
+            return None
+        pool.attach(self._ctx)
+        return pool
 
     # vocab
     def tokenize(self, text: str, parse_special: bool) -> list[int]:
@@ -191,4 +212,6 @@ class LlamaModel:
         self._closed = True
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
+        if self._pool is not None:  # after the context: nothing may run on a freed pool
+            self._pool.free()
         llama_cpp.llama_model_free(self._model)
