@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import bench_model, machine, median, pct, write_results
 from engine import MAX_SEQS, NEW_TOKENS, Recorder
 
+from qwenkit.bench.client import sse_events
+from qwenkit.bench.prompts import WORDS
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
 from qwenkit.engines.request import GenerationRequest
@@ -40,24 +40,6 @@ from qwenkit.gguf.vocab import tokenizer_from_gguf
 
 CONCURRENCY = (1, 4, 8, 16)
 CTX_PER_SEQ = 512
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "zeta",
-    "eta",
-    "theta",
-    "iota",
-    "kappa",
-    "lambda",
-    "mu",
-    "nu",
-    "xi",
-    "omicron",
-    "pi",
-]
 
 
 def prompt_text(i: int, salt: int = 0) -> str:
@@ -84,46 +66,6 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) ->
             pass
         time.sleep(0.5)
     raise RuntimeError(f"server not ready: {url}")
-
-
-async def _body_chunks(reader: asyncio.StreamReader, chunked: bool) -> AsyncIterator[bytes]:
-    """The response body as it arrives: chunked transfer encoding decoded, or raw reads until EOF."""
-    if not chunked:
-        while data := await reader.read(65536):
-            yield data
-        return
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
-        if size == 0:
-            return
-        yield (await reader.readexactly(size + 2))[:-2]
-
-
-async def sse_events(port: int, path: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """The JSON events of one streaming POST over a raw socket: a load generator far lighter than an HTTP
-    library, since it shares the CPU with the server under test (its CPU time is reported)."""
-    body = json.dumps(payload).encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(head + body)
-        status = (await reader.readuntil(b"\r\n")).split()
-        if len(status) < 2 or status[1] != b"200":
-            raise RuntimeError(f"HTTP {status[1:2]} from the server")
-        headers = (await reader.readuntil(b"\r\n\r\n")).lower()
-        pending = b""
-        async for data in _body_chunks(reader, b"transfer-encoding: chunked" in headers):
-            events = (pending + data).split(b"\n\n")
-            pending = events.pop()
-            for event in events:
-                event = event.strip()
-                if event.startswith(b"data: ") and event != b"data: [DONE]":
-                    yield json.loads(event[6:])
-    finally:
-        writer.close()
 
 
 async def one_stream(port: int, model: str, i: int, t0: float, salt: int) -> dict[str, float]:
