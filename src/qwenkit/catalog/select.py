@@ -39,7 +39,7 @@ Preference = Literal["quality", "latency", "throughput"]
 _LLAMACPP_TYPES = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe"}
 # Natively multimodal families whose text tower the llama.cpp engine runs on its own (vision skipped).
 TEXT_TOWER_TYPES = frozenset({"qwen3_5", "qwen3_5_moe"})
-_CPU_GGUF = (
+CPU_GGUF_FORMATS = (
     WeightFormat.Q8_0,
     WeightFormat.Q6_K,
     WeightFormat.Q5_K_M,
@@ -110,13 +110,13 @@ def _formats(entry: Entry, device: Device, task: str) -> list[tuple[WeightFormat
             if fmt.catalog_key in entry.model.quantized:
                 out.append((fmt, Engine.VLLM))
     if gguf_ok:
-        out.extend((fmt, Engine.LLAMACPP) for fmt in _CPU_GGUF)
+        out.extend((fmt, Engine.LLAMACPP) for fmt in CPU_GGUF_FORMATS)
     elif device.kind == "cpu" and not text_only:
         out.append((WeightFormat.BF16, Engine.VLLM))  # vision/audio on a CPU: vLLM's CPU backend in bf16
     return out
 
 
-def _fitting_plan(base: PlanRequest, cache: dict) -> tuple[Plan, tuple[str, ...]] | None:
+def fitting_plan(base: PlanRequest, cache: dict) -> tuple[Plan, tuple[str, ...]] | None:
     """The plan as asked, else with flash attention, else with a quantized KV cache (context kept)."""
     tries = [(base, ())]
     if base.resolved_engine is Engine.LLAMACPP:
@@ -190,12 +190,12 @@ def select_models(catalog: Catalog, request: SelectRequest) -> list[Recommendati
                 engine=engine,
                 runtime=request.runtime,
             )
-            found = _fitting_plan(base, cache)
+            found = fitting_plan(base, cache)
             if found is None:
                 continue
             p, adjustments = found
             quality = fit * math.log2(1 + entry.family.policy.quality_scale * size) * fidelity.get(fmt, 0.9)
-            score = quality * _speed_factor(p, request.prefer)
+            score = quality * speed_factor(p, request.prefer)
             if entry.name in best and best[entry.name].score >= score:
                 continue
             repo = _download(entry, p)
@@ -213,7 +213,8 @@ def select_models(catalog: Catalog, request: SelectRequest) -> list[Recommendati
     return ranked[: request.top]
 
 
-def _speed_factor(p: Plan, prefer: Preference) -> float:
+def speed_factor(p: Plan, prefer: Preference) -> float:
+    """The factor select multiplies a configuration's quality by for the user's preference."""
     if prefer == "quality":
         return 1.0  # speed only breaks ties (see the sort in select_models)
     if prefer == "latency":

@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from qwenkit import __version__
-from qwenkit.cli import convert, demo, models, plan, render, run, serve
+from qwenkit.cli import bench, compare, convert, demo, fidelity, models, plan, render, run, serve
+from qwenkit.cli import eval as eval_cli
 
 app = typer.Typer(
     name="qwenkit",
@@ -27,6 +28,10 @@ app.command("quantize")(convert.quantize_command)
 app.command("plan")(plan.plan_command)
 app.command("select")(plan.select_command)
 app.command("doctor")(plan.doctor_command)
+app.command("bench")(bench.bench_command)
+app.command("fidelity")(fidelity.fidelity_command)
+app.command("compare")(compare.compare_command)
+app.command("eval")(eval_cli.eval_command)
 
 
 def _version(value: bool) -> None:
