@@ -302,5 +302,15 @@ def test_served_chat_reports_the_reused_tokens_of_the_previous_turn(
             cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
             # Everything up to turn 1's generation prompt ("<|im_start|>assistant\n") was reused.
             assert first["usage"]["prompt_tokens"] - 3 <= cached < second["usage"]["prompt_tokens"]
+            # /metrics shows the reuse and the state cache that made it.
+            metrics = {
+                line.split()[0]: float(line.split()[1])
+                for line in client.get("/metrics").text.splitlines()
+                if line.startswith("qwenkit_")
+            }
+            assert metrics["qwenkit_prompt_cached_tokens_total"] == cached
+            assert metrics["qwenkit_state_cache_hits_total"] >= 1
+            assert metrics["qwenkit_state_cache_entries"] >= 1
+            assert 0 < metrics["qwenkit_state_cache_bytes"] <= 64 * 1024 * 1024
     finally:
         engine.close()

@@ -144,6 +144,9 @@ def test_json_schema_with_thinking_and_both_reasoning_fields(client: openai.Open
     answer = json.loads(message.content or "")
     assert set(answer) == {"ok", "n"} and isinstance(answer["ok"], bool) and answer["n"] in (1, 2, 3)
     assert response.choices[0].finish_reason == "stop"
+    # usage counts the reasoning tokens (at most the budget), as OpenAI's reasoning models report them.
+    details = response.usage.completion_tokens_details if response.usage else None
+    assert details is not None and 1 <= (details.reasoning_tokens or 0) <= 4
     streamed = collect(client.chat.completions.create(**args, stream=True))
     assert streamed["reasoning_content"] == streamed["reasoning"] == extra["reasoning_content"]
     assert streamed["content"] == message.content
@@ -159,6 +162,8 @@ def test_json_object_without_thinking(client: openai.OpenAI) -> None:
         extra_body=NO_THINK,  # type: ignore[arg-type]
     )
     assert isinstance(json.loads(response.choices[0].message.content or ""), dict)
+    details = response.usage.completion_tokens_details if response.usage else None
+    assert details is not None and details.reasoning_tokens == 0
 
 
 def test_tools_round_trip(client: openai.OpenAI) -> None:

@@ -86,6 +86,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens not prefilled: a cached prefix or a restored saved state held them
+    reasoning_tokens: int = 0  # generated tokens inside <think>…</think> so far (when thinking is tracked)
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
 
@@ -102,3 +103,8 @@ class EngineStats:
     kv_total: int
     steps: int
     preemptions: int
+    # Saved sequence states (multi-turn snapshots, spilled prefix caches): engines without one report 0.
+    state_cache_bytes: int = 0
+    state_cache_entries: int = 0
+    state_cache_hits: int = 0
+    state_cache_evictions: int = 0

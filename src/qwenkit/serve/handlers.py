@@ -63,6 +63,7 @@ from qwenkit.serve.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    CompletionTokensDetails,
     Delta,
     DeltaFunction,
     DeltaToolCall,
@@ -900,15 +901,18 @@ class _Tally:
             self.final[index] = event
             self.cached = max(self.cached, event.cached_tokens)
             metrics.prompt_tokens.inc(event.prompt_tokens)
+            metrics.cached_prompt_tokens.inc(event.cached_tokens)
             metrics.generated_tokens.inc(event.completion_tokens)
 
     def usage(self) -> Usage:
         completion = sum(e.completion_tokens for e in self.final.values()) if self.final else self.completion
+        reasoning = sum(e.reasoning_tokens for e in self.final.values())
         return Usage(
             prompt_tokens=self.plan.prompt_tokens,
             completion_tokens=completion,
             total_tokens=self.plan.prompt_tokens + completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached),
+            completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning),
         )
 
     def close(self) -> None:

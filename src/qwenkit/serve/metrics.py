@@ -2,7 +2,8 @@
 
 Contract: ServeMetrics holds the counters and histograms the request path updates (requests by route and
 status, rejected requests by reason, TTFT, inter-token latency, prompt and generated tokens) and reads
-the engine's running/waiting sequences and KV usage at scrape time, so /metrics is never stale.
+the engine's running/waiting sequences, KV usage and state cache at scrape time, so /metrics is never
+stale.
 `route_label` keeps label cardinality bounded: unknown paths all count as "other".
 """
 
@@ -45,6 +46,20 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("qwenkit_kv_cache_usage_ratio", "Fraction of KV cells in use", usage)
         yield CounterMetricFamily("qwenkit_engine_steps", "Engine decode steps", stats.steps)
         yield CounterMetricFamily("qwenkit_engine_preemptions", "Sequences preempted", stats.preemptions)
+        yield GaugeMetricFamily(
+            "qwenkit_state_cache_bytes", "Host memory held by saved sequence states", stats.state_cache_bytes
+        )
+        yield GaugeMetricFamily(
+            "qwenkit_state_cache_entries", "Saved sequence states held", stats.state_cache_entries
+        )
+        yield CounterMetricFamily(
+            "qwenkit_state_cache_hits", "Prompts started from a saved state", stats.state_cache_hits
+        )
+        yield CounterMetricFamily(
+            "qwenkit_state_cache_evictions",
+            "Saved states dropped to stay within --state-cache-mb",
+            stats.state_cache_evictions,
+        )
 
 
 class ServeMetrics:
@@ -72,6 +87,9 @@ class ServeMetrics:
         )
         self.prompt_tokens = Counter("qwenkit_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = Counter("qwenkit_generation_tokens", "Tokens generated", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "qwenkit_prompt_cached_tokens", "Prompt tokens reused from a cache, not computed", registry=r
+        )
         r.register(_EngineCollector(engine))
 
     def render(self) -> bytes:

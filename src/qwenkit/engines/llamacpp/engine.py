@@ -401,6 +401,7 @@ class LlamaCppEngine:
 
     def _snapshot(self) -> EngineStats:
         s = self.scheduler
+        states = self.states
         return EngineStats(
             running=len(s.running),
             waiting=len(s.waiting),
@@ -408,6 +409,10 @@ class LlamaCppEngine:
             kv_total=self.model.n_ctx,
             steps=self.steps,
             preemptions=s.preemptions,
+            state_cache_bytes=states.bytes if states else 0,
+            state_cache_entries=len(states) if states else 0,
+            state_cache_hits=states.hits if states else 0,
+            state_cache_evictions=states.evictions if states else 0,
         )
 
     def _publish_stats(self) -> None:

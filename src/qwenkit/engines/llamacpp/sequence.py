@@ -87,6 +87,7 @@ class Sequence:
                 prompt_tokens=self.n_prompt,
                 completion_tokens=self.n_generated,
                 cached_tokens=self.cached_prompt,
+                reasoning_tokens=self.reasoning_tokens,
                 logprobs=logprobs,
                 error=error,
             )
