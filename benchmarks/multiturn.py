@@ -6,8 +6,8 @@
 Workload: --convs conversations at once, --turns turns each, closed loop: turn k+1 goes out when turn k's
 answer has streamed in, carrying the whole history (a system prompt, every earlier user message and the
 answers as the server streamed them) plus a new user message of ~--user-tokens, so histories grow to ~4k
-tokens. Streaming /v1/chat/completions over serve.py's raw-socket client: greedy, --max-tokens per turn with
-EOS ignored, thinking off (chat_template_kwargs). Same user text on both sides; answers (random weights)
+tokens. Streaming /v1/chat/completions over qwenkit.bench's raw-socket client: greedy, --max-tokens per turn
+with EOS ignored, thinking off (chat_template_kwargs). Same user text on both sides; answers (random weights)
 are each server's own. Both servers run the same GGUF and threads with --convs slots of --ctx-per-seq
 tokens each, fresh, one after the other (never together: they would share the cores); the exact commands
 are in the JSON. llama-server (peers.py: built from the engine's own vendored llama.cpp) keeps its prompt
@@ -326,7 +326,7 @@ def main() -> None:
             "version": version,
             "cache_defaults": llama_server_cache_defaults(binary),
         },
-        "load_generator": "raw asyncio sockets (benchmarks/serve.py), one process",
+        "load_generator": "raw asyncio sockets (qwenkit.bench.client), one process",
         "decode_tok_s": "tokens after each answer's first / time when at least one answer was streaming",
         "machine": machine(),
         "qwenkit": ours,

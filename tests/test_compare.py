@@ -20,6 +20,7 @@ from qwenkit.evals.compare_report import (
     CompareReport,
     VariantResult,
     check_recommendation,
+    plots_task_scores,
     select_format,
     write_report,
 )
@@ -106,6 +107,24 @@ def test_pick_not_confirmed_when_slower_or_too_big() -> None:
     rec = check_recommendation(_report(*MEASURED), "demo", None, "nothing fits", 600 * MIB, "quality")
     assert rec.format is None and not rec.confirmed and rec.fastest_ok == "q4_k_m"
     assert rec.verdict.startswith("demo: nothing fits.")
+
+
+def test_plots_show_task_scores_only_when_they_tell_the_variants_apart() -> None:
+    with_tasks = dataclasses.replace(_report(*MEASURED), tasks=("arith",))
+
+    def scored(*scores: float | None, kl: bool = True) -> CompareReport:
+        variants = tuple(
+            dataclasses.replace(v, task_score=s, kl_mean=v.kl_mean if kl else None)
+            for v, s in zip(MEASURED, scores, strict=True)
+        )
+        return dataclasses.replace(with_tasks, variants=variants)
+
+    assert not plots_task_scores(_report(*MEASURED))  # no tasks: fidelity
+    assert plots_task_scores(scored(0.9, 0.8, 0.7, 0.5))
+    # Random-weight demos score 0 everywhere: the KL divergence is the only signal left.
+    assert not plots_task_scores(scored(0.0, 0.0, 0.0, 0.0))
+    assert plots_task_scores(scored(0.0, 0.0, 0.0, 0.0, kl=False))
+    assert not plots_task_scores(scored(0.9, None, 0.7, 0.5))
 
 
 def test_select_format_follows_select_policy(

@@ -219,6 +219,15 @@ def _quality(v: VariantResult, by_score: bool) -> float | None:
     return v.task_score if by_score else v.kl_mean
 
 
+def plots_task_scores(report: CompareReport) -> bool:
+    """Whether the plots' quality axis is the task score (else KL divergence against the reference)."""
+    scores = [v.task_score for v in report.variants]
+    if not report.tasks or None in scores:
+        return False
+    # Scores that are all equal (e.g. random-weight demos, all 0) say nothing when fidelity is there.
+    return len(set(scores)) > 1 or all(v.kl_mean is None for v in report.variants)
+
+
 def plot_files(report: CompareReport, out_dir: Path) -> list[Path]:
     """quality_vs_memory.png and quality_vs_speed.png; [] without matplotlib."""
     try:
@@ -228,7 +237,7 @@ def plot_files(report: CompareReport, out_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    by_score = bool(report.tasks) and all(v.task_score is not None for v in report.variants)
+    by_score = plots_task_scores(report)
     ylabel = "task score (higher is better)" if by_score else "KL divergence vs reference (lower is better)"
     written = []
     for name, xlabel, xs in (

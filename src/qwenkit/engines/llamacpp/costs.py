@@ -48,17 +48,19 @@ class StepCosts:
         self.prefill_token = per_token if old is None else 0.8 * old + 0.2 * per_token
 
     def _refit(self) -> None:
-        ns = [n for n, _ in self._decode]
-        ts = [t for _, t in self._decode]
-        mean_n, mean_t = sum(ns) / len(ns), sum(ts) / len(ts)
-        var = sum((n - mean_n) ** 2 for n in ns)
-        if var == 0:
+        # Least squares of seconds on n_decode; numpy would cost more than these 64 points.
+        k = len(self._decode)
+        sn = sum(n for n, _ in self._decode)
+        st = sum(t for _, t in self._decode)
+        snn = sum(n * n for n, _ in self._decode)
+        snt = sum(n * t for n, t in self._decode)
+        var = snn - sn * sn / k
+        if var <= 1e-9:
             # One batch size seen so far: cost proportional to it (an over-estimate for more sequences).
-            self._fit = (0.0, mean_t / mean_n)
+            self._fit = (0.0, st / sn)
             return
-        b = sum((n - mean_n) * (t - mean_t) for n, t in zip(ns, ts, strict=True)) / var
-        b = max(b, 0.0)
-        self._fit = (max(mean_t - b * mean_n, 0.0), b)
+        b = max((snt - sn * st / k) / var, 0.0)
+        self._fit = (max((st - b * sn) / k, 0.0), b)
 
     def chunk(self, n_decode: int) -> int:
         """Prompt tokens per prefilling sequence for a step beside n_decode decoding sequences."""
