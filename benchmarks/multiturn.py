@@ -7,18 +7,18 @@ Workload: --convs conversations at once, --turns turns each, closed loop: turn k
 answer has streamed in, carrying the whole history (a system prompt, every earlier user message and the
 answers as the server streamed them) plus a new user message of ~--user-tokens, so histories grow to ~4k
 tokens. Streaming /v1/chat/completions over qwenkit.bench's raw-socket client: greedy, --max-tokens per turn
-with EOS ignored, thinking off (chat_template_kwargs). Same user text on both sides; answers (random weights)
-are each server's own. Both servers run the same GGUF and threads with --convs slots of --ctx-per-seq
-tokens each, fresh, one after the other (never together: they would share the cores); the exact commands
-are in the JSON. llama-server (peers.py: built from the engine's own vendored llama.cpp) keeps its prompt
-cache defaults. Reports per turn TTFT p50/p95 (to the first chunk: both send it with the first token, even
-when their parsers hold text back) and aggregate decode two ways: output tok/s = every answer token / the
-workload's wall time (what vLLM's and qwenkit's `bench` call output throughput), and decode tok/s while
-streaming = tokens after each answer's first / time during which at least one answer was streaming. The
-second rewards a server whose answers stream in bursts while new prompts wait (in a closed loop, prompt
-time that delays no stream is not counted), so it pulls against TTFT; both are reported. Goals: TTFT p50
-over turns >= 2 <= 0.5x llama-server's; aggregate decode >= 1.0x. Writes benchmarks/results/multiturn-*.json
-and prints a table.
+with EOS ignored, thinking off (chat_template_kwargs; --thinking turns it on). Same user text on both sides;
+answers (random weights) are each server's own. Both servers run the same GGUF and threads with --convs slots
+of --ctx-per-seq tokens each, fresh, one after the other (never together: they would share the cores); the
+exact commands are in the JSON. llama-server (peers.py: built from the engine's own vendored llama.cpp) keeps
+its prompt cache defaults. Reports per turn TTFT p50/p95 (to the first chunk: both send it with the first
+token, even when their parsers hold text back) and aggregate decode two ways: output tok/s = every answer
+token / the workload's wall time (what vLLM's and qwenkit's `bench` call output throughput), and decode tok/s
+while streaming = tokens after each answer's first / time during which at least one answer was streaming. The
+second rewards a server whose answers stream in bursts while new prompts wait (in a closed loop, prompt time
+that delays no stream is not counted), so it pulls against TTFT; both are reported. Goals: TTFT p50 over turns
+>= 2 <= 0.5x llama-server's; aggregate decode >= 1.0x. Writes benchmarks/results/multiturn-*.json and prints a
+table.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def conversation_script(make: TextMaker, args: argparse.Namespace, salt: int) ->
     ]
 
 
-async def one_turn(port: int, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+async def one_turn(
+    port: int, messages: list[dict[str, str]], max_tokens: int, thinking: bool = False
+) -> dict[str, Any]:
     payload = {
         "model": MODEL_NAME,
         "messages": messages,
@@ -71,7 +73,7 @@ async def one_turn(port: int, messages: list[dict[str, str]], max_tokens: int) -
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "chat_template_kwargs": {"enable_thinking": False},
+        "chat_template_kwargs": {"enable_thinking": thinking},
     }
     t0 = time.perf_counter()
     first: float | None = None  # the first chunk: both servers send it (the role) with the first token
@@ -106,12 +108,14 @@ async def one_turn(port: int, messages: list[dict[str, str]], max_tokens: int) -
 PLACEHOLDER = re.compile(r"<\|qwenkit_unused_\d+\|>")
 
 
-async def conversation(port: int, system: str, users: list[str], max_tokens: int) -> list[dict[str, Any]]:
+async def conversation(
+    port: int, system: str, users: list[str], max_tokens: int, thinking: bool
+) -> list[dict[str, Any]]:
     messages = [{"role": "system", "content": system}]
     turns = []
     for user in users:
         messages.append({"role": "user", "content": user})
-        result = await one_turn(port, messages, max_tokens)
+        result = await one_turn(port, messages, max_tokens, thinking)
         # The demo tokenizer's placeholder ids (<|qwenkit_unused_N|>; random weights pick them often) return
         # as text that re-tokenizes to ~10 tokens each; a real model writes none. Drop them from the history.
         messages.append({"role": "assistant", "content": PLACEHOLDER.sub("", result.pop("answer"))})
@@ -119,9 +123,9 @@ async def conversation(port: int, system: str, users: list[str], max_tokens: int
     return turns
 
 
-async def workload(port: int, script: Script, max_tokens: int) -> dict[str, Any]:
+async def workload(port: int, script: Script, max_tokens: int, thinking: bool) -> dict[str, Any]:
     cpu0, t0 = time.process_time(), time.perf_counter()
-    convs = await asyncio.gather(*(conversation(port, s, u, max_tokens) for s, u in script))
+    convs = await asyncio.gather(*(conversation(port, s, u, max_tokens, thinking) for s, u in script))
     wall = time.perf_counter() - t0
     return {"convs": convs, "wall_s": wall, "client_cpu_share": (time.process_time() - cpu0) / wall}
 
@@ -183,7 +187,7 @@ def run_side(
     try:
         wait_ready(f"http://127.0.0.1:{port}{health}", proc)
         asyncio.run(one_turn(port, [{"role": "user", "content": "warm up " + "x " * 32}], 4))
-        return summarize(asyncio.run(workload(port, script, args.max_tokens)), args.turns)
+        return summarize(asyncio.run(workload(port, script, args.max_tokens, args.thinking)), args.turns)
     except Exception:
         print(f"{name} failed; its log ({log}) ends with:\n" + log.read_text(errors="replace")[-3000:])
         raise
@@ -243,6 +247,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--ctx-per-seq", type=int, default=5120, help="context of each of the --convs slots")
     ap.add_argument("--rounds", type=int, default=1, help="rounds, sides alternating; medians reported")
+    ap.add_argument(
+        "--thinking",
+        action="store_true",
+        help="thinking on (Qwen3.5's default): later turns' histories drop the earlier answers' reasoning",
+    )
     ap.add_argument(
         "--only",
         choices=("qwenkit", "llama_server"),
@@ -317,7 +326,10 @@ def main() -> None:
         "model": {"path": str(model_path), "arch": args.arch, "size": args.size, "quant": args.quant},
         "workload": {
             k: getattr(args, k)
-            for k in ("convs", "turns", "system_tokens", "user_tokens", "max_tokens", "ctx_per_seq", "rounds")
+            for k in (
+                *("convs", "turns", "system_tokens", "user_tokens", "max_tokens", "ctx_per_seq", "rounds"),
+                "thinking",
+            )
         },
         "threads": args.threads,
         "commands": commands,
@@ -366,7 +378,8 @@ def main() -> None:
         f"{decode_ratio:.2f}x; answers without text: "
         f"{ours['answers_without_text']:g} / {theirs['answers_without_text']:g}"
     )
-    write_results("multiturn-quick" if args.quick else "multiturn", payload, table)
+    name = "multiturn-quick" if args.quick else "multiturn"
+    write_results(name + ("-thinking" if args.thinking else ""), payload, table)
 
 
 if __name__ == "__main__":
