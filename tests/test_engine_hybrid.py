@@ -131,6 +131,35 @@ def test_state_cache_is_a_bounded_lru() -> None:
     assert cache.put((1, 2), b"v" * 100) and cache.keys() == [(1, 2)] and cache.bytes == 100
 
 
+def test_a_state_put_as_not_recent_is_the_first_to_go() -> None:
+    cache = StateCache(100)
+    assert cache.put((1,), b"a" * 30) and cache.put((2,), b"b" * 30)
+    assert cache.put((3,), b"c" * 30, recent=False)
+    assert cache.keys() == [(3,), (1,), (2,)]
+    assert cache.put((4,), b"d" * 30)  # over budget: the one filed as least recent goes, not (1,)
+    assert cache.keys() == [(1,), (2,), (4,)]
+
+
+def test_spilled_final_states_of_a_hybrid_go_before_its_turn_snapshots(gguf: Path) -> None:
+    """A recurrent model's idle slot (prompt + answer) serves only an exact repeat, while the snapshot at the
+    last message start serves the next turn: the spilled state is filed as the first to evict."""
+    eng = make(gguf, max_seqs=1, state_cache_mb=64)
+    try:
+        chat = Chat(eng)
+        first = chat.message(60) + chat.generation()
+        answer, _, _ = run(eng, "a", first)
+        run(eng, "b", chat.message(61) + chat.generation())  # takes the slot: a's final state is spilled
+        assert eng.states is not None
+        spilled = tuple(first + answer[:-1])  # the last sampled token was never fed
+        assert spilled in eng.states
+        if eng.model.recurrent:  # behind both chats' snapshots, though it was saved last
+            assert len(eng.states) == 3 and eng.states.keys()[0] == spilled
+        else:  # an attention cache is cut back to any prefix: it is filed as recent as any state
+            assert eng.states.keys()[-1] == spilled
+    finally:
+        eng.close()
+
+
 def test_state_cache_lookup_exact_and_cut_back() -> None:
     cache = StateCache(1000)
     cache.put((1, 2, 3, 4), b"a")

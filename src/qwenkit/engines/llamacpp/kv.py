@@ -103,18 +103,20 @@ class SlotManager:
             return False
         return True
 
-    def save(self, slot: int, tokens: list[int]) -> bool:
+    def save(self, slot: int, tokens: list[int], recent: bool = True) -> bool:
         """Copy a slot's state (holding exactly `tokens`) into the state cache, when one is kept."""
         key = tuple(tokens)
         if self.states is None or not key or key in self.states:
             return False
         if not self.states.fits(self.model.state_size(slot)):
             return False
-        return self.states.put(key, self.model.state_get(slot))
+        return self.states.put(key, self.model.state_get(slot), recent=recent)
 
     def _spill(self, slot: int, cached: _Cached) -> None:
-        """Save an idle cache to the state cache before its cells are dropped."""
-        if self.save(slot, cached.tokens):
+        """Save an idle cache to the state cache before its cells are dropped. On recurrent models it
+        serves only a prompt that repeats it exactly (a next turn re-renders the answer differently), so it
+        goes in as the first to evict: it must not push out the turn-boundary snapshots."""
+        if self.save(slot, cached.tokens, recent=not self.model.recurrent):
             self.spills += 1
 
     def lowest_available(self) -> int:

@@ -6,7 +6,7 @@ entries go first; an entry larger than the whole budget is not kept). best(promp
 that saves the most prefill for a prompt and always leaves at least one prompt token to feed: exact=True
 (recurrent state, which cannot be cut back) only takes entries whose every token starts the prompt;
 exact=False (attention only, cut back after restoring) takes any shared prefix. use(hit) marks the entry
-chosen as recently used.
+chosen as recently used; put(..., recent=False) files a state as the first to evict.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ class StateCache:
     def fits(self, size: int) -> bool:
         return 0 < size <= self.budget
 
-    def put(self, tokens: tuple[int, ...], data: bytes) -> bool:
-        """Keep a state; False when it is larger than the whole budget (nothing is evicted then)."""
+    def put(self, tokens: tuple[int, ...], data: bytes, recent: bool = True) -> bool:
+        """Keep a state; False when it is larger than the whole budget (nothing is evicted then).
+        recent=False files it as least recently used: the first to go when room is needed."""
         if not tokens or not self.fits(len(data)):
             return False
         old = self._entries.pop(tokens, None)
@@ -72,6 +73,8 @@ class StateCache:
             self.bytes -= len(dropped)
             self.evictions += 1
         self._entries[tokens] = data
+        if not recent:
+            self._entries.move_to_end(tokens, last=False)
         self.bytes += len(data)
         return True
 
