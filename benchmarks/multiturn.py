@@ -313,7 +313,9 @@ def main() -> None:
     if args.only:
         only = combine(results[args.only])
         keys = ("ttft_p50_turns_ge2_s", "ttft_p95_turns_ge2_s", "decode_tok_s", "end_to_end_tok_s", "wall_s")
-        print({k: round(only[k], 2) for k in keys}, [round(t["ttft_p50_s"], 1) for t in only["per_turn"]])
+        print({k: round(only[k], 2) for k in keys})
+        for t in only["per_turn"]:
+            print({k: v if isinstance(v, int) else round(v or 0, 2) for k, v in t.items()})
         return
     ours, theirs = combine(results["qwenkit"]), combine(results["llama_server"])
     done = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
