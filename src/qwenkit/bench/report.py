@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from rich import box
 from rich.table import Table
 
 from qwenkit.bench.run import BenchReport, LevelResult
+from qwenkit.paths import atomic_write
 
 PLOTS_HINT = "plots skipped: matplotlib is not installed (pip install 'qwenkit[plots]')"
 
@@ -33,18 +33,6 @@ def check_out_dir(out: Path) -> Path:
     except OSError as exc:
         raise ValueError(f"cannot write to {out}: {exc.strerror or exc}; choose another --out") from None
     return out
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path via a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _ms(value: float | None) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 from qwenkit.catalog.measure import RuntimeBaseline
 from qwenkit.catalog.planner import Device
-from qwenkit.evals.report import atomic_write
+from qwenkit.paths import atomic_write
 
 __all__ = [
     "PLOTS_HINT",

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+from qwenkit.paths import atomic_write
 
 SAMPLE_TEXT_CHARS = 2000  # how much of each answer the report keeps
 
@@ -103,20 +103,6 @@ def summarise(name: str, samples: list[SampleResult]) -> TaskReport:
         cut_off_in_thinking_rate=sum(s.cut_off_in_thinking for s in samples) / n if n else 0.0,
         error_examples=sorted({e.error or "" for e in errors})[:5],
     )
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write text to path via a temp file in the same directory and a rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(report: EvalReport, out: Path) -> tuple[Path, Path]:

@@ -32,13 +32,12 @@ from qwenkit.evals.report import (
     SAMPLE_TEXT_CHARS,
     EvalReport,
     SampleResult,
-    atomic_write,
     summarise,
     write_report,
 )
 from qwenkit.evals.scorers import Answer, score
 from qwenkit.evals.tasks import EvalCase, Task, load_tasks
-from qwenkit.paths import cache_root
+from qwenkit.paths import atomic_write, cache_root
 from qwenkit.tokenizer.specials import THINK_END, THINK_START, TOOL_CALL_START
 
 Progress = Callable[[int, int], None]
