@@ -239,7 +239,7 @@ def long_prompt_run(engine: LlamaCppEngine, long_len: int) -> dict[str, float]:
         "itl_p95_over_median": pct(every, 95) / median(plain),
         "itl_max_during_prefill_s": max(during) if during else float("nan"),
         "long_prompt_ttft_s": window[1] - t_submit,
-        "prefill_chunk": engine.scheduler.prefill_chunk,
+        "prefill_budget": engine.scheduler.last_prefill_budget,
     }
 
 
@@ -359,7 +359,7 @@ def main() -> None:
     )
     table.add_row(
         f"{long_len}-token prompt: TTFT s (prompt chunk)",
-        f"{chunked['long_prompt_ttft_s']:.1f} ({chunked['prefill_chunk']})",
+        f"{chunked['long_prompt_ttft_s']:.1f} ({chunked['prefill_budget']})",
         "",
         "",
         "",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwenkit.engines.llamacpp.costs import MIN_CHUNK, StepCosts
+from qwenkit.engines.llamacpp.costs import MIN_CHUNK, QUEUE_POWER, StepCosts
 
 # A hybrid model on 2 cores, as measured (Qwen3.5 0.8B shape): a decode step costs 16 ms + 18 ms per
 # decoding sequence (each reads and writes its recurrent state), a prompt token 8 ms.
@@ -60,3 +60,40 @@ def test_noise_that_makes_a_step_cheaper_than_its_decodes_is_ignored() -> None:
     costs.observe(4, 0, step(4, 0))
     costs.observe(4, 10, step(4, 0) * 0.9)
     assert costs.prefill_token is None
+
+
+def test_a_queue_of_prompts_gets_more_than_one_chunk_per_prompt() -> None:
+    costs = StepCosts(2.5, 512)
+    costs.observe(1, 0, step(1, 0))
+    costs.observe(7, 0, step(7, 0))
+    costs.observe(0, 100, step(0, 100))
+    chunk = costs.chunk(6)
+    assert costs.budget(6, 0) == 0
+    assert costs.budget(6, 1) == chunk  # one prompt beside the streams: their ITL is what is protected
+    assert costs.budget(6, 2) == chunk * 2**QUEUE_POWER > 2 * chunk
+    assert costs.budget(6, 8) == 512  # never past n_batch
+
+
+def test_the_scheduler_serves_the_oldest_prompt_first_within_its_budget(demo_gguf) -> None:
+    """Three prompts queued beside one stream: the step's budget goes to the oldest prompt first."""
+    from qwenkit.engines.llamacpp.config import EngineConfig
+    from qwenkit.engines.llamacpp.engine import LlamaCppEngine
+    from qwenkit.engines.request import GenerationRequest
+    from qwenkit.engines.sampling import SamplingParams
+
+    eng = LlamaCppEngine(demo_gguf("qwen3", "tiny", "f32"), EngineConfig(n_ctx=2048, max_seqs=4, threads=2))
+    eng.scheduler.prefill_budget = lambda n_decode, n_prefilling: 50 * n_prefilling
+    try:
+        greedy = SamplingParams(temperature=0.0, max_tokens=20)
+        eng.submit(GenerationRequest("stream", tuple(range(100, 110)), greedy), lambda e: None)
+        eng.step()
+        for i, rid in enumerate(("a", "b", "c")):
+            eng.submit(GenerationRequest(rid, tuple(range(200 + i, 300 + i)), greedy), lambda e: None)
+        eng._drain_inbox()
+        eng.scheduler.admit()
+        plan = eng.scheduler.plan()
+        fed = {s.request_id: n for s, n in plan.entries}
+        # 3 x 50 tokens: the oldest takes all 100 it needs, the next the rest, the newest waits.
+        assert fed == {"stream": 1, "a": 100, "b": 50}
+    finally:
+        eng.close()

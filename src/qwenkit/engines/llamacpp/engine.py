@@ -66,7 +66,8 @@ class LlamaCppEngine:
         mb = self.config.state_cache_mb
         self.states = StateCache(mb * 1024 * 1024) if mb else None
         self.costs = StepCosts(CHUNK_STEP_COST, self.config.n_batch)
-        fixed = self.config.prefill_chunk
+        fixed = self.config.prefill_chunk  # a fixed chunk is per prefilling sequence
+        budget = (lambda n_decode, n_prefilling: fixed * n_prefilling) if fixed else self.costs.budget
         self.scheduler = Scheduler(
             SlotManager(
                 self.model,
@@ -78,7 +79,7 @@ class LlamaCppEngine:
             self.model.n_ctx,
             self.config.n_batch,
             self.config.max_seqs,
-            chunk_for=(lambda n_decode: fixed) if fixed else self.costs.chunk,
+            prefill_budget=budget,
         )
         self._think_start = self.model.token_id("<think>")
         self._think_end = self.model.token_id("</think>")

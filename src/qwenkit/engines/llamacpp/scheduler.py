@@ -3,8 +3,9 @@
 Contract: admit() moves waiting sequences into KV slots while room allows, reusing the longest cached
 prefix: an idle or running slot's cells, or a saved state from the StateCache (restored into the slot);
 on recurrent models only a state holding exactly a prefix of the prompt counts. plan() builds one step:
-every decoding sequence's next token first, then prompt chunks, so a long prompt is fed in pieces and
-never stalls the running streams; a chunk ends at the sequence's snapshot_at so its state can be saved.
+every decoding sequence's next token first, then prompt tokens up to prefill_budget(n_decode, n_prefilling),
+oldest prompt first, so a long prompt is fed in pieces and never stalls the running streams for long; a
+chunk ends at the sequence's snapshot_at so its state can be saved.
 When the KV cells run out, the newest running sequence is preempted (its cells freed, re-queued first,
 recomputed later) rather than failing anyone.
 """
@@ -35,7 +36,7 @@ class Scheduler:
         n_ctx: int,
         n_batch: int,
         max_seqs: int,
-        chunk_for: Callable[[int], int] = lambda n_decode: 64,
+        prefill_budget: Callable[[int, int], int] = lambda n_decode, n_prefilling: 64 * n_prefilling,
     ) -> None:
         self.slots = slots
         self.n_ctx = n_ctx
@@ -43,8 +44,9 @@ class Scheduler:
         self.max_seqs = max_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.chunk_for = chunk_for  # prompt tokens per prefilling sequence beside n decodes (StepCosts.chunk)
-        self.prefill_chunk = chunk_for(0)  # the chunk the last plan used (for reports)
+        # Prompt tokens of a step for all prefilling sequences beside n decodes (StepCosts.budget).
+        self.prefill_budget = prefill_budget
+        self.last_prefill_budget = 0  # what the last plan with a prompt in it allowed (for reports)
         self.preemptions = 0
 
     def has_work(self) -> bool:
@@ -108,11 +110,12 @@ class Scheduler:
         for seq in decoding:
             entries.append((seq, 1))
         budget -= len(decoding)
-        # While others decode, each prompt gets a chunk per step so their next tokens are not delayed much;
-        # a burst of new prompts gets a chunk each, so it starts quickly rather than one prompt at a time.
+        # While others decode, prompts get a budget per step so the streams' next tokens are not delayed
+        # much; the oldest prompt is served first, so queued prompts finish one by one, not all at the end.
         prefilling = sum(1 for s in self.running if s.pending > 1)
-        self.prefill_chunk = self.chunk_for(len(decoding))
-        prefill_budget = min(budget, self.prefill_chunk * prefilling) if decoding else budget
+        prefill_budget = min(budget, self.prefill_budget(len(decoding), prefilling)) if decoding else budget
+        if prefilling:
+            self.last_prefill_budget = prefill_budget
         for seq in self.running:
             if seq.pending > 1 and prefill_budget > 0:
                 n = min(seq.pending, prefill_budget)
