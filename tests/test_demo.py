@@ -45,8 +45,11 @@ HUB_FILES = {
 # Fields in Qwen3-30B-A3B's config.json that Qwen3MoeConfig does not declare: transformers keeps them as
 # plain attributes (the model reads head_dim with getattr).
 HUB_ONLY_FIELDS = {DemoArch.QWEN3_MOE: {"head_dim", "max_window_layers"}}
-# The text-only generations; the Qwen3.5 family (multimodal layout) has its own tests below.
-TEXT_ARCHS = [a for a in DemoArch if not a.hybrid]
+# The text-only generations; the Qwen3.5 family (multimodal layout) and Qwen3-Next have their own tests below.
+VL_ARCHS = [DemoArch.QWEN2_5_VL, DemoArch.QWEN3_VL]  # tested in test_vision.py
+TEXT_ARCHS = [a for a in DemoArch if not a.hybrid and a not in [*VL_ARCHS, DemoArch.QWEN3_NEXT]]
+# VL demos also ship the image/video processor configs.
+VL_FILES = {"preprocessor_config.json", "video_preprocessor_config.json"}
 HYBRID_ARCHS = [a for a in DemoArch if a.hybrid]
 
 
@@ -375,7 +378,7 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> dic
 
 def test_hybrid_layout_and_config(hybrid: dict[DemoArch, Path]) -> None:
     for arch, path in hybrid.items():
-        assert {p.name for p in path.iterdir()} == HUB_FILES and is_demo_checkpoint(path)
+        assert {p.name for p in path.iterdir()} == HUB_FILES | VL_FILES and is_demo_checkpoint(path)
         config = _config(path)
         assert config["model_type"] == arch.value and "text_config" in config and "vision_config" in config
         assert config["architectures"] == [
@@ -521,3 +524,101 @@ def test_hybrid_mtp_layer_is_laid_out_like_the_hub() -> None:
     assert moe["model.language_model.layers.3.mlp.experts.gate_up_proj"] == (4, 64, 64)
     assert moe["mtp.layers.0.mlp.experts.3.down_proj.weight"] == (64, 32)
     assert "mtp.layers.0.mlp.experts.gate_up_proj" not in moe
+
+
+# --- Qwen3-Next (hybrid Gated DeltaNet, text-only, fused DeltaNet projections, MoE + gated shared expert) ---
+
+# Fields Qwen3-Next-80B-A3B's config.json carries that Qwen3NextConfig does not declare (transformers 5 folds
+# rope_theta / partial_rotary_factor into rope_parameters and reads full_attention_interval as layer_types).
+NEXT_HUB_ONLY = {
+    "full_attention_interval", "mtp_num_hidden_layers", "partial_rotary_factor", "rope_scaling", "rope_theta",
+    "torch_dtype", "use_sliding_window",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def next_demo(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
+    return create_demo(tmp_path_factory.mktemp("next") / "qwen3_next", DemoArch.QWEN3_NEXT, env=env)
+
+
+def test_qwen3_next_config_is_the_hub_layout(next_demo: Path) -> None:
+    from transformers import AutoConfig
+
+    assert {p.name for p in next_demo.iterdir()} == HUB_FILES and is_demo_checkpoint(next_demo)
+    config = _config(next_demo)
+    hf = AutoConfig.from_pretrained(next_demo)
+    assert type(hf).__name__ == "Qwen3NextConfig" and config["architectures"] == ["Qwen3NextForCausalLM"]
+    assert {k for k in config if k not in type(hf).__dataclass_fields__} == NEXT_HUB_ONLY | {demo.DEMO_MARKER}
+    for key in config.keys() - NEXT_HUB_ONLY - {demo.DEMO_MARKER}:
+        assert getattr(hf, key) == config[key], key
+    assert hf.rope_parameters["partial_rotary_factor"] == 0.25 and hf.rope_parameters["rope_theta"] == 1e7
+    assert hf.layer_types == demo.layer_types(config["num_hidden_layers"])
+    # Real proportions: two value heads per key head, every layer MoE with a shared expert, untied head.
+    assert config["linear_num_value_heads"] == 2 * config["linear_num_key_heads"]
+    assert config["norm_topk_prob"] is True and config["tie_word_embeddings"] is False
+    assert (config["vocab_size"], config["eos_token_id"]) == (151936, 151645)
+    gen = json.loads((next_demo / "generation_config.json").read_text("utf-8"))
+    assert gen["eos_token_id"] == [151645, 151643] and gen["top_p"] == 0.8
+    tok_config = json.loads((next_demo / "tokenizer_config.json").read_text("utf-8"))
+    assert tok_config["chat_template"] == chat_template("qwen3")
+    assert "Qwen3-Next-80B-A3B" in (next_demo / "README.md").read_text("utf-8")
+
+
+@pytest.mark.parametrize("size", demo.NEXT_SIZES)
+def test_qwen3_next_tensor_names_and_shapes_match_transformers(size: DemoSize) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = demo.demo_config(DemoArch.QWEN3_NEXT, size)
+    hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != demo.DEMO_MARKER})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    shapes = demo.demo_tensor_shapes(config)
+    # transformers fuses the hub's per-expert tensors on load: expand its fused ones back, expert by expert.
+    want: dict[str, tuple[int, ...]] = {}
+    for name, tensor in model.state_dict().items():
+        prefix, _, leaf = name.rpartition(".experts.")
+        if leaf == "gate_up_proj":
+            experts, rows, hidden = tensor.shape
+            for e in range(experts):
+                want[f"{prefix}.experts.{e}.gate_proj.weight"] = (rows // 2, hidden)
+                want[f"{prefix}.experts.{e}.up_proj.weight"] = (rows // 2, hidden)
+        elif leaf == "down_proj":
+            for e in range(tensor.shape[0]):
+                want[f"{prefix}.experts.{e}.down_proj.weight"] = tuple(tensor.shape[1:])
+        else:
+            want[name] = tuple(tensor.shape)
+    assert {k: v for k, v in shapes.items() if not k.startswith("mtp.")} == want
+    assert any(k.startswith("mtp.layers.0.") for k in shapes)
+
+
+def test_qwen3_next_loads_in_transformers_and_runs_forward(next_demo: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwenkit.tokenizer.tokenizer import QwenTokenizer
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        next_demo, dtype=torch.float32, output_loading_info=True
+    )
+    assert type(model).__name__ == "Qwen3NextForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    state = model.state_dict()
+    file = _tensors(next_demo)
+    for name in ("model.layers.0.linear_attn.in_proj_qkvz.weight", "model.layers.0.linear_attn.A_log"):
+        assert np.array_equal(state[name].numpy(), file[name].astype(np.float32)), name  # not re-initialised
+    hf_tok = AutoTokenizer.from_pretrained(next_demo)
+    prompt = "<|im_start|>user\nGated DeltaNet? 你好<|im_end|>\n<|im_start|>assistant\n"
+    ids = hf_tok.encode(prompt, add_special_tokens=False)
+    assert QwenTokenizer.from_dir(next_demo).encode(prompt) == ids and ids[0] == 151644
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), 151936) and bool(torch.isfinite(logits).all())
+
+
+def test_qwen3_next_same_arguments_give_identical_files(
+    tmp_path: Path, next_demo: Path, env: dict[str, str]
+) -> None:
+    assert _digests(create_demo(tmp_path / "again", DemoArch.QWEN3_NEXT, env=env)) == _digests(next_demo)
+    with pytest.raises(DemoError, match=r"not made for qwen3_next: use one of tiny, small"):
+        demo.demo_config(DemoArch.QWEN3_NEXT, DemoSize.B0_8)

@@ -1,10 +1,10 @@
 """Multi-turn state reuse and hybrid (recurrent) memory in the llama.cpp engine.
 
 The state cache and the recurrent rules are checked on the attention demo (qwen3), where the recurrent
-rules are also forced on to prove the mechanism, and on the hybrid demo (qwen3_5: Gated DeltaNet layers
-whose state cannot be cut back): batched = solo, a reused state gives the same tokens and logprobs as a
-fresh run without any cache, preemption and abort stay exact, cached_tokens counts the reused tokens, the
-cache stays within its budget.
+rules are also forced on to prove the mechanism, and on the hybrid demos (qwen3_5, and qwen3_next through
+llama.cpp's qwen3next graph: Gated DeltaNet layers whose state cannot be cut back): batched = solo, a reused
+state gives the same tokens and logprobs as a fresh run without any cache, preemption and abort stay exact,
+cached_tokens counts the reused tokens, the cache stays within its budget.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from qwenkit.engines.sampling import SamplingParams
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 from serve_fixtures import MODEL, demo_app, demo_engine, in_process
 
-ARCHES = ["qwen3", "qwen3_5"]
+ARCHES = ["qwen3", "qwen3_5", "qwen3_next"]
+HYBRIDS = ("qwen3_5", "qwen3_next")
 # Fixed-length greedy answers: EOS cannot end a turn early, so every turn has a known length.
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
 LOGPROB_TOL = 1e-3  # the same tokens fed in other batch shapes round differently
@@ -178,7 +179,7 @@ def test_state_cache_lookup_exact_and_cut_back() -> None:
 
 # ---- the engine ----------------------------------------------------------------------------------
 def test_the_hybrid_demo_is_recurrent(gguf: Path, fresh: LlamaCppEngine) -> None:
-    assert fresh.model.recurrent == ("qwen3_5" in gguf.name)
+    assert fresh.model.recurrent == gguf.name.startswith(HYBRIDS)
     if fresh.model.recurrent:  # the reason for all of this: its state cannot be cut back
         chat = Chat(fresh)
         msg, slot = chat.message(2), 0  # slot 0 is free: this engine keeps no caches

@@ -410,13 +410,86 @@ def test_fused_and_per_expert_layouts_convert_to_the_same_file(
     assert a.read_bytes() == b.read_bytes()
 
 
-def test_quantize_hybrid(demo_gguf: Callable[[str, str, str], Path], tmp_path: Path) -> None:
-    src = demo_gguf("qwen3_5_moe", "tiny", "f32")
+@pytest.mark.parametrize(("arch", "gguf_arch"), [("qwen3_5_moe", "qwen35moe"), ("qwen3_next", "qwen3next")])
+def test_quantize_hybrid(
+    demo_gguf: Callable[[str, str, str], Path], tmp_path: Path, arch: str, gguf_arch: str
+) -> None:
+    src = demo_gguf(arch, "tiny", "f32")
     info = read_gguf_info(quantize_gguf(src, tmp_path / "m-q8_0.gguf", "q8_0", threads=2))
-    assert info.file_type_name == "Q8_0" and info.architecture == "qwen35moe"
+    assert info.file_type_name == "Q8_0" and info.architecture == gguf_arch
     assert info.tensors["blk.0.ssm_conv1d.weight"] == "F32"  # llama.cpp never quantizes conv kernels
     assert info.tensors["blk.0.attn_qkv.weight"] == "Q8_0"
     assert correlation(llama_logits(info.path), llama_logits(src)) > 0.999
+
+
+# --- Qwen3-Next (qwen3next: Qwen3.5's layers, fused DeltaNet projections, a gated shared expert) -----------
+
+# What llama.cpp's qwen3next graph loads of a DeltaNet layer: b and a come fused (ssm_ba).
+NEXT_LINEAR = (LINEAR - {"ssm_alpha", "ssm_beta"}) | {"ssm_ba"}
+
+
+@pytest.mark.parametrize(
+    "outtype", [pytest.param(t, marks=[pytest.mark.slow] if t in ("f16", "bf16") else []) for t in OUTTYPES]
+)
+def test_convert_qwen3_next_demo(
+    demo_checkpoint: Callable[[str, str], Path], demo_gguf: Callable[[str, str, str], Path], outtype: str
+) -> None:
+    path = demo_gguf("qwen3_next", "tiny", outtype)
+    info, config = read_gguf_info(path), _text_config(demo_checkpoint("qwen3_next", "tiny"))
+    meta = info.metadata
+    assert info.architecture == "qwen3next" and info.file_type_name == WEIGHT_TYPE[outtype]
+    assert info.block_count == config["num_hidden_layers"] and info.vocab_size == config["vocab_size"]
+    assert meta["qwen3next.ssm.group_count"] == config["linear_num_key_heads"]
+    assert meta["qwen3next.ssm.time_step_rank"] == config["linear_num_value_heads"]
+    assert meta["qwen3next.rope.dimension_count"] == config["head_dim"] * config["partial_rotary_factor"]
+    assert "qwen3next.rope.dimension_sections" not in meta  # plain rope, not Qwen3.5's mrope
+    assert meta["qwen3next.expert_shared_feed_forward_length"] == config["shared_expert_intermediate_size"]
+    assert info.expert_count == config["num_experts"]
+    assert meta["tokenizer.ggml.pre"] == "qwen2"  # Qwen3-Next keeps the Qwen2/3 vocabulary and regex
+    full = [i for i, kind in enumerate(config["layer_types"]) if kind == "full_attention"]
+    for layer in range(info.block_count):
+        parts = {name.split(".")[2] for name in info.tensors if name.startswith(f"blk.{layer}.")}
+        assert parts & (NEXT_LINEAR | FULL | LINEAR) == (FULL if layer in full else NEXT_LINEAR), layer
+        assert {"ffn_gate_inp_shexp", "ffn_gate_exps", "ffn_up_shexp"} <= parts
+    assert not any(name.startswith("mtp") or "nextn" in name for name in info.tensors)
+    assert info.tensors["blk.0.ssm_conv1d.weight"] == info.tensors["blk.0.ssm_a"] == "F32"
+    assert info.tensors["blk.0.ffn_gate_inp_shexp.weight"] == "F32"
+    assert (
+        info.tensors["blk.0.attn_qkv.weight"] == info.tensors["blk.0.ssm_ba.weight"] == WEIGHT_TYPE[outtype]
+    )
+    if outtype != "f32":
+        logits, reference = llama_logits(path), llama_logits(demo_gguf("qwen3_next", "tiny", "f32"))
+        assert np.isfinite(logits).all() and correlation(logits, reference) > 0.999
+
+
+def test_qwen3_next_qkvz_is_split_by_key_head(
+    demo_checkpoint: Callable[[str, str], Path], demo_gguf: Callable[[str, str, str], Path]
+) -> None:
+    # in_proj_qkvz rows, per key head [q, k, v, z], become attn_qkv (all q, all k, all v) and attn_gate (z).
+    checkpoint = demo_checkpoint("qwen3_next", "tiny")
+    config = _text_config(checkpoint)
+    qkvz = load_file(checkpoint / "model.safetensors")["model.layers.0.linear_attn.in_proj_qkvz.weight"]
+    n_k, head = config["linear_num_key_heads"], config["linear_key_head_dim"]
+    per_v = config["linear_num_value_heads"] // n_k * config["linear_value_head_dim"]
+    heads = qkvz.astype(np.float32).reshape(n_k, 2 * head + 2 * per_v, -1)
+    q, k = heads[:, :head], heads[:, head : 2 * head]
+    v, z = heads[:, 2 * head : 2 * head + per_v], heads[:, 2 * head + per_v :]
+    tensors = {
+        t.name: np.array(t.data) for t in gguf.GGUFReader(demo_gguf("qwen3_next", "tiny", "f32")).tensors
+    }
+    flat = [part.reshape(-1, qkvz.shape[1]) for part in (q, k, v, z)]
+    np.testing.assert_array_equal(tensors["blk.0.attn_qkv.weight"], np.concatenate(flat[:3]))
+    np.testing.assert_array_equal(tensors["blk.0.attn_gate.weight"], flat[3])
+    ba = load_file(checkpoint / "model.safetensors")["model.layers.0.linear_attn.in_proj_ba.weight"]
+    np.testing.assert_array_equal(tensors["blk.0.ssm_ba.weight"], ba.astype(np.float32))
+
+
+def test_qwen3_next_mtp_is_skipped_with_a_note(
+    demo_checkpoint: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    notes: list[str] = []
+    convert_to_gguf(demo_checkpoint("qwen3_next", "tiny"), tmp_path / "m.gguf", "f32", note=notes.append)
+    assert len(notes) == 1 and "MTP" in notes[0] and "vision" not in notes[0]
 
 
 @pytest.mark.parametrize(
@@ -472,7 +545,8 @@ def test_non_qwen_model_type_is_refused(demos: dict[str, Path], tmp_path: Path) 
     _edit_config(checkpoint, model_type="llama")
     with pytest.raises(
         ConversionError,
-        match=r"model_type 'llama'.*supports qwen2, qwen3, qwen2_moe, qwen3_moe, qwen3_5, qwen3_5_moe$",
+        match=r"model_type 'llama'.*supports qwen2, qwen3, qwen2_moe, qwen3_moe, qwen3_5, qwen3_5_moe, "
+        r"qwen3_next$",
     ):
         convert_to_gguf(checkpoint, tmp_path / "out.gguf", "f32")
 

@@ -3,10 +3,11 @@
 Each checkpoint is loaded by transformers (AutoModelForCausalLM, float32) and, converted to an f32 GGUF, by
 llama.cpp (f32 KV cache, no flash attention, 2 threads); logits for every prompt position must agree to 1e-4
 and greedy generations must be identical (qwen3_5 / qwen3_5_moe included: hybrid Gated DeltaNet demos in the
-hub's multimodal layout, and a text tower saved by transformers itself). The demo's weights (std 0.02) give
+hub's multimodal layout, and a text tower saved by transformers itself; and qwen3_next, Qwen3-Next's fused
+DeltaNet projections). The demo's weights (std 0.02) give
 nearly flat logits and almost uniform attention, so each arch is also checked "sharpened": weights rescaled
 so activations are O(1), logits spread over several units and attention depends on RoPE; a wrong rope base,
-or a broken DeltaNet parameter (A_log, conv kernel, value-head order) must then fail the comparison.
+or a broken DeltaNet parameter (A_log, conv kernel, value-head order, Qwen3-Next's b/a gates) must then fail.
 llama_cpp, torch and transformers (the dev install) are imported plainly: without one the run fails, it
 never skips the checks.
 """
@@ -36,7 +37,9 @@ from qwenkit.gguf.convert import convert_to_gguf, flat_text_config
 from qwenkit.tokenizer.specials import ADDED_TOKEN_IDS, THINK_START
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
-DEMO_ARCHS = ("qwen2", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe")
+DEMO_ARCHS = ("qwen2", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next")
+# Gated DeltaNet hybrids: RMSNorms scale by (1 + weight), and the sharpened reference runs in float64.
+HYBRID_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next")
 ARCHS = (*DEMO_ARCHS, "qwen2_moe", "qwen3_head_dim32", "qwen3_5_moe_text")  # the last three: by transformers
 MAX_ABS_DIFF = 1e-4
 GREEDY_TOKENS = 20
@@ -59,7 +62,7 @@ def sharpen(directory: Path, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     # Qwen3.5's RMSNorms scale by (1 + weight), except the DeltaNet's gated norm (a plain scale).
     model_type = json.loads((directory / "config.json").read_text())["model_type"]
-    hybrid = model_type.startswith("qwen3_5")
+    hybrid = model_type.startswith(HYBRID_TYPES)
     norm_offset = 0.0 if hybrid else 1.0
     for file in sorted(directory.glob("*.safetensors")):
         tensors = load_file(file)
@@ -219,7 +222,7 @@ def case(
                     "original_max_position_embeddings": 16,
                 }
                 (checkpoint / "config.json").write_text(json.dumps(config))
-            hybrid = arch.startswith("qwen3_5")
+            hybrid = arch in HYBRID_TYPES
             dtype = torch.float64 if hybrid and variant != "demo" else torch.float32
             made[arch, variant] = Case(
                 checkpoint, convert_to_gguf(checkpoint, root / "model-f32.gguf", "f32"), dtype
@@ -285,7 +288,7 @@ def test_wrong_rope_base_is_caught(case: Callable[[str, str], Case]) -> None:
     assert diff.max() > 100 * MAX_ABS_DIFF
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_next"])
 def test_real_loader_converts_the_compared_file(
     case: Callable[[str, str], Case], tmp_path: Path, arch: str
 ) -> None:
@@ -303,23 +306,37 @@ def _untile(rows: np.ndarray) -> np.ndarray:
     return rows[[0, 2, 1, 3]]
 
 
+def _swap_key_groups(rows: np.ndarray) -> np.ndarray:
+    # Qwen3-Next's ssm_ba holds, per key head, its b then its a rows: swapping the 2 groups misroutes both.
+    return np.concatenate(np.split(rows, 2)[::-1])
+
+
 BREAKS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "ssm_a": lambda a: a * 1.5,  # A = -exp(A_log): a decay rate off by half
     "ssm_conv1d": lambda w: w + 0.05 * np.sign(w),
     "ssm_alpha": _untile,  # gates applied to the wrong value heads
+    "ssm_ba": _swap_key_groups,
 }
+_FAST_BREAKS = {("qwen3_5", "ssm_a"), ("qwen3_next", "ssm_ba")}
 
 
 @pytest.mark.parametrize(
-    "tensor",
-    # One break is enough to prove the check can fail; the other two (12 s each) run with the slow tests.
-    [name if name == "ssm_a" else pytest.param(name, marks=pytest.mark.slow) for name in sorted(BREAKS)],
+    ("arch", "tensor"),
+    # One break per arch proves the check can fail; the others (12 s each) run with the slow tests.
+    [
+        pytest.param(arch, name, marks=() if (arch, name) in _FAST_BREAKS else pytest.mark.slow)
+        for arch, names in (
+            ("qwen3_5", ("ssm_a", "ssm_alpha", "ssm_conv1d")),
+            ("qwen3_next", ("ssm_a", "ssm_ba")),
+        )
+        for name in names
+    ],
 )
 def test_broken_deltanet_parameter_is_caught(
-    case: Callable[[str, str], Case], tmp_path: Path, tensor: str
+    case: Callable[[str, str], Case], tmp_path: Path, arch: str, tensor: str
 ) -> None:
-    # The negative control for the hybrid arch: one DeltaNet tensor of layer 0 changed in the GGUF.
-    c = case("qwen3_5", "sharpened")
+    # The negative control for the hybrid archs: one DeltaNet tensor of layer 0 changed in the GGUF.
+    c = case(arch, "sharpened")
     broken = tmp_path / "broken.gguf"
     shutil.copy(c.gguf, broken)
     reader = GGUFReader(broken, "r+")
@@ -328,14 +345,15 @@ def test_broken_deltanet_parameter_is_caught(
     reader.data.flush()
     del reader, data
     ids = c.tokenizer.encode(PROMPT)
-    assert float(np.abs(c.llama_logits(ids) - c.hf_logits(ids)).max()) <= MAX_ABS_DIFF  # the intact file
+    reference = c.hf_logits(ids)
+    assert float(np.abs(c.llama_logits(ids) - reference).max()) <= MAX_ABS_DIFF  # the intact file
     wrong = load_llama(broken)
     try:
         wrong.eval(ids)
         logits = np.array(wrong.scores[: len(ids)])
     finally:
         wrong.close()
-    assert float(np.abs(logits - c.hf_logits(ids)).max()) > 100 * MAX_ABS_DIFF
+    assert float(np.abs(logits - reference).max()) > 100 * MAX_ABS_DIFF
 
 
 # --- tokenization ---------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ text_config + vision_config, tensors under model.language_model.* (fused MoE exp
 tower under model.visual.* and one MTP layer under mtp.* (per-expert MoE tensors, as on the hub); text-only
 tools skip the last two. Their tokenizer
 is a stand-in (the Qwen2 BPE vocabulary padded to Qwen3.5's ids, see tokenizer/build.py).
+qwen3_next demos mirror Qwen3-Next-80B-A3B: a text-only Qwen3NextForCausalLM (tiny and small only), the same
+3:1 DeltaNet / gated-attention stack with fused in_proj_qkvz / in_proj_ba, MoE experts one tensor each plus a
+gated shared expert, one MTP layer, and the real Qwen vocabulary (151,936 rows) with the qwen3 template.
+qwen2_5_vl / qwen3_vl demos (shapes in demo_vl.py, tiny and small) mirror Qwen2.5-VL-3B / Qwen3-VL-2B: the
+qwen2 / qwen3 text stack plus a vision tower; every VL demo (qwen3_5 too) ships preprocessor_config.json.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from safetensors.numpy import save_file
 
 from qwenkit.chat.flavor import Flavor, flavor_for_model_type
 from qwenkit.chat.template import chat_template
+from qwenkit.checkpoints import demo_vl
 from qwenkit.paths import cache_root
 from qwenkit.tokenizer.build import write_tokenizer_files
 from qwenkit.tokenizer.specials import (
@@ -66,6 +72,9 @@ class DemoArch(StrEnum):
     QWEN3_MOE = "qwen3_moe"
     QWEN3_5 = "qwen3_5"
     QWEN3_5_MOE = "qwen3_5_moe"
+    QWEN3_NEXT = "qwen3_next"
+    QWEN2_5_VL = "qwen2_5_vl"
+    QWEN3_VL = "qwen3_vl"
 
     @property
     def hybrid(self) -> bool:
@@ -74,7 +83,7 @@ class DemoArch(StrEnum):
 
     @property
     def moe(self) -> bool:
-        return self in (DemoArch.QWEN3_MOE, DemoArch.QWEN3_5_MOE)
+        return self in (DemoArch.QWEN3_MOE, DemoArch.QWEN3_5_MOE, DemoArch.QWEN3_NEXT)
 
 
 class DemoSize(StrEnum):
@@ -157,6 +166,9 @@ _REFERENCE_MODEL = {
     DemoArch.QWEN3_MOE: "Qwen/Qwen3-30B-A3B",
     DemoArch.QWEN3_5: "Qwen/Qwen3.5-0.8B",
     DemoArch.QWEN3_5_MOE: "Qwen/Qwen3.5-35B-A3B",
+    DemoArch.QWEN3_NEXT: "Qwen/Qwen3-Next-80B-A3B-Instruct",
+    DemoArch.QWEN2_5_VL: "Qwen/Qwen2.5-VL-3B-Instruct",
+    DemoArch.QWEN3_VL: "Qwen/Qwen3-VL-2B-Instruct",
 }
 _ARCHITECTURES = {
     DemoArch.QWEN2: "Qwen2ForCausalLM",
@@ -164,6 +176,9 @@ _ARCHITECTURES = {
     DemoArch.QWEN3_MOE: "Qwen3MoeForCausalLM",
     DemoArch.QWEN3_5: "Qwen3_5ForConditionalGeneration",
     DemoArch.QWEN3_5_MOE: "Qwen3_5MoeForConditionalGeneration",
+    DemoArch.QWEN3_NEXT: "Qwen3NextForCausalLM",
+    DemoArch.QWEN2_5_VL: "Qwen2_5_VLForConditionalGeneration",
+    DemoArch.QWEN3_VL: "Qwen3VLForConditionalGeneration",
 }
 
 
@@ -263,6 +278,10 @@ QWEN3_5_MAX_POSITIONS = 262_144
 QWEN3_5_EOS_ID = QWEN3_5_ADDED_TOKEN_IDS[ENDOFTEXT]  # 248044, as text_config.eos_token_id on the hub
 QWEN3_5_IM_END_ID = QWEN3_5_ADDED_TOKEN_IDS[IM_END]  # 248046
 MTP_LAYERS = 1  # every Qwen3.5 release ships one multi-token-prediction layer (mtp.*)
+# Sizes of the qwen3_next demos (the hybrid table's MoE columns; no vision tower, no 0.8b shape).
+NEXT_SIZES = (DemoSize.TINY, DemoSize.SMALL)
+# Every model_type whose demo weights follow the Qwen3.5 rules ((1 + w) norms, DeltaNet parameters).
+RECURRENT_MODEL_TYPES = (*HYBRID_MODEL_TYPES, DemoArch.QWEN3_NEXT.value)
 
 
 def layer_types(layers: int, interval: int = FULL_ATTENTION_INTERVAL) -> list[str]:
@@ -363,6 +382,60 @@ def _hybrid_config(arch: DemoArch, size: DemoSize) -> dict[str, Any]:
     }
 
 
+def _next_config(size: DemoSize) -> dict[str, Any]:
+    """Qwen3-Next-80B-A3B's config.json (48 layers, hidden 2048, 16 q / 2 kv heads of 256, DeltaNet 16 key /
+    32 value heads of 128, 512 experts top-10 of 512 plus a shared one) with the hybrid table's dimensions."""
+    if size not in NEXT_SIZES:
+        raise DemoError(
+            f"demo size {size.value!r} is not made for qwen3_next: use one of "
+            f"{', '.join(s.value for s in NEXT_SIZES)}"
+        )
+    d = HYBRID_SIZES[size]
+    return {
+        "architectures": [_ARCHITECTURES[DemoArch.QWEN3_NEXT]],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": BOS_ID,
+        "decoder_sparse_step": 1,
+        "eos_token_id": EOS_ID,
+        "full_attention_interval": FULL_ATTENTION_INTERVAL,
+        "head_dim": d.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": d.hidden,
+        "initializer_range": INITIALIZER_RANGE,
+        "intermediate_size": d.intermediate,
+        "layer_types": layer_types(d.layers),
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": d.linear_head_dim,
+        "linear_num_key_heads": d.linear_key_heads,
+        "linear_num_value_heads": d.moe_linear_value_heads,
+        "linear_value_head_dim": d.linear_head_dim,
+        "max_position_embeddings": QWEN3_5_MAX_POSITIONS,
+        "mlp_only_layers": [],
+        "model_type": DemoArch.QWEN3_NEXT.value,
+        "moe_intermediate_size": d.moe_intermediate,
+        "mtp_num_hidden_layers": MTP_LAYERS,
+        "norm_topk_prob": True,
+        "num_attention_heads": d.heads,
+        "num_experts": d.experts,
+        "num_experts_per_tok": d.experts_per_tok,
+        "num_hidden_layers": d.layers,
+        "num_key_value_heads": d.kv_heads,
+        "output_router_logits": False,
+        "partial_rotary_factor": PARTIAL_ROTARY_FACTOR,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": QWEN3_5_ROPE_THETA,
+        "router_aux_loss_coef": 0.001,
+        "shared_expert_intermediate_size": d.moe_intermediate,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": CONFIG_VOCAB_SIZE,
+    }
+
+
 def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     """The language model's fields: text_config for multimodal (Qwen3.5) configs, else the config itself."""
     nested = config.get("text_config")
@@ -374,6 +447,14 @@ def demo_config(arch: DemoArch, size: DemoSize, seed: int = 0) -> dict[str, Any]
     arch, size = _arch(arch), _size(size)
     if arch.hybrid:
         return _hybrid_config(arch, size) | {DEMO_MARKER: _marker(arch, size, seed)}
+    if arch is DemoArch.QWEN3_NEXT:
+        return _next_config(size) | {DEMO_MARKER: _marker(arch, size, seed)}
+    if arch is DemoArch.QWEN2_5_VL:  # Qwen2.5-VL: the qwen2 text stack plus a vision tower (demo_vl.py)
+        config = demo_vl.qwen2_5_vl_config(demo_config(DemoArch.QWEN2, size, seed), size.value)
+        return config | {DEMO_MARKER: _marker(arch, size, seed)}
+    if arch is DemoArch.QWEN3_VL:  # Qwen3-VL: the qwen3 text stack nested, a deepstack vision tower
+        config = demo_vl.qwen3_vl_config(demo_config(DemoArch.QWEN3, size, seed), size.value)
+        return config | {DEMO_MARKER: _marker(arch, size, seed)}
     if size not in DEMO_SIZES:
         raise DemoError(
             f"demo size {size.value!r} is not made for {arch.value}: use one of "
@@ -441,6 +522,17 @@ def _marker(arch: DemoArch, size: DemoSize, seed: int) -> dict[str, Any]:
 
 def demo_generation_config(arch: DemoArch) -> dict[str, Any]:
     """generation_config.json as the reference model ships it."""
+    if _arch(arch) is DemoArch.QWEN3_NEXT:
+        # Qwen3-Next-80B-A3B-Instruct's (the 2507 instruct defaults).
+        return {
+            "bos_token_id": BOS_ID,
+            "do_sample": True,
+            "eos_token_id": [EOS_ID, BOS_ID],
+            "pad_token_id": BOS_ID,
+            "temperature": 0.7,
+            "top_k": 20,
+            "top_p": 0.8,
+        }
     if _arch(arch).hybrid:
         return {
             "bos_token_id": QWEN3_5_EOS_ID,
@@ -583,10 +675,50 @@ def _hybrid_tensor_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...
     return shapes
 
 
+def _next_layer_shapes(t: Mapping[str, Any], p: str, full: bool) -> dict[str, tuple[int, ...]]:
+    """One Qwen3NextDecoderLayer: Qwen3.5's MoE layer (experts one by one), except that the DeltaNet's
+    input projections are fused as on the hub: in_proj_qkvz (per key head: q, k, its v heads, their z)
+    and in_proj_ba (per key head: its b heads, then its a heads)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in _hybrid_layer_shapes(t, p, full, fused=False).items():
+        if name.endswith("linear_attn.in_proj_qkv.weight"):
+            value_dim = t["linear_num_value_heads"] * t["linear_value_head_dim"]
+            shapes[p + "linear_attn.in_proj_qkvz.weight"] = (shape[0] + value_dim, shape[1])
+        elif name.endswith("linear_attn.in_proj_b.weight"):
+            shapes[p + "linear_attn.in_proj_ba.weight"] = (2 * shape[0], shape[1])
+        elif not name.endswith(("linear_attn.in_proj_z.weight", "linear_attn.in_proj_a.weight")):
+            shapes[name] = shape
+    return shapes
+
+
+def _next_tensor_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i, kind in enumerate(config["layer_types"]):
+        shapes |= _next_layer_shapes(config, f"model.layers.{i}.", full=kind == "full_attention")
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    # The MTP head, as Qwen3-Next-80B-A3B ships it (transformers and the GGUF converter skip it).
+    shapes["mtp.fc.weight"] = (hidden, 2 * hidden)
+    shapes["mtp.pre_fc_norm_embedding.weight"] = (hidden,)
+    shapes["mtp.pre_fc_norm_hidden.weight"] = (hidden,)
+    for i in range(config.get("mtp_num_hidden_layers", 0)):
+        shapes |= _next_layer_shapes(config, f"mtp.layers.{i}.", full=True)
+    shapes["mtp.norm.weight"] = (hidden,)
+    return shapes
+
+
 def demo_tensor_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every tensor of the checkpoint (hub names, in a fixed order) and its shape."""
     if config.get("model_type") in HYBRID_MODEL_TYPES:
         return _hybrid_tensor_shapes(config)
+    if config.get("model_type") == DemoArch.QWEN3_NEXT.value:
+        return _next_tensor_shapes(config)
+    if config.get("model_type") == DemoArch.QWEN2_5_VL.value:
+        return demo_vl.qwen2_5_vl_tensor_shapes(config, demo_tensor_shapes({**config, "model_type": "qwen2"}))
+    if config.get("model_type") == DemoArch.QWEN3_VL.value:
+        text = demo_tensor_shapes({**config["text_config"], "model_type": "qwen3"})
+        return demo_vl.qwen3_vl_tensor_shapes(config, text, _vision_shapes(config["vision_config"]))
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     q_out, kv_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
@@ -630,11 +762,8 @@ def _is_sparse_layer(config: Mapping[str, Any], layer: int) -> bool:
 
 def _hybrid_values(name: str, shape: tuple[int, ...], rng: np.random.Generator, std: float) -> np.ndarray:
     """Qwen3.5's random values: no parameter left at a value that would hide a conversion mistake."""
-    if name.startswith("model.visual."):
-        if name.endswith(".bias"):
-            return np.zeros(shape, dtype=np.float32)
-        if "norm" in name:
-            return np.ones(shape, dtype=np.float32)
+    if name.startswith(("model.visual.", "visual.")):
+        return demo_vl.vision_values(name, shape, rng)
     if name.endswith("linear_attn.norm.weight"):
         # The gated RMSNorm multiplies by its weight (centred on 1).
         return 1 + rng.standard_normal(shape, dtype=np.float32) * np.float32(0.1)
@@ -656,10 +785,12 @@ def demo_tensors(config: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
     weights 1 (qwen2/qwen3) or per-parameter rules for Qwen3.5 (see _hybrid_values)."""
     rng = np.random.default_rng(seed)
     std = float(text_config(config)["initializer_range"])
-    hybrid = config.get("model_type") in HYBRID_MODEL_TYPES
+    hybrid = config.get("model_type") in RECURRENT_MODEL_TYPES
     tensors: dict[str, np.ndarray] = {}
     for name, shape in demo_tensor_shapes(config).items():
-        if hybrid:
+        if hybrid or name.startswith(
+            ("visual.", "model.visual.")
+        ):  # visual.*: Qwen2.5-VL's tower (see demo_vl.vision_values)
             values = _hybrid_values(name, shape, rng, std)
         elif name.endswith("norm.weight"):
             values = np.ones(shape, dtype=np.float32)
@@ -673,6 +804,8 @@ def _readme(config: Mapping[str, Any]) -> str:
     marker = config[DEMO_MARKER]
     if config.get("model_type") in HYBRID_MODEL_TYPES:
         return _hybrid_readme(config)
+    if config.get("model_type") == DemoArch.QWEN3_NEXT.value:
+        return _next_readme(config)
     return (
         f"# qwenkit demo checkpoint: {marker['arch']} ({marker['size']})\n\n"
         "**These weights are random.** This model produces noise, not language. It exists for tests and\n"
@@ -708,6 +841,24 @@ def _hybrid_readme(config: Mapping[str, Any]) -> str:
         "not as Qwen3.5 does; real checkpoints bring their own tokenizer.json, which qwenkit loads as is.\n\n"
         "For real answers pass a real model, e.g. `--model Qwen/Qwen3.5-0.8B`, a local checkpoint\n"
         "directory, or a `.gguf` file.\n\n"
+        f"Created by `qwenkit` with seed {marker['seed']}; the same arguments give byte-identical files.\n"
+    )
+
+
+def _next_readme(config: Mapping[str, Any]) -> str:
+    marker, kinds = config[DEMO_MARKER], config["layer_types"]
+    return (
+        f"# qwenkit demo checkpoint: {marker['arch']} ({marker['size']})\n\n"
+        "**These weights are random.** This model produces noise, not language. It exists for tests and\n"
+        f"demos: it has the architecture and hub layout of {marker['mirrors']} (with the dimensions in\n"
+        f"config.json): {len(kinds)} layers, {kinds.count('linear_attention')} Gated DeltaNet (linear\n"
+        f"attention) and {kinds.count('full_attention')} gated full attention, {config['num_experts']}\n"
+        "experts plus a gated shared expert in every layer, one multi-token-prediction layer (`mtp.*`),\n"
+        "and loads wherever a Hugging Face Qwen3-Next checkpoint does. The tokenizer is the real Qwen\n"
+        "vocabulary; the chat template is qwenkit's Qwen3 one (the Instruct release's own template never\n"
+        "opens `<think>`).\n\n"
+        "For real answers pass a real model, e.g. `--model Qwen/Qwen3-Next-80B-A3B-Instruct`, a local\n"
+        "checkpoint directory, or a `.gguf` file.\n\n"
         f"Created by `qwenkit` with seed {marker['seed']}; the same arguments give byte-identical files.\n"
     )
 
@@ -766,6 +917,7 @@ def _write_demo_files(
         template, layout = chat_template(flavor), QWEN2_LAYOUT
     write_tokenizer_files(directory, template, eos_token=IM_END, env=env, layout=layout)
     (directory / "README.md").write_text(_readme(config), encoding="utf-8")
+    demo_vl.write_processor_files(directory, config)
     for file in directory.iterdir():
         # Some writers create 0600 files; a checkpoint is ordinary, shareable data.
         file.chmod(0o644)

@@ -61,7 +61,7 @@ def convert_command(
     ] = OutTypeChoice.Q8_0,
     out: OutOption = None,
 ) -> None:
-    """Convert a Hugging Face Qwen checkpoint (qwen2/2_moe, qwen3/3_moe, qwen3_5/3_5_moe) to a GGUF file."""
+    """Convert a Hugging Face Qwen checkpoint (qwen2/3, their _moe, qwen3_5/3_5_moe, qwen3_next) to GGUF."""
     _require("gguf")
     from qwenkit.gguf.convert import checkpoint_name
     from qwenkit.gguf.reader import read_gguf_info

@@ -24,7 +24,7 @@ def create(
         DemoSize,
         typer.Option(
             help="tiny: tests and demos; small and the real shapes (0.5b, 1.5b for qwen2/qwen3; "
-            "0.8b for qwen3_5/qwen3_5_moe): benchmarks."
+            "0.8b for qwen3_5/qwen3_5_moe): benchmarks. qwen2_5_vl / qwen3_vl: tiny, small."
         ),
     ] = DemoSize.TINY,
     out: Annotated[

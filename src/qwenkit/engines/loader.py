@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from qwenkit.chat.families import ChatFamily, choose_family, template_from_dir
 from qwenkit.chat.flavor import Flavor, flavor_for_model_type
@@ -20,6 +21,7 @@ from qwenkit.checkpoints.resolve import ResolvedModel
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
 from qwenkit.gguf.convert import OutType, ensure_gguf, flat_text_config
+from qwenkit.gguf.mmproj import resolve_mmproj
 from qwenkit.gguf.reader import read_gguf_info
 from qwenkit.gguf.vocab import tokenizer_from_gguf
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
@@ -37,6 +39,7 @@ class ModelFiles:
     n_ctx_train: int | None
     family: ChatFamily
     warnings: tuple[str, ...] = ()
+    mmproj_path: Path | None = None  # the vision projector GGUF, when images were asked for
 
 
 def prepare_files(
@@ -44,8 +47,11 @@ def prepare_files(
     outtype: OutType = "q8_0",
     env: Mapping[str, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    mmproj: Path | Literal["auto"] | None = None,
 ) -> ModelFiles:
-    """Convert (once) and load the tokenizer; the slow part before an engine starts."""
+    """Convert (once) and load the tokenizer; the slow part before an engine starts. `mmproj`: a projector
+    GGUF file, "auto" (convert the checkpoint's vision tower) or None (text only)."""
+    mmproj_path = resolve_mmproj(resolved, mmproj, outtype, env)  # first: a wrong file fails at once
     if resolved.kind == "gguf":
         info = read_gguf_info(resolved.path)
         family, warnings = choose_family(info.chat_template, info.architecture)
@@ -58,6 +64,7 @@ def prepare_files(
             n_ctx_train=info.context_length,
             family=family,
             warnings=tuple(warnings),
+            mmproj_path=mmproj_path,
         )
     # The template is checked before the (slow) conversion, so a broken one fails at once.
     family, warnings = choose_family(template_from_dir(resolved.path), resolved.model_type or "qwen3")
@@ -72,6 +79,7 @@ def prepare_files(
         n_ctx_train=config.get("max_position_embeddings"),
         family=family,
         warnings=tuple(warnings),
+        mmproj_path=mmproj_path,
     )
 
 

@@ -1,11 +1,14 @@
 """Hugging Face safetensors Qwen checkpoint → a GGUF file that llama.cpp loads.
 
-Contract: convert_to_gguf() reads a qwen2 / qwen3 / qwen2_moe / qwen3_moe / qwen3_5 / qwen3_5_moe checkpoint
-(one file or shards with model.safetensors.index.json) one tensor at a time (an MoE layer's experts: one
-stacked tensor) and writes, with gguf.GGUFWriter, llama.cpp's metadata keys, its tensor names and its
-tokenizer layout; norms, 1-D tensors and conv kernels stay f32 as llama.cpp's own converter keeps them. A
-multimodal config's text_config is used; its vision tower and MTP head are skipped with a note. Qwen3.5's
-Gated DeltaNet tensors get llama.cpp's layout (ssm_a = -exp(A_log), norms +1, value heads tiled, not grouped).
+Contract: convert_to_gguf() reads a qwen2 / qwen3 / qwen2_moe / qwen3_moe / qwen3_5 / qwen3_5_moe / qwen3_next
+checkpoint (one file or shards with model.safetensors.index.json) one tensor at a time (an MoE layer's
+experts: one stacked tensor) and writes, with gguf.GGUFWriter, llama.cpp's metadata keys, its tensor names
+and its tokenizer layout; norms, 1-D tensors and conv kernels stay f32 as llama.cpp's own converter keeps
+them. A multimodal config's text_config is used; its vision tower and MTP head are skipped with a note.
+Qwen3.5's Gated DeltaNet tensors get llama.cpp's layout (ssm_a = -exp(A_log), norms +1, value heads tiled,
+not grouped).
+Qwen3-Next (qwen3next) shares that code: its fused in_proj_qkvz is split into attn_qkv + attn_gate, in_proj_ba
+is written whole (ssm_ba), and value heads stay grouped (llama.cpp's qwen3next graph repeats keys per group).
 The file appears atomically (temp file + rename).
 ensure_gguf() converts once into <cache root>/gguf/<key>/ and reuses the result. Bad input raises
 ConversionError (a ValueError) whose one-line message names the fix.
@@ -61,11 +64,21 @@ ARCHES: dict[str, gguf.MODEL_ARCH] = {
     "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
     "qwen3_5": gguf.MODEL_ARCH.QWEN35,
     "qwen3_5_moe": gguf.MODEL_ARCH.QWEN35MOE,
+    "qwen3_next": gguf.MODEL_ARCH.QWEN3NEXT,
 }
 # A text tower saved on its own (Qwen3_5ForCausalLM) names itself after its text config.
 _TEXT_MODEL_TYPES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
-_HYBRID = (gguf.MODEL_ARCH.QWEN35, gguf.MODEL_ARCH.QWEN35MOE)
-_MOE = (gguf.MODEL_ARCH.QWEN2MOE, gguf.MODEL_ARCH.QWEN3MOE, gguf.MODEL_ARCH.QWEN35MOE)
+_QWEN35 = (gguf.MODEL_ARCH.QWEN35, gguf.MODEL_ARCH.QWEN35MOE)
+_HYBRID = (*_QWEN35, gguf.MODEL_ARCH.QWEN3NEXT)
+_MOE = (
+    gguf.MODEL_ARCH.QWEN2MOE,
+    gguf.MODEL_ARCH.QWEN3MOE,
+    gguf.MODEL_ARCH.QWEN35MOE,
+    gguf.MODEL_ARCH.QWEN3NEXT,
+)
+_SHARED_EXPERT = (gguf.MODEL_ARCH.QWEN2MOE, gguf.MODEL_ARCH.QWEN35MOE, gguf.MODEL_ARCH.QWEN3NEXT)
+# Qwen3-Next's fused DeltaNet input projection, split into the two tensors llama.cpp's fast path reads.
+_QKVZ = ".linear_attn.in_proj_qkvz.weight"
 # Qwen3.5's mrope split of the rotary pairs (time, height, width, extra); text uses one position for all.
 _DEFAULT_MROPE_SECTION = (11, 11, 10, 0)
 _OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
@@ -256,8 +269,9 @@ def _check_supported(config: Mapping[str, Any], directory: Path) -> None:
             f"{directory} is already quantized ({method}): convert the bf16 original, then `qwenkit quantize`"
         )
     model_type = config["model_type"]
+    moe = ARCHES[model_type] in _MOE
     required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
-    if model_type.endswith("_moe"):
+    if moe:
         required += ["num_experts", "num_experts_per_tok", "moe_intermediate_size"]
     required += ["intermediate_size"] if model_type != "qwen3_5_moe" else []  # qwen3_5_moe has no dense FFN
     if ARCHES[model_type] in _HYBRID:
@@ -268,7 +282,7 @@ def _check_supported(config: Mapping[str, Any], directory: Path) -> None:
         raise ConversionError(f"{directory}/config.json lacks {missing[0]}: re-download the checkpoint")
     if ARCHES[model_type] in _HYBRID:
         _check_hybrid(config, directory)
-    if model_type.endswith("_moe"):
+    if moe:
         step = config.get("decoder_sparse_step", 1)
         if config.get("mlp_only_layers") or step != 1:
             raise ConversionError(
@@ -285,7 +299,7 @@ def _check_supported(config: Mapping[str, Any], directory: Path) -> None:
 
 
 def _check_hybrid(config: Mapping[str, Any], directory: Path) -> None:
-    """What llama.cpp's qwen35 graph assumes of the Gated DeltaNet layers, checked before any writing."""
+    """What llama.cpp's qwen35 / qwen3next graphs assume of the DeltaNet layers, checked before writing."""
     n_k, n_v = config["linear_num_key_heads"], config["linear_num_value_heads"]
     if config["linear_key_head_dim"] != config["linear_value_head_dim"] or n_v % n_k:
         raise ConversionError(
@@ -297,7 +311,7 @@ def _check_hybrid(config: Mapping[str, Any], directory: Path) -> None:
     if interval is None:
         raise ConversionError(
             f"{directory}/config.json layer_types is not one full-attention layer every N layers, "
-            "which llama.cpp's qwen35 graph requires"
+            f"which llama.cpp's {gguf.MODEL_ARCH_NAMES[ARCHES[config['model_type']]]} graph requires"
         )
 
 
@@ -446,6 +460,9 @@ def _plan(
                 key, int(match[1]), match[2], shape_of(key), n_experts, gguf_name_of, qtype
             )
             continue
+        if arch == gguf.MODEL_ARCH.QWEN3NEXT and hf_name.endswith(_QKVZ):
+            plan += _split_qkvz(key, hf_name, shape_of(key), config, gguf_name_of, qtype)
+            continue
         lookup = (
             hf_name.removesuffix(".dt_bias") + ".dt_proj.bias" if hf_name.endswith(".dt_bias") else hf_name
         )
@@ -505,6 +522,47 @@ def _fused_experts(
     return planned
 
 
+def _split_qkvz(
+    key: str,
+    hf_name: str,
+    shape: tuple[int, ...],
+    config: Mapping[str, Any],
+    gguf_name_of: Callable[[str, tuple[str, ...]], tuple[gguf.MODEL_TENSOR, str]],
+    qtype: gguf.GGMLQuantizationType,
+) -> list[_Planned]:
+    """Qwen3-Next's in_proj_qkvz rows, per key head [q, k, its v heads, their z], regrouped into attn_qkv
+    (all q, all k, all v: the conv's channel order) and attn_gate (all z), value heads kept grouped."""
+    n_k, head_k = config["linear_num_key_heads"], config["linear_key_head_dim"]
+    value_dim = config["linear_num_value_heads"] * config["linear_value_head_dim"]
+    per_head = 2 * head_k + 2 * value_dim // n_k
+    if len(shape) != 2 or shape[0] != n_k * per_head:
+        raise ConversionError(
+            f"tensor {key} has shape {list(shape)}, not ({n_k * per_head}, hidden) as config.json's "
+            "linear-attention heads imply: re-download the checkpoint"
+        )
+    cuts = np.cumsum([head_k, head_k, value_dim // n_k])
+
+    def part(index: int) -> Transform:
+        # (rows, hidden) → (key heads, per-head rows, hidden) → this part of every head, heads in order.
+        return lambda x: np.split(x.reshape(n_k, per_head, -1), cuts, axis=1)[index].reshape(-1, x.shape[-1])
+
+    def qkv(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([part(i)(x) for i in range(3)])
+
+    base = hf_name.removesuffix(_QKVZ) + ".linear_attn."
+    planned = []
+    for name, rows, transform in (
+        ("in_proj_qkv", shape[0] - value_dim, qkv),
+        ("in_proj_z", value_dim, part(3)),
+    ):
+        kind, gguf_name = gguf_name_of(f"{base}{name}.weight", (".weight",))
+        out_shape = (rows, shape[1])
+        planned.append(
+            _Planned(gguf_name, (key,), out_shape, _qtype_for(gguf_name, kind, out_shape, qtype), transform)
+        )
+    return planned
+
+
 def _hybrid_transform(name: str, config: Mapping[str, Any]) -> Transform | None:
     """llama.cpp's qwen35 layout for one HF tensor: norms +1, ssm_a = -exp(A_log), value heads tiled."""
     n_k, n_v = config["linear_num_key_heads"], config["linear_num_value_heads"]
@@ -523,6 +581,12 @@ def _hybrid_transform(name: str, config: Mapping[str, Any]) -> Transform | None:
     if ".linear_attn." not in name:
         # Qwen3.5's RMSNorm scales by (1 + weight); llama.cpp's by weight.
         return (lambda x: x + 1) if name.endswith("norm.weight") else None
+    if config["model_type"] == "qwen3_next":
+        # llama.cpp's qwen3next graph reads value heads grouped by key head, as transformers stores them.
+        leaf = name.rsplit(".linear_attn.", 1)[1]
+        if leaf == "A_log":
+            return lambda x: -np.exp(x)
+        return (lambda x: x.reshape(x.shape[0], x.shape[-1])) if leaf == "conv1d.weight" else None
     leaf = name.rsplit(".linear_attn.", 1)[1]
     transforms: dict[str, Transform] = {
         "A_log": lambda x: tiled(-np.exp(x), 0, 1),
@@ -567,9 +631,7 @@ def _layer_parts(config: Mapping[str, Any], arch: gguf.MODEL_ARCH, layer: int) -
         if arch in _MOE
         else ["ffn_gate", "ffn_up", "ffn_down"]
     )
-    if arch in (gguf.MODEL_ARCH.QWEN2MOE, gguf.MODEL_ARCH.QWEN35MOE) and config.get(
-        "shared_expert_intermediate_size"
-    ):
+    if arch in _SHARED_EXPERT and config.get("shared_expert_intermediate_size"):
         ffn += ["ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
     attention = ["attn_q", "attn_k", "attn_v", "attn_output"]
     if arch != gguf.MODEL_ARCH.QWEN2 and arch != gguf.MODEL_ARCH.QWEN2MOE:
@@ -577,7 +639,8 @@ def _layer_parts(config: Mapping[str, Any], arch: gguf.MODEL_ARCH, layer: int) -
     if arch not in _HYBRID:
         return [f"{part}.weight" for part in ["attn_norm", *attention, "ffn_norm", *ffn]]
     if _is_recurrent(config, layer):
-        linear = ["attn_qkv", "attn_gate", "ssm_conv1d", "ssm_alpha", "ssm_beta", "ssm_norm", "ssm_out"]
+        gates = ["ssm_ba"] if arch == gguf.MODEL_ARCH.QWEN3NEXT else ["ssm_alpha", "ssm_beta"]
+        linear = ["attn_qkv", "attn_gate", "ssm_conv1d", *gates, "ssm_norm", "ssm_out"]
         mixer = [f"{part}.weight" for part in linear] + ["ssm_dt.bias", "ssm_a"]
     else:
         mixer = [f"{part}.weight" for part in attention]
@@ -675,7 +738,7 @@ def _add_metadata(
         writer.add_value_length(int(head_dim))
     if scaling is not None:
         _add_rope_scaling(writer, scaling)
-    if config["model_type"].endswith("_moe"):
+    if ARCHES[config["model_type"]] in _MOE:
         writer.add_expert_count(int(config["num_experts"]))
         writer.add_expert_used_count(int(config["num_experts_per_tok"]))
         writer.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
@@ -709,12 +772,13 @@ def _mrope_sections(config: Mapping[str, Any], rope_dims: int) -> list[int]:
 
 
 def _add_hybrid_metadata(writer: gguf.GGUFWriter, config: Mapping[str, Any]) -> None:
-    """Qwen3.5's partial (multi-section) rope and Gated DeltaNet sizes, under llama.cpp's qwen35 keys."""
+    """Partial rope (Qwen3.5's multi-section, Qwen3-Next's plain) and the Gated DeltaNet sizes."""
     params = config.get("rope_parameters") or {}
     partial = float(params.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.25)))
     rope_dims = int(config["head_dim"] * partial)
     writer.add_rope_dimension_count(rope_dims)
-    writer.add_rope_dimension_sections(_mrope_sections(config, rope_dims))
+    if ARCHES[config["model_type"]] in _QWEN35:
+        writer.add_rope_dimension_sections(_mrope_sections(config, rope_dims))
     writer.add_ssm_conv_kernel(config["linear_conv_kernel_dim"])
     writer.add_ssm_state_size(config["linear_key_head_dim"])
     writer.add_ssm_group_count(config["linear_num_key_heads"])
