@@ -81,7 +81,9 @@ def test_published_parameter_counts_match_the_architecture(catalog, kind: str) -
             continue  # dimensions not confirmed: test_unverified_numbers_..._cannot_be_planned
         computed = {
             "total": shape.params_total,
-            "active": shape.params_active,
+            # An MoE's "A17B" counts the text tower a token reads (a vision encoder runs per image);
+            # dense VL cards publish active = total, encoder included.
+            "active": shape.params_active - (shape.encoder_params if shape.is_moe else 0),
             "non_embedding": shape.text_params - shape.params_embedding,
         }[kind] / 1e9
         assert computed == pytest.approx(published, rel=tolerance), entry.name
@@ -266,7 +268,33 @@ def test_hybrid_entries_carry_kv_only_on_full_attention_layers(catalog) -> None:
 
 
 def test_unverified_numbers_are_marked_and_unknown_ones_cannot_be_planned(catalog) -> None:  # type: ignore[no-untyped-def]
-    assert "arch.shared_ffn" in catalog.get("Qwen3.5-35B-A3B").model.unverified
-    for name in ("Qwen3.5-122B-A10B", "Qwen3.8-27B", "Qwen3-Coder-Next", "Qwen3-Coder-480B-A35B-Instruct"):
-        with pytest.raises(ShapeError, match="does not confirm"):
+    # Qwen3.6-35B-A3B's expert sizes rest on "same architecture as Qwen3.5-35B-A3B", not its own config.
+    assert "arch.moe_ffn" in catalog.get("Qwen3.6-35B-A3B").model.unverified
+    assert "arch.shared_ffn" not in catalog.get("Qwen3.5-35B-A3B").model.unverified  # read from its config
+    # Dimensions no source states stay null, and such an entry cannot be planned.
+    for name, missing in (
+        ("Qwen3.5-122B-A10B", "hidden"),
+        ("Qwen3.5-2B", "hidden"),
+        ("Qwen3-Coder-Next", "vocab"),
+        ("Qwen3-VL-8B-Instruct", "layers"),
+    ):
+        with pytest.raises(ShapeError, match=f"does not confirm.*{missing}"):
             catalog.get(name).shape()
+
+
+def test_dimensions_filled_from_cited_configs(catalog) -> None:  # type: ignore[no-untyped-def]
+    # Qwen3.5-397B-A17B from a verbatim copy of its config.json: nothing secondary left, and the shape it
+    # gives matches the published 397B total / 17B active (the vision tower is the difference in total).
+    big = catalog.get("Qwen3.5-397B-A17B")
+    assert big.model.unverified == [] and any("aiconfigurator" in url for url in big.sources)
+    s = big.shape()
+    assert (s.layers, s.kv_layers, s.linear_layers, s.experts, s.experts_used) == (60, 15, 45, 512, 10)
+    assert s.params_active - s.encoder_params == pytest.approx(17e9, rel=0.05)  # the text tower's
+    # Numbers from training frameworks stay marked, but are enough to plan.
+    coder = catalog.get("Qwen3-Coder-480B-A35B-Instruct")
+    assert {"arch.hidden", "arch.vocab", "arch.moe_ffn"} <= set(coder.model.unverified)
+    c = coder.shape()
+    assert c.params_total == pytest.approx(480e9, rel=0.025)
+    assert c.params_active == pytest.approx(35e9, rel=0.05)
+    assert catalog.get("Qwen3.8-27B").shape().kv_layers == 16
+    assert catalog.get("Qwen3-Coder-Next").model.arch.experts_used == 10

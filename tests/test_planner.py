@@ -3,6 +3,7 @@ within 10% of what the engine really uses (measured in fresh processes on the de
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -16,10 +17,22 @@ from qwenkit import hardware
 from qwenkit.catalog import load_catalog, parse_format
 from qwenkit.catalog.formats import WeightFormat, repack_types, weight_layout
 from qwenkit.catalog.measure import measure_engine_run, measure_runtime_baseline
-from qwenkit.catalog.planner import GIB, MIB, Device, Engine, PlanError, PlanRequest, Verdict, plan
+from qwenkit.catalog.planner import (
+    GIB,
+    MIB,
+    SERVE_STATE_CACHE_MB,
+    Device,
+    Engine,
+    PlanError,
+    PlanRequest,
+    Verdict,
+    plan,
+)
+from qwenkit.catalog.select import run_command
 from qwenkit.catalog.shape import ModelShape
 from qwenkit.catalog.target import TargetError, resolve_target
 from qwenkit.cli import plan as plan_cli
+from qwenkit.cli import serve as serve_cli
 from qwenkit.gguf.reader import MetadataReader
 
 BIG_CPU = Device("cpu", 64 * GIB, 48 * GIB, 20.0, frozenset({"avx2"}), "test box")
@@ -412,3 +425,54 @@ def test_size_units() -> None:
     assert plan_cli.parse_memory("1.5t") == int(1.5 * 1024 * GIB)
     with pytest.raises(ValueError, match="too small"):
         plan_cli.parse_memory("1MB")
+
+
+# ---- qwenkit serve's saved-state cache on hybrids ------------------------------------------------------
+def test_a_served_hybrid_counts_the_state_cache(catalog) -> None:  # type: ignore[no-untyped-def]
+    shape = catalog.get("Qwen3.5-9B").shape()
+    alone = plan(_request(shape, "q4_k_m"))  # an engine without a server: no state cache
+    served = plan(_request(shape, "q4_k_m", state_cache_mb=SERVE_STATE_CACHE_MB))
+    assert alone.memory.state_cache == 0
+    assert served.memory.state_cache == SERVE_STATE_CACHE_MB * MIB
+    assert served.memory.peak - alone.memory.peak == served.memory.state_cache
+    assert any("--state-cache-mb" in n for n in served.notes)
+    assert not any("--state-cache-mb" in n for n in alone.notes)
+    # A transformer without recurrent state is not counted; on a GPU the cache is host memory (noted only).
+    dense = plan(_request(catalog.get("Qwen3-8B").shape(), "q4_k_m", state_cache_mb=SERVE_STATE_CACHE_MB))
+    assert dense.memory.state_cache == 0 and not any("--state-cache-mb" in n for n in dense.notes)
+    gpu = Device("cuda", 24 * GIB, name="test gpu")
+    on_gpu = plan(_request(shape, "q4_k_m", device=gpu, state_cache_mb=SERVE_STATE_CACHE_MB))
+    assert on_gpu.engine is Engine.LLAMACPP and on_gpu.memory.state_cache == 0
+    assert any("outside the GPU budget" in n for n in on_gpu.notes)
+    with pytest.raises(PlanError, match="--state-cache-mb 0"):
+        plan(_request(shape, "q4_k_m", state_cache_mb=-1))
+
+
+def test_a_smaller_state_cache_is_offered_when_it_is_what_does_not_fit(catalog) -> None:  # type: ignore[no-untyped-def]
+    shape = catalog.get("Qwen3.5-0.8B").shape()
+    alone = plan(_request(shape, "q8_0"))
+    # Room for everything but 300 MiB of saved states: the server's 1 GiB cache must shrink.
+    room = alone.memory.required + 300 * MIB
+    device = Device("cpu", 64 * GIB, int(room / 0.9) + 1, 20.0, frozenset({"avx2"}), "tight box")
+    served = plan(_request(shape, "q8_0", device=device, state_cache_mb=SERVE_STATE_CACHE_MB))
+    assert served.verdict is Verdict.FITS_WITH_CHANGES
+    capped = next(c for c in served.changes if c.summary.startswith("cap the state cache"))
+    assert capped.plan.fits and capped.plan.request.state_cache_mb == 256
+    assert capped.plan.memory.state_cache == 256 * MIB
+    assert "--state-cache-mb 256" in run_command("Qwen/Qwen3.5-0.8B", capped.plan)
+    default = plan(_request(shape, "q8_0", state_cache_mb=SERVE_STATE_CACHE_MB))
+    assert "--state-cache-mb" not in run_command("Qwen/Qwen3.5-0.8B", default)
+
+
+def test_cli_plan_counts_the_servers_state_cache() -> None:
+    args = ["plan", "Qwen3.5-0.8B", "--ctx", "4096", "--device", "cpu", "--memory", "16GB", "--json"]
+    default = json.loads(CliRunner().invoke(_app(), args).output)
+    assert default["memory_bytes"]["state_cache"] == SERVE_STATE_CACHE_MB * MIB
+    off = json.loads(CliRunner().invoke(_app(), [*args, "--state-cache-mb", "0"]).output)
+    assert off["memory_bytes"]["state_cache"] == 0 and "--state-cache-mb 0" in off["command"]
+    assert default["memory_bytes"]["peak"] - off["memory_bytes"]["peak"] == SERVE_STATE_CACHE_MB * MIB
+    table = CliRunner().invoke(_app(), args[:-1], terminal_width=200).output
+    assert "state cache" in table
+    # The planner's default is the one `qwenkit serve` starts with.
+    serve_default = inspect.signature(serve_cli.serve_command).parameters["state_cache_mb"].default
+    assert serve_default == SERVE_STATE_CACHE_MB > 0

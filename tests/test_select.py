@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from qwenkit import hardware
 from qwenkit.catalog import load_catalog
 from qwenkit.catalog.formats import WeightFormat
-from qwenkit.catalog.planner import GIB, Device, Engine
+from qwenkit.catalog.planner import GIB, MIB, SERVE_STATE_CACHE_MB, Device, Engine
 from qwenkit.catalog.select import SelectRequest, select_models
 from qwenkit.cli import app as main_app
 from qwenkit.cli import plan as plan_cli
@@ -73,6 +73,10 @@ def test_8gb_gets_todays_best_fit_with_the_reason(catalog, task: str, kind: str)
     shape = top.plan.request.shape
     assert top.plan.memory.recurrent == shape.recurrent_state_bytes_per_seq() > 0
     assert shape.kv_layers * 4 == shape.layers
+    # The plan is for the recommended `qwenkit serve`: its saved-state cache shares a CPU's memory.
+    cache_mb = top.plan.request.state_cache_mb
+    assert top.plan.memory.state_cache == (cache_mb * MIB if kind == "cpu" else 0)
+    assert (f"--state-cache-mb {cache_mb}" in top.command) == (cache_mb != SERVE_STATE_CACHE_MB)
 
 
 def test_math_goes_to_math_or_qwen3_thinking(catalog) -> None:  # type: ignore[no-untyped-def]

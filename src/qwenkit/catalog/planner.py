@@ -7,10 +7,13 @@ engine running the workload: the runtime baseline (measured, see measure.py), th
 layers carry KV), the recurrent state of hybrids (conv + delta-rule state per linear-attention layer, f32,
 one per sequence slot), llama.cpp's logits buffer (n_vocab × n_seq_max × 4)
 and the compute buffer the worst step touches (a full n_batch chunk attending over a whole sequence's
-context). It compares that with the device's budget and returns a Plan with a verdict: fits, fits with
-the listed changes (flash attention, quantized KV, fewer slots, shorter context, smaller format), or
-does not fit, always with the numbers. Decode speed is an estimate: memory bandwidth divided by the
-bytes one step reads (active parameters for MoE). GPU figures are estimates not checked on a GPU here.
+context). A plan for `qwenkit serve` (PlanRequest.state_cache_mb > 0) of a hybrid on llama.cpp also
+counts the server's saved-state cache in full (turn-boundary snapshots, host memory, so on a CPU only;
+a GPU plan notes it). It compares that with the device's budget and returns a Plan with a verdict: fits,
+fits with the listed changes (flash attention, quantized KV, fewer slots, shorter context, a smaller
+state cache, smaller format), or does not fit, always with the numbers. Decode speed is an estimate:
+memory bandwidth divided by the bytes one step reads (active parameters for MoE). GPU figures are
+estimates not checked on a GPU here.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from qwenkit.catalog.formats import (
 )
 from qwenkit.catalog.measure import RuntimeBaseline
 from qwenkit.catalog.shape import ModelShape
+from qwenkit.engines.llamacpp.config import EngineConfig
 
 __all__ = [
     "GGUF_LADDER",
     "HF_LADDER",
+    "SERVE_STATE_CACHE_MB",
     "Device",
     "Engine",
     "MemoryBreakdown",
@@ -65,6 +70,9 @@ FALLBACK_BASELINE = RuntimeBaseline(
 N_CTX_PAD = 256  # llama.cpp pads each sequence's KV cells to a multiple of 256
 DELTA_CHUNK = 64  # llama.cpp's chunked gated delta rule works on 64-token chunks in a prompt
 LLAMA_TOKEN_DATA = 12  # sizeof(llama_token_data): the sampler's candidate array per sampled token
+# What `qwenkit serve` keeps for saved sequence states unless --state-cache-mb says otherwise.
+SERVE_STATE_CACHE_MB: int = EngineConfig.model_fields["state_cache_mb"].default
+STATE_CACHE_FLOOR_MB = 128  # the smallest cap a suggestion offers before turning the cache off
 
 GGUF_LADDER = (
     WeightFormat.F32,
@@ -158,6 +166,8 @@ class PlanRequest:
     runtime: RuntimeBaseline = FALLBACK_BASELINE
     layout: tuple[TensorLayout, ...] | None = None  # the real tensors of a local GGUF, when planning one
     formats_allowed: frozenset[WeightFormat] | None = None  # for suggestions: formats that can be had
+    # MiB a `qwenkit serve` process may keep for saved states (--state-cache-mb); 0: an engine alone.
+    state_cache_mb: int = 0
 
     @property
     def resolved_engine(self) -> Engine:
@@ -172,6 +182,12 @@ class PlanRequest:
         if self.flash_attn is not None:
             return self.flash_attn
         return self.resolved_engine is Engine.VLLM or self.kv_type == "q8_0"
+
+    @property
+    def serves_state_cache(self) -> bool:
+        """Whether the plan describes qwenkit's server keeping turn-boundary snapshots: a hybrid
+        (recurrent) model on llama.cpp with a state cache, the case where the cache fills with states."""
+        return self.state_cache_mb > 0 and self.shape.is_hybrid and self.resolved_engine is Engine.LLAMACPP
 
 
 @dataclass(frozen=True)
@@ -188,6 +204,7 @@ class MemoryBreakdown:
     reclaimable: int
     recurrent: int = 0  # hybrid models: conv + delta-rule state of every sequence slot
     experts: int = 0  # MoE: the routed expert weights (part of `weights`), all resident
+    state_cache: int = 0  # qwenkit serve on a hybrid: the saved-state cache at its bound (host memory)
 
     @property
     def required(self) -> int:
@@ -393,6 +410,8 @@ def _memory(r: PlanRequest, cache: _Layouts) -> tuple[Engine, bool, int, MemoryB
         output = 4 * s.vocab * r.concurrency
         on_cpu = r.device.kind == "cpu"
         repacked = repacked_bytes(w.layout, repack_types(r.device.cpu_flags)) if on_cpu else 0
+        # Saved states live in host memory: they share a CPU's budget, not a GPU's (see _notes).
+        state_cache = r.state_cache_mb * MIB if on_cpu and r.serves_state_cache else 0
         if on_cpu:
             run = (
                 r.runtime.steady_bytes
@@ -403,6 +422,7 @@ def _memory(r: PlanRequest, cache: _Layouts) -> tuple[Engine, bool, int, MemoryB
                 + output
                 + compute
                 + s.vocab * LLAMA_TOKEN_DATA
+                + state_cache
             )
             load = r.runtime.peak_bytes + weights + repacked
             runtime = r.runtime.steady_bytes
@@ -412,7 +432,7 @@ def _memory(r: PlanRequest, cache: _Layouts) -> tuple[Engine, bool, int, MemoryB
         peak = max(run, load)
         # The file pages a repacked tensor was read from stay mapped but are never touched again.
         memory = MemoryBreakdown(
-            weights, repacked, kv, compute, output, runtime, peak, repacked, recurrent, w.experts
+            weights, repacked, kv, compute, output, runtime, peak, repacked, recurrent, w.experts, state_cache
         )
     else:
         tokens = min(VLLM_PROFILE_TOKENS, cells)
@@ -444,6 +464,13 @@ def _notes(r: PlanRequest, engine: Engine) -> list[str]:
             f"hybrid (Gated DeltaNet): KV cache on {s.kv_layers} of {s.layers} layers; each sequence also "
             f"keeps a fixed {per_seq / MIB:.1f} MiB recurrent state ({s.linear_layers} linear-attention "
             "layers, f32), whatever its length"
+        )
+    if r.serves_state_cache:
+        where = "counted above" if r.device.kind == "cpu" else "host memory, outside the GPU budget"
+        notes.append(
+            f"qwenkit serve keeps up to {r.state_cache_mb} MiB of saved conversation states "
+            f"(--state-cache-mb; {where}) so each turn prefills only its new tokens; "
+            "--state-cache-mb 0 frees it, but every turn then re-reads its whole history"
         )
     if s.is_moe:
         notes.append(
@@ -492,6 +519,12 @@ def _alternatives(r: PlanRequest) -> Iterable[tuple[float, str, PlanRequest]]:
         )
     for c in _halvings(r.context, 512):
         yield 0.3 * math.log2(r.context / c), f"shorten the context to {c} tokens", replace(r, context=c)
+    if r.serves_state_cache and r.device.kind == "cpu":
+        # A smaller cache keeps fewer conversations' snapshots; none re-reads every history each turn.
+        for mb in _halvings(r.state_cache_mb, STATE_CACHE_FLOOR_MB):
+            summary = f"cap the state cache at {mb} MiB (--state-cache-mb {mb})"
+            yield 0.1 * math.log2(r.state_cache_mb / mb), summary, replace(r, state_cache_mb=mb)
+        yield 0.5, "turn off the state cache (--state-cache-mb 0)", replace(r, state_cache_mb=0)
     ladder = GGUF_LADDER if r.resolved_engine is Engine.LLAMACPP else HF_LADDER
     if r.layout is None and r.weight_format in ladder:
         below = ladder[ladder.index(r.weight_format) + 1 :]
@@ -521,6 +554,8 @@ def plan(request: PlanRequest, *, suggest: bool = True, cache: _Layouts | None =
     """
     if request.context < 64 or request.concurrency < 1:
         raise PlanError("context must be at least 64 tokens and concurrency at least 1")
+    if request.state_cache_mb < 0:
+        raise PlanError("the state cache cannot be negative: use --state-cache-mb 0 to turn it off")
     cache = {} if cache is None else cache
     base = _build(request, cache)
     if not suggest:
@@ -543,7 +578,9 @@ def plan(request: PlanRequest, *, suggest: bool = True, cache: _Layouts | None =
     floor = _build(_floor(request), cache)
     note = (
         f"even at {floor.request.weight_format.value} with a {floor.request.kv_type} KV cache, "
-        f"1 sequence and {floor.request.context} tokens it needs {floor.memory.required / GIB:.1f} GiB"
+        f"1 sequence and {floor.request.context} tokens"
+        + (" (no state cache)" if request.serves_state_cache else "")
+        + f" it needs {floor.memory.required / GIB:.1f} GiB"
     )
     return replace(base, verdict=Verdict.DOES_NOT_FIT, notes=(*base.notes, note))
 
@@ -557,7 +594,13 @@ def _floor(r: PlanRequest) -> PlanRequest:
         fmt = allowed[-1] if allowed else fmt
     kv = "q8_0" if r.resolved_engine is Engine.LLAMACPP else "fp8"
     return replace(
-        r, weight_format=fmt, kv_type=kv, flash_attn=None, concurrency=1, context=min(r.context, 2048)
+        r,
+        weight_format=fmt,
+        kv_type=kv,
+        flash_attn=None,
+        concurrency=1,
+        context=min(r.context, 2048),
+        state_cache_mb=0,
     )
 
 

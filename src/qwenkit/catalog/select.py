@@ -2,13 +2,15 @@
 
 Contract: select_models() plans every open-weights catalog model that can serve the task (its modalities
 and its family's policy fit) in every format it can run in on the device, keeps the configurations that
-fit with the requested context and concurrency (turning on flash attention or a quantized KV cache if
-that is all it takes), and ranks one configuration per model. Ranking policy, on top of the catalog's
-POLICY data: quality = fit(task) × log2(1 + quality_scale × size) × fidelity(format), where size is the
-total parameter count in billions for dense models and √(total × active) for MoE; "latency" multiplies
-quality by √(single-stream decode tok/s), "throughput" by √(aggregate tok/s at the requested
-concurrency) (both bandwidth estimates; relative bytes per token when the bandwidth is unknown).
-Each recommendation carries the planner's numbers, a one-line reason from the catalog and the command.
+fit with the requested context and concurrency (turning on flash attention, a quantized KV cache or,
+for a served hybrid, a smaller saved-state cache if that is all it takes), and ranks one configuration
+per model. Ranking policy, on top of the catalog's POLICY data: quality = fit(task) × log2(1 +
+quality_scale × size) × fidelity(format), where size is the total parameter count in billions for dense
+models and √(total × active) for MoE; "latency" multiplies quality by √(single-stream decode tok/s),
+"throughput" by √(aggregate tok/s at the requested concurrency) (both bandwidth estimates; relative
+bytes per token when the bandwidth is unknown).
+Each recommendation carries the planner's numbers, a one-line reason from the catalog and the command;
+the plans describe that command's server, so a hybrid's saved-state cache (--state-cache-mb) is counted.
 Natively multimodal Qwen3.5+ models run their text tower on llama.cpp for text tasks (vision skipped);
 entries whose dimensions the catalog does not confirm are left out (they cannot be planned).
 """
@@ -21,7 +23,15 @@ from typing import Literal
 
 from qwenkit.catalog.formats import WeightFormat
 from qwenkit.catalog.measure import RuntimeBaseline
-from qwenkit.catalog.planner import FALLBACK_BASELINE, Device, Engine, Plan, PlanRequest, plan
+from qwenkit.catalog.planner import (
+    FALLBACK_BASELINE,
+    SERVE_STATE_CACHE_MB,
+    Device,
+    Engine,
+    Plan,
+    PlanRequest,
+    plan,
+)
 from qwenkit.catalog.schema import TASKS, Catalog, Entry
 from qwenkit.catalog.shape import ShapeError
 
@@ -36,7 +46,7 @@ __all__ = [
 
 Preference = Literal["quality", "latency", "throughput"]
 # Text models qwenkit's llama.cpp engine (and converter) can run.
-_LLAMACPP_TYPES = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe"}
+_LLAMACPP_TYPES = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe"}
 # Natively multimodal families whose text tower the llama.cpp engine runs on its own (vision skipped).
 TEXT_TOWER_TYPES = frozenset({"qwen3_5", "qwen3_5_moe"})
 CPU_GGUF_FORMATS = (
@@ -47,6 +57,8 @@ CPU_GGUF_FORMATS = (
     WeightFormat.Q4_0,
 )
 _NEEDS = {"vision": "image", "audio": "audio"}
+# A served hybrid that fits only with fewer saved conversations is offered with this cache (MiB).
+SMALL_STATE_CACHE_MB = 256
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,7 @@ class SelectRequest:
     prefer: Preference = "quality"
     runtime: RuntimeBaseline = FALLBACK_BASELINE
     top: int = 5
+    state_cache_mb: int = SERVE_STATE_CACHE_MB  # what the recommended `qwenkit serve` keeps for saved states
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -117,11 +130,19 @@ def _formats(entry: Entry, device: Device, task: str) -> list[tuple[WeightFormat
 
 
 def fitting_plan(base: PlanRequest, cache: dict) -> tuple[Plan, tuple[str, ...]] | None:
-    """The plan as asked, else with flash attention, else with a quantized KV cache (context kept)."""
+    """The plan as asked, else with flash attention, else with a quantized KV cache (context kept), else
+    (a served hybrid on a CPU) also with the saved-state cache capped at SMALL_STATE_CACHE_MB."""
     tries = [(base, ())]
     if base.resolved_engine is Engine.LLAMACPP:
         tries.append((replace(base, flash_attn=True), ("flash attention on",)))
-        tries.append((replace(base, kv_type="q8_0", flash_attn=True), ("KV cache q8_0 + flash attention",)))
+        quantized = replace(base, kv_type="q8_0", flash_attn=True)
+        tries.append((quantized, ("KV cache q8_0 + flash attention",)))
+        shrinkable = base.serves_state_cache and base.device.kind == "cpu"
+        if shrinkable and base.state_cache_mb > SMALL_STATE_CACHE_MB:
+            capped = replace(quantized, state_cache_mb=SMALL_STATE_CACHE_MB)
+            tries.append(
+                (capped, ("KV cache q8_0 + flash attention", f"state cache {SMALL_STATE_CACHE_MB} MiB"))
+            )
     else:
         tries.append((replace(base, kv_type="fp8"), ("KV cache fp8",)))
     for request, adjustments in tries:
@@ -154,6 +175,8 @@ def run_command(repo: str, p: Plan) -> str:
             cmd = "VLLM_TARGET_DEVICE=cpu " + cmd
         return cmd
     serve = f"--ctx {p.n_ctx} --max-seqs {r.concurrency}"
+    if r.shape.is_hybrid and r.state_cache_mb != SERVE_STATE_CACHE_MB:
+        serve += f" --state-cache-mb {r.state_cache_mb}"  # the state cache this plan counted
     if repo.lower().endswith(".gguf"):
         return f"qwenkit serve --model {repo} {serve}"
     if fmt in (WeightFormat.F32, WeightFormat.FP16, WeightFormat.BF16, WeightFormat.Q8_0):
@@ -189,6 +212,7 @@ def select_models(catalog: Catalog, request: SelectRequest) -> list[Recommendati
                 device=request.device,
                 engine=engine,
                 runtime=request.runtime,
+                state_cache_mb=request.state_cache_mb,
             )
             found = fitting_plan(base, cache)
             if found is None:

@@ -4,7 +4,9 @@ Contract: nothing here downloads a model. The device is this machine, probed (CP
 bandwidth; a CUDA GPU with --device cuda), or one described with --memory (and --device, --bandwidth).
 Every command prints rich output, or JSON with --json; errors are one line naming the fix. `plan` shows
 the memory by part (weights and the MoE experts among them, KV cache, a hybrid's recurrent state, buffers)
-and measures the runtime baseline with the model's own vocabulary size.
+and measures the runtime baseline with the model's own vocabulary size. `plan` and `select` describe
+`qwenkit serve`: a hybrid's saved-state cache (--state-cache-mb, the server's default) is part of the plan.
+`doctor --server URL` reports a running server's live checks instead (cli/server_doctor.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,17 @@ from rich.table import Table
 from qwenkit import hardware
 from qwenkit.catalog.formats import KV_BYTES, WeightFormat, parse_format
 from qwenkit.catalog.measure import MeasureError, RuntimeBaseline, cached_runtime_baseline
-from qwenkit.catalog.planner import FALLBACK_BASELINE, GIB, Device, Engine, Plan, PlanRequest, Verdict, plan
+from qwenkit.catalog.planner import (
+    FALLBACK_BASELINE,
+    GIB,
+    SERVE_STATE_CACHE_MB,
+    Device,
+    Engine,
+    Plan,
+    PlanRequest,
+    Verdict,
+    plan,
+)
 from qwenkit.catalog.schema import TASKS, load_catalog
 from qwenkit.catalog.select import TEXT_TOWER_TYPES, Recommendation, SelectRequest, run_command, select_models
 from qwenkit.catalog.target import Target, resolve_target
@@ -49,6 +61,14 @@ BandwidthOption = Annotated[
     typer.Option("--bandwidth", min=0.1, help="Memory bandwidth in GB/s (default: measured here)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+StateCacheOption = Annotated[
+    int,
+    typer.Option(
+        "--state-cache-mb",
+        min=0,
+        help="The state cache `qwenkit serve` keeps (its --state-cache-mb; hybrid models count it in full).",
+    ),
+]
 
 
 def parse_memory(text: str) -> int:
@@ -214,6 +234,12 @@ def _print_plan(p: Plan, target: Target, command: str) -> None:
             f"{sh.linear_layers} DeltaNet layers × (conv {sh.conv_kernel - 1}×{conv_width} + delta "
             f"{sh.linear_v_heads}×{sh.linear_k_dim}×{sh.linear_v_dim}) × 4 B × {r.concurrency} sequence(s)",
         )
+    if m.state_cache:
+        table.add_row(
+            "state cache",
+            _size(m.state_cache),
+            "qwenkit serve's saved conversation states at their bound (--state-cache-mb)",
+        )
     table.add_row(
         "compute + activations", _size(m.compute), "worst step: a full prompt chunk over a whole context"
     )
@@ -285,6 +311,7 @@ def plan_command(
             "--flash-attn/--no-flash-attn", help="llama.cpp flash attention (default: the engine's)."
         ),
     ] = None,
+    state_cache_mb: StateCacheOption = SERVE_STATE_CACHE_MB,
     device: DeviceOption = None,
     memory: MemoryOption = None,
     bandwidth: BandwidthOption = None,
@@ -325,6 +352,7 @@ def plan_command(
         runtime=runtime_baseline(target.shape.vocab),
         layout=target.layout,
         formats_allowed=allowed,
+        state_cache_mb=state_cache_mb,
     )
     p = plan(request)
     command = run_command(_repo_for(target, p), p)
@@ -363,8 +391,19 @@ def doctor_command(
     no_bandwidth: Annotated[
         bool, typer.Option("--no-bandwidth", help="Skip the memory bandwidth test.")
     ] = False,
+    server: Annotated[
+        str | None,
+        typer.Option("--server", help="Check a running `qwenkit serve` at this URL instead (live advice)."),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", envvar="QWENKIT_API_KEY", help="The server's API key.")
+    ] = None,
 ) -> None:
     """Probe this machine: CPU, SIMD, RAM, bandwidth, GPUs, disk at the model caches, engines."""
+    if server is not None:  # a server's live checks: serve/health.py via cli/server_doctor.py
+        from qwenkit.cli.server_doctor import server_doctor
+
+        return server_doctor(server, api_key, as_json)
     report = hardware.probe(_cache_paths(), bandwidth=not no_bandwidth)
     baseline, llama_state = _llama_check()
     if as_json:
@@ -454,6 +493,7 @@ def select_command(
         int, typer.Option("--concurrency", "-c", min=1, max=256, help="Requests served at once.")
     ] = 1,
     top: Annotated[int, typer.Option("--top", min=1, max=50, help="How many to list.")] = 5,
+    state_cache_mb: StateCacheOption = SERVE_STATE_CACHE_MB,
     as_json: JsonOption = False,
 ) -> None:
     """Rank the Qwen models, formats and engines that fit this device for a task, with the command to run."""
@@ -461,7 +501,16 @@ def select_command(
         raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     context = ctx or (131072 if task == "long-context" else 4096)
     dev = resolve_device(device, memory, bandwidth)
-    request = SelectRequest(task, dev, context, concurrency, prefer, runtime_baseline(), top)  # type: ignore[arg-type]
+    request = SelectRequest(
+        task,
+        dev,
+        context,
+        concurrency,
+        prefer,  # type: ignore[arg-type]
+        runtime_baseline(),
+        top,
+        state_cache_mb,
+    )
     recs = select_models(load_catalog(), request)
     if as_json:
         typer.echo(json.dumps([recommendation_json(r) for r in recs], indent=2))
