@@ -88,10 +88,14 @@ class RecordingEngine:
 
 
 def demo_app(
-    engine: Engine, tokenizer: QwenTokenizer, config: ServeConfig | None = None, **kw: object
+    engine: Engine,
+    tokenizer: QwenTokenizer,
+    config: ServeConfig | None = None,
+    family: object = Flavor.QWEN3,
+    **kw: object,
 ) -> FastAPI:
-    """The server's app over an engine, for the tiny qwen3 demo model served as MODEL."""
-    return create_app(engine, tokenizer, Flavor.QWEN3, MODEL, config, **kw)  # type: ignore[arg-type]
+    """The server's app over an engine, for the tiny qwen3 demo model (or `family`'s) served as MODEL."""
+    return create_app(engine, tokenizer, family, MODEL, config, **kw)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -204,12 +208,13 @@ def live_server(
     n_ctx: int = 4096,
     max_seqs: int = 8,
     clock: Callable[[], float] | None = None,
+    family: object = Flavor.QWEN3,
 ) -> Iterator[LiveServer]:
     """The real server (uvicorn, the llama.cpp engine, the tiny demo model) on 127.0.0.1, any free port.
     n_ctx: the most tokens one request may use; clock: the rate limiter's time source."""
     engine = demo_engine(gguf, n_ctx, max_seqs)
     config = config or ServeConfig()
-    app = demo_app(engine, QwenTokenizer.from_dir(checkpoint), config, clock=clock)
+    app = demo_app(engine, QwenTokenizer.from_dir(checkpoint), config, family, clock=clock)
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     server = make_server(app, shutdown_timeout=5)

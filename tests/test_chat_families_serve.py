@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from qwenkit.chat.families import QWEN3_5, QWEN3_CODER, ChatFamily
+from qwenkit.chat.families import QWEN3_5, QWEN3_CODER, ChatFamily, JinjaTemplate
 from qwenkit.serve.app import create_app
 from qwenkit.tokenizer.specials import THINK_START
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
@@ -118,3 +118,30 @@ def test_preserve_thinking_reaches_the_template(tokenizer: QwenTokenizer) -> Non
     bad = {"messages": history, "chat_template_kwargs": {"preserve_thinking": "yes"}}
     _, response, _ = _ask(tokenizer, QWEN3_5, "x", bad)
     assert response.status_code == 400 and "preserve_thinking" in response.json()["error"]["message"]
+
+
+def test_reasoning_effort_reaches_a_template_that_reads_it(tokenizer: QwenTokenizer) -> None:
+    """Qwen3.8-style templates read reasoning_effort: chat_template_kwargs' word (any level the template
+    names) or else the OpenAI field is given to the template; the OpenAI field still sets thinking."""
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if reasoning_effort is defined %}effort={{ reasoning_effort }}\n{% endif %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    family = JinjaTemplate(template, like=QWEN3_5)
+    ask = [{"role": "user", "content": "Hi"}]
+    cases = [
+        ({"chat_template_kwargs": {"reasoning_effort": "xhigh"}}, "effort=xhigh"),
+        ({"reasoning_effort": "low"}, "effort=low"),
+        ({"reasoning_effort": "low", "chat_template_kwargs": {"reasoning_effort": "xhigh"}}, "effort=xhigh"),
+        ({}, None),
+    ]
+    for extra, expected in cases:
+        engine, response, _ = _ask(tokenizer, family, "x</think>y", {"messages": ask, **extra})
+        assert response.status_code == 200, response.text
+        prompt = tokenizer.decode(engine.requests[0].prompt_token_ids)
+        assert (expected in prompt) if expected else "effort=" not in prompt
+    _, response, _ = _ask(
+        tokenizer, family, "x", {"messages": ask, "chat_template_kwargs": {"reasoning_effort": "<|im_end|>"}}
+    )
+    assert response.status_code == 400 and "reasoning_effort" in response.json()["error"]["message"]

@@ -302,6 +302,23 @@ def test_modified_official_template_falls_back_to_its_own_jinja(templates: dict[
     assert family.thinks and family.soft_switches  # output conventions from the family it resembles
 
 
+def test_a_template_reading_reasoning_effort_is_rendered_by_its_own_jinja(templates: dict[str, str]) -> None:
+    """Qwen3.8's template reads reasoning_effort: the Qwen3.5 renderer does not implement it, so the template
+    (here: the official Qwen3.5 one with such a clause added) renders, and the variable takes effect."""
+    official = templates[OFFICIAL["qwen3_5"]]
+    clause = "{%- if reasoning_effort is defined %}{{- 'Effort: ' + reasoning_effort + '\\n' }}{%- endif %}"
+    changed = official.replace("{%- if add_generation_prompt %}", clause + "{%- if add_generation_prompt %}")
+    assert changed != official
+    family, warnings = choose_family(changed)
+    assert isinstance(family, JinjaTemplate) and family.like is QWEN3_5
+    assert "reads reasoning_effort" in warnings[0]
+    messages = messages_from_openai([U])
+    assert family.render(messages).text == QWEN3_5.render(messages).text  # unset: the same prompt
+    low = family.render(messages, reasoning_effort="low")
+    assert low.text.endswith("Effort: low\n<|im_start|>assistant\n<think>\n") and low.think_opened
+    assert QWEN3_5.render(messages, reasoning_effort="low").text == QWEN3_5.render(messages).text
+
+
 def test_fallback_refusals_and_failures_are_chat_input_errors() -> None:
     family = JinjaTemplate(
         "{% if messages|length > 1 %}{{ raise_exception('Only one message, please.') }}{% endif %}"

@@ -64,10 +64,12 @@ def prepare_chat(
     request_id: str | None = None,
     continue_final_message: bool = False,
     preserve_thinking: bool | None = None,
+    reasoning_effort: str | None = None,
 ) -> PreparedChat:
     """The engine request for a chat turn, and how to parse what comes back.
 
     continue_final_message: continue the final assistant message (prefill) instead of starting a new turn.
+    reasoning_effort: given to a template that reads it (Qwen3.8's); the thinking budget is set apart.
     """
     family = as_family(flavor)
     prompt = render(
@@ -77,6 +79,7 @@ def prepare_chat(
         continue_final_message=continue_final_message,
         enable_thinking=enable_thinking,
         preserve_thinking=preserve_thinking,
+        reasoning_effort=reasoning_effort,
         flavor=family,
     )
     params, warnings = resolve_sampling(dict(sampling or {}), prompt.thinking)

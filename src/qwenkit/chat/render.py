@@ -39,6 +39,7 @@ def render(
     continue_final_message: bool = False,
     enable_thinking: bool | None = None,
     preserve_thinking: bool | None = None,
+    reasoning_effort: str | None = None,
     flavor: FamilyLike = Flavor.QWEN3,
 ) -> RenderedPrompt:
     """Render messages (and tool definitions) with the given family's rules; see the module docstring."""
@@ -49,6 +50,7 @@ def render(
         continue_final_message=continue_final_message,
         enable_thinking=enable_thinking,
         preserve_thinking=preserve_thinking,
+        reasoning_effort=reasoning_effort,
     )
 
 

@@ -3,8 +3,10 @@
 Contract: one app per engine; everything it keeps (metrics registry, rate-limit buckets, grammar cache,
 the ServeContext at app.state.qwenkit) belongs to that app, nothing to the module. The lifespan starts the
 engine and, with manage_engine, shuts it down when the app stops. Routes: POST /v1/chat/completions,
-POST /v1/completions, GET /v1/models[/{id}], GET /health (no key needed, so it names the model only when no
-keys are set; 503 while draining), GET /metrics, GET /openapi.json (the API document with the request
+POST /v1/completions, POST /v1/messages[/count_tokens] (Anthropic) and /api/* (Ollama) from serve/apis/,
+GET /v1/models[/{id}], GET /health (no key needed, so it names the model only when no
+keys are set; 503 while draining; ?verbose=1 adds checks with advice, see serve/health.py), GET / (the web
+console, serve/console.py), GET /metrics, GET /openapi.json (the API document with the request
 bodies declared, see serve/openapi.py; it needs the key like every path but /health).
 Bodies are parsed here (JSON content type, strict pydantic models) so every malformed one is a 4xx; parsing
 and planning run in worker threads, so no request's CPU work blocks the event loop.
@@ -26,9 +28,12 @@ from starlette.middleware import Middleware
 
 from qwenkit.chat.flavor import Flavor
 from qwenkit.engines.base import Engine
+from qwenkit.serve.apis import anthropic, ollama
 from qwenkit.serve.config import ServeConfig
+from qwenkit.serve.console import install_console
 from qwenkit.serve.errors import APIError, install_handlers
 from qwenkit.serve.handlers import ServeContext, plan_chat, plan_completion, respond
+from qwenkit.serve.health import health_response
 from qwenkit.serve.logprobs import TokenTexts
 from qwenkit.serve.logs import AccessMiddleware, RequestInfo, request_info
 from qwenkit.serve.metrics import ServeMetrics
@@ -168,26 +173,17 @@ def create_app(
         return JSONResponse(card().model_dump(mode="json"))
 
     @app.get("/health")
-    async def health() -> JSONResponse:
-        stats = engine.stats()
-        body: dict[str, object] = {"status": "draining" if ctx.draining else "ok"}
-        if not config.api_keys:  # /health needs no key: with keys set it does not say what is served
-            body["model"] = ctx.model_name
-        body |= {
-            "engine": {
-                "running": stats.running,
-                "waiting": stats.waiting,
-                "kv_used": stats.kv_used,
-                "kv_total": stats.kv_total,
-            },
-        }
-        return JSONResponse(body, status_code=503 if ctx.draining else 200)
+    async def health(request: Request) -> JSONResponse:
+        return await health_response(request, ctx)  # ?verbose=1: checks with advice (serve/health.py)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    anthropic.install(app, ctx)  # POST /v1/messages[/count_tokens] (serve/apis/anthropic.py)
+    ollama.install(app, ctx)  # /api/chat, /api/generate, /api/tags, ... (serve/apis/ollama.py)
     install_openapi(app, ctx.model_name, config)
+    install_console(app)  # GET /: the web console (serve/console.py)
     return app
 
 

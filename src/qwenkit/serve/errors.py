@@ -1,11 +1,13 @@
-"""OpenAI-style errors: one exception type, one body shape, and the handlers that make every failure one.
+"""API errors: one exception type, one body shape per wire API, and the handlers that make every failure one.
 
-Contract: raise APIError(status, message, ...) anywhere in the server; the client gets
-{"error": {"message", "type", "param", "code"}} with that status, the message cut to MAX_MESSAGE_CHARS (a
-message never echoes a huge input back). Engine errors map to statuses here (overloaded → 503 with
-Retry-After, too long → 400 context_length_exceeded). Unexpected exceptions become a bare 500; the traceback
-goes to the server log only. `reason` labels the rejected-requests metric. header_safe() is the one way
-client text gets into a response header: printable ASCII only, so h11 never refuses (or is injected by) it.
+Contract: raise APIError(status, message, ...) anywhere in the server; the client gets {"error": {"message",
+"type", "param", "code"}} with that status (under /v1/messages Anthropic's {"type": "error", "error":
+{"type", "message"}}, under /api/ Ollama's {"error": message}, see wire_of), the message cut to
+MAX_MESSAGE_CHARS (a message never echoes a huge input back). Engine errors map to statuses here (overloaded
+→ 503 with Retry-After, too long → 400 context_length_exceeded). Unexpected exceptions become a bare 500;
+the traceback goes to the server log only. `reason` labels the rejected-requests metric. header_safe() is
+the one way client text gets into a response header: printable ASCII only, so h11 never refuses (or is
+injected by) it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,7 +47,28 @@ _REASON_BY_STATUS = {
     503: "overloaded",
 }
 
+# Anthropic's error types (https://docs.anthropic.com/en/api/errors); other 4xx are invalid_request_error.
+_ANTHROPIC_TYPE_BY_STATUS = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+ANTHROPIC_PREFIX = "/v1/messages"
+Wire = Literal["openai", "anthropic", "ollama"]
+
 log = logging.getLogger("qwenkit.serve")
+
+
+def wire_of(path: str) -> Wire:
+    """The error shape a path answers in: Anthropic's under /v1/messages, Ollama's under /api/, OpenAI's
+    everywhere else."""
+    if path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/"):
+        return "anthropic"
+    return "ollama" if path.startswith("/api/") else "openai"
 
 
 def short(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
@@ -93,15 +117,23 @@ class APIError(Exception):
         self.reason = reason or _REASON_BY_STATUS.get(status, "invalid" if status < 500 else "server_error")
         self.headers = headers or {}
 
-    def body(self) -> dict[str, dict[str, str | None]]:
+    def body(self, wire: Wire = "openai") -> dict[str, Any]:
+        """The error body in `wire`'s shape (see wire_of)."""
+        if wire == "anthropic":
+            kind = _ANTHROPIC_TYPE_BY_STATUS.get(
+                self.status, "api_error" if self.status >= 500 else "invalid_request_error"
+            )
+            return {"type": "error", "error": {"type": kind, "message": self.message}}
+        if wire == "ollama":
+            return {"error": self.message}
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self, wire: Wire = "openai") -> JSONResponse:
+        return JSONResponse(self.body(wire), status_code=self.status, headers=self.headers)
 
-    async def send(self, send: Send) -> None:
+    async def send(self, send: Send, wire: Wire = "openai") -> None:
         """Answer at the ASGI level (for middleware, before any route runs)."""
-        payload = json.dumps(self.body()).encode()
+        payload = json.dumps(self.body(wire)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
@@ -141,7 +173,7 @@ def install_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
         _remember(request, exc)
-        return exc.response()
+        return exc.response(wire_of(request.url.path))
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -152,18 +184,18 @@ def install_handlers(app: FastAPI) -> None:
         else:
             err = APIError(exc.status_code, str(exc.detail))
         _remember(request, err)
-        return err.response()
+        return err.response(wire_of(request.url.path))
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         err = APIError(400, "invalid request")
         _remember(request, err)
-        return err.response()
+        return err.response(wire_of(request.url.path))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error in %s", request.url.path, exc_info=exc)
         err = APIError(500, "internal server error; the server log has the details", code="internal_error")
         _remember(request, err)
-        return err.response()
+        return err.response(wire_of(request.url.path))
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -1,4 +1,8 @@
-"""Request handling: OpenAI requests → GenerationRequests → engine events → OpenAI responses and chunks.
+"""The native request path: internal requests → GenerationRequests → engine events → a Job's answer.
+
+Every API runs here (serve/apis/: OpenAI's jobs by default; Anthropic's translates its request into the
+native chat request and passes its own job_factory), so limits, auth, tools, grammar, thinking, usage, logs
+and metrics live once. The native request types are today's OpenAI-shaped protocol models.
 
 Contract: plan_chat()/plan_completion() validate a parsed request against the ServeConfig caps and the
 context, render and tokenize it (chat through chat.pipeline.prepare_chat, completions through encode_text
@@ -6,10 +10,11 @@ context, render and tokenize it (chat through chat.pipeline.prepare_chat, comple
 client must fix. respond() reserves a Plan's tokens (prompt + max_tokens per choice) against the client's
 tokens/minute (429 when they do not fit), settles to the tokens used when it ends, runs it on the engine
 (n choices concurrently, one engine request each, seeds seed, seed+1, ...) and answers JSON or a
-server-sent-event stream. Both answers come from the same per-event translation, so a stream's concatenated
-deltas equal the non-stream response. A client that disconnects (noticed on the ASGI receive channel) has
-its engine requests aborted at once. Depends only on the Engine protocol and the request types, never on a
-concrete engine. Planning is blocking CPU work: the app runs it in a worker thread.
+server-sent-event stream framed by the Job (its API's wire format). Both answers come from the same
+per-event translation, so a stream's concatenated deltas equal the non-stream response. A client that
+disconnects (noticed on the ASGI receive channel) has its engine requests aborted at once. Depends only
+on the Engine protocol and the request types, never on a concrete engine. Planning is blocking CPU work:
+the app runs it in a worker thread.
 
 vLLM/OpenAI extras: ignore_eos drops the model's end tokens from the stop ids (stop_token_ids still stop);
 stop_token_ids and logit_bias ids must lie in the tokenizer's vocabulary; min_tokens, logit_bias,
@@ -29,10 +34,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
@@ -40,38 +46,24 @@ from starlette.types import Receive
 
 from qwenkit.chat.flavor import Flavor
 from qwenkit.chat.messages import ChatInputError, Message, messages_from_openai, tools_from_openai
-from qwenkit.chat.parse import OutputParser, ParseAccumulator, ParseDelta, ToolCallDelta
+from qwenkit.chat.parse import OutputParser
 from qwenkit.chat.pipeline import prepare_chat
 from qwenkit.engines.base import Engine
 from qwenkit.engines.grammar import json_object_grammar, unenforced_keywords
 from qwenkit.engines.request import EngineError, GenerationRequest, Grammar, GrammarError, TokenEvent
 from qwenkit.engines.sampling import SamplingError, resolve_sampling
+from qwenkit.serve.apis.openai import ChatJob, CompletionJob
 from qwenkit.serve.config import ServeConfig
 from qwenkit.serve.errors import APIError, from_engine_error, header_safe, shutting_down
-from qwenkit.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from qwenkit.serve.logprobs import TokenTexts
 from qwenkit.serve.logs import RequestInfo, UserHasher
 from qwenkit.serve.metrics import ServeMetrics
 from qwenkit.serve.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChoiceLogprobs,
-    ChunkChoice,
-    Completion,
-    CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionTokensDetails,
-    Delta,
-    DeltaFunction,
-    DeltaToolCall,
-    FunctionCall,
     NamedToolChoice,
     PromptTokensDetails,
-    TokenLogprob,
-    ToolCall,
     Usage,
 )
 from qwenkit.serve.security import RateLimiter, TokenReservation
@@ -79,13 +71,13 @@ from qwenkit.serve.tools import GrammarCache, ToolChoiceError, plan_tools
 from qwenkit.tokenizer.specials import ENDOFTEXT, IM_END
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
-CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking", "preserve_thinking"})
+# reasoning_effort here is a template variable (Qwen3.8's template reads it), passed as given.
+CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking", "preserve_thinking", "reasoning_effort"})
 # reasoning_effort → thinking budget (tokens inside <think>); "none"/"minimal" turn thinking off.
 EFFORT_BUDGETS: dict[str, int | None] = {"low": 1024, "medium": 4096, "high": None}
 MAX_NAMED_IGNORED = 10  # unknown fields named in the warning; the rest are counted
 SEED_MODULUS = 2**32  # engines take 32-bit seeds; OpenAI clients send any int64
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_R = TypeVar("_R", ChatCompletion, ChatCompletionChunk, Completion)
 log = logging.getLogger("qwenkit.serve")
 
 
@@ -131,6 +123,33 @@ class Job(Protocol):
     def usage_chunk(self, usage: Usage) -> BaseModel: ...
 
     def completion_text(self, index: int) -> str: ...
+
+    # The wire format: its stream's media type, how each item is framed, how the stream ends, and how an
+    # error mid-stream is sent.
+    media_type: str
+
+    def frame(self, item: BaseModel, include_usage: bool) -> str: ...
+
+    def done(self) -> str: ...
+
+    def error_frame(self, err: APIError) -> str: ...
+
+
+@dataclass
+class ChatParts:
+    """What planning hands a chat job: every API's job renders the same parsed events its own way."""
+
+    ctx: ServeContext
+    response_id: str
+    n: int
+    parser: Callable[[], OutputParser]
+    prompt_tokens: int
+    request: GenerationRequest
+    max_calls: int | None = None
+    echo: str | None = None
+
+
+ChatJobFactory = Callable[[ChatParts], Job]
 
 
 @dataclass
@@ -265,16 +284,19 @@ def _fan_out(request: GenerationRequest, n: int, index0: int, base_id: str) -> l
     return out
 
 
-def _template_switches(kwargs: Mapping[str, Any] | None) -> tuple[bool | None, bool | None]:
-    """(enable_thinking, preserve_thinking) from chat_template_kwargs; None where not given."""
+_EFFORT_WORD = re.compile(r"[a-z_-]{1,16}")
+
+
+def _template_switches(kwargs: Mapping[str, Any] | None) -> tuple[bool | None, bool | None, str | None]:
+    """(enable_thinking, preserve_thinking, reasoning_effort) from chat_template_kwargs; None if not given."""
     if not kwargs:
-        return None, None
+        return None, None, None
     unknown = sorted(set(kwargs) - CHAT_TEMPLATE_KWARGS)
     if unknown:
         raise APIError(
             400,
             f"chat_template_kwargs: unknown key {unknown[0]!r}; "
-            f"only {' and '.join(sorted(CHAT_TEMPLATE_KWARGS))} are accepted",
+            f"only {', '.join(sorted(CHAT_TEMPLATE_KWARGS))} are accepted",
             param="chat_template_kwargs",
         )
     values = []
@@ -285,7 +307,14 @@ def _template_switches(kwargs: Mapping[str, Any] | None) -> tuple[bool | None, b
                 400, f"chat_template_kwargs.{key} must be true or false", param="chat_template_kwargs"
             )
         values.append(value)
-    return values[0], values[1]
+    effort = kwargs.get("reasoning_effort")
+    if effort is not None and not (isinstance(effort, str) and _EFFORT_WORD.fullmatch(effort)):
+        raise APIError(
+            400,
+            'chat_template_kwargs.reasoning_effort must be a word like "low" or "xhigh"',
+            param="chat_template_kwargs",
+        )
+    return values[0], values[1], effort
 
 
 def _response_grammar(
@@ -383,8 +412,14 @@ def _tools(ctx: ServeContext, body: ChatCompletionRequest) -> tuple[list[Any], s
     return tools, choice, None
 
 
-def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo) -> Plan:
-    """Validate and prepare a chat completion; APIError for anything the client must fix."""
+def plan_chat(
+    ctx: ServeContext,
+    body: ChatCompletionRequest,
+    info: RequestInfo,
+    job_factory: ChatJobFactory | None = None,
+) -> Plan:
+    """Validate and prepare a chat completion; APIError for anything the client must fix. job_factory: the
+    API whose answer it is (default OpenAI chat); every API's chat request is planned here, once."""
     warnings = _check_common(ctx, body, info)
     cfg = ctx.config
     if body.chat_template is not None:
@@ -411,7 +446,7 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
         )
     if body.verbosity is not None:
         warnings.append("verbosity has no effect on this server")
-    enable_thinking, preserve_thinking = _template_switches(body.chat_template_kwargs)
+    enable_thinking, preserve_thinking, effort_word = _template_switches(body.chat_template_kwargs)
     enable_thinking, thinking_budget = _thinking(body, enable_thinking, warnings)
     try:
         messages = messages_from_openai(body.messages)
@@ -458,6 +493,7 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
             request_id=response_id,
             continue_final_message=continues,
             preserve_thinking=preserve_thinking,
+            reasoning_effort=effort_word or body.reasoning_effort,  # for a template that reads it
         )
     except (ChatInputError, SamplingError) as exc:
         message = str(exc)
@@ -475,18 +511,31 @@ def plan_chat(ctx: ServeContext, body: ChatCompletionRequest, info: RequestInfo)
     )
     if max_tokens is not None:
         request = replace(request, sampling=request.sampling.model_copy(update={"max_tokens": max_tokens}))
-    job = ChatJob(
+    parts = ChatParts(
         ctx,
         response_id,
         n,
         # Only offered functions become calls ("none" offers none); any other call stays the model's text.
         parser=lambda: prepared.parser(call_names=tool_plan.names),
-        logprobs=bool(body.logprobs),
-        top=top,
-        include_usage=_include_usage(body),
-        echo=echo,
+        prompt_tokens=prompt_tokens,
+        request=request,
         max_calls=max_calls,
+        echo=echo,
     )
+    if job_factory is not None:
+        job = job_factory(parts)
+    else:
+        job = ChatJob(
+            ctx,
+            response_id,
+            n,
+            parser=parts.parser,
+            logprobs=bool(body.logprobs),
+            top=top,
+            include_usage=_include_usage(body),
+            echo=echo,
+            max_calls=max_calls,
+        )
     info.n = n
     return Plan(
         requests=_fan_out(request, n, 0, response_id),
@@ -573,233 +622,6 @@ def _special_ids(tokenizer: QwenTokenizer, tokens: tuple[str, ...]) -> list[int]
         with contextlib.suppress(ValueError):
             ids.append(tokenizer.special_id(token))
     return ids
-
-
-# ---- translating events ----------------------------------------------------------------------------------
-
-
-def _finish_reason(event: TokenEvent, ctx: ServeContext, made_calls: bool) -> str:
-    """OpenAI's finish_reason for an engine's; errors and aborts become APIErrors."""
-    if event.finish_reason == "length":
-        return "length"
-    if event.finish_reason == "stop":
-        return "tool_calls" if made_calls else "stop"
-    if event.finish_reason == "abort":
-        raise shutting_down() if ctx.draining else APIError(500, "the request was aborted", code="aborted")
-    raise APIError(500, f"generation failed: {event.error or 'engine error'}", code="engine_error")
-
-
-class _Envelope:
-    """The id, creation time and model name every response object and chunk of one request shares."""
-
-    def __init__(self, ctx: ServeContext, response_id: str) -> None:
-        self.ctx = ctx
-        self.id = response_id
-        self.created = int(time.time())
-
-    def wrap(self, kind: type[_R], choices: list[Any], usage: Usage | None = None) -> _R:
-        return kind(id=self.id, created=self.created, model=self.ctx.model_name, choices=choices, usage=usage)
-
-
-@dataclass
-class _ChatChoiceState:
-    parser: OutputParser
-    parsed: ParseAccumulator = field(default_factory=ParseAccumulator)  # the deltas added up
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    raw: list[str] = field(default_factory=list)
-    finish: str | None = None
-
-
-def _merged_fragments(fragments: list[ToolCallDelta]) -> list[tuple[int, str | None, str | None, str]]:
-    """(index, id, name, arguments), a call's consecutive fragments joined: one entry per call per chunk."""
-    merged: list[tuple[int, str | None, str | None, str]] = []
-    for f in fragments:
-        if merged and merged[-1][0] == f.index:
-            index, id_, name, arguments = merged[-1]
-            merged[-1] = (index, id_, name, arguments + f.arguments)
-        else:
-            merged.append((f.index, f.id, f.name, f.arguments))
-    return merged
-
-
-class ChatJob(_Envelope):
-    """Chat events → parser deltas → chunks; the non-stream response is the chunks added up."""
-
-    def __init__(
-        self,
-        ctx: ServeContext,
-        response_id: str,
-        n: int,
-        *,
-        parser: Callable[[], OutputParser],
-        logprobs: bool,
-        top: int,
-        include_usage: bool,
-        echo: str | None = None,
-        max_calls: int | None = None,
-    ) -> None:
-        """echo: text that opens every choice's content; max_calls: tool calls past it are dropped."""
-        super().__init__(ctx, response_id)
-        self.choices = [_ChatChoiceState(parser()) for _ in range(n)]
-        self.want_logprobs = logprobs
-        self.top = top
-        self.include_usage = include_usage
-        self.echo = echo
-        self.max_calls = max_calls
-
-    def _chunk(self, choice: ChunkChoice) -> ChatCompletionChunk:
-        return self.wrap(ChatCompletionChunk, [choice])
-
-    def start(self) -> list[BaseModel]:
-        if self.echo:
-            for state in self.choices:
-                state.parsed.add(ParseDelta(content=self.echo))
-        return [
-            self._chunk(ChunkChoice(index=i, delta=Delta(role="assistant", content=self.echo or "")))
-            for i in range(len(self.choices))
-        ]
-
-    def on_event(self, index: int, event: TokenEvent) -> list[BaseModel]:
-        state = self.choices[index]
-        state.raw.append(event.text)
-        delta = state.parser.feed(event.text)
-        if event.finished:
-            delta = delta.then(state.parser.finish())
-        if self.max_calls is not None and any(c.index >= self.max_calls for c in delta.tool_calls):
-            # parallel_tool_calls false: later calls are dropped whole (they were calls, not content).
-            delta = replace(delta, tool_calls=[c for c in delta.tool_calls if c.index < self.max_calls])
-        state.parsed.add(delta)
-        content = delta.content
-        calls: list[DeltaToolCall] = []
-        for index_, id_, name, arguments in _merged_fragments(delta.tool_calls):
-            if id_ is not None:  # a call's first fragment carries its id and name
-                function = DeltaFunction(name=name, arguments=arguments)
-                calls.append(DeltaToolCall(index=index_, id=id_, type="function", function=function))
-            else:
-                calls.append(DeltaToolCall(index=index_, function=DeltaFunction(arguments=arguments)))
-        logprobs = None
-        if self.want_logprobs and event.logprobs:
-            logprobs = chat_logprobs(self.ctx.texts, event.logprobs, self.top)
-            state.logprobs += logprobs
-        chunks: list[BaseModel] = []
-        out_delta = Delta(
-            reasoning_content=delta.reasoning or None,
-            reasoning=delta.reasoning or None,
-            content=content or None,
-            tool_calls=calls or None,
-        )
-        if delta.reasoning or content or calls or logprobs:
-            lp = ChoiceLogprobs(content=logprobs) if logprobs else None
-            chunks.append(self._chunk(ChunkChoice(index=index, delta=out_delta, logprobs=lp)))
-        if event.finished:
-            state.finish = _finish_reason(event, self.ctx, bool(state.parsed.result().tool_calls))
-            chunks.append(self._chunk(ChunkChoice(index=index, delta=Delta(), finish_reason=state.finish)))
-        return chunks
-
-    def response(self, usage: Usage) -> BaseModel:
-        choices = []
-        for i, state in enumerate(self.choices):
-            out = state.parsed.result()
-            calls = [
-                ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
-                for c in out.tool_calls
-            ]
-            message = AssistantMessage(
-                content=out.content,
-                reasoning_content=out.reasoning,
-                reasoning=out.reasoning,
-                tool_calls=calls or None,
-            )
-            lp = ChoiceLogprobs(content=state.logprobs) if self.want_logprobs else None
-            choices.append(ChatChoice(index=i, message=message, logprobs=lp, finish_reason=state.finish))
-        return self.wrap(ChatCompletion, choices, usage)
-
-    def usage_chunk(self, usage: Usage) -> BaseModel:
-        return self.wrap(ChatCompletionChunk, [], usage)
-
-    def completion_text(self, index: int) -> str:
-        return "".join(self.choices[index].raw)
-
-
-@dataclass
-class _TextChoiceState:
-    text: list[str] = field(default_factory=list)
-    logprobs: list[CompletionLogprobs] = field(default_factory=list)
-    chars: int = 0
-    finish: str | None = None
-
-
-class CompletionJob(_Envelope):
-    """Text completion events → chunks and the response (text as generated, stop strings already cut)."""
-
-    def __init__(
-        self,
-        ctx: ServeContext,
-        response_id: str,
-        n: int,
-        logprobs: int | None,
-        echo: list[str] | None,
-        include_usage: bool,
-    ) -> None:
-        super().__init__(ctx, response_id)
-        self.choices = [_TextChoiceState() for _ in range(n)]
-        self.logprobs = logprobs
-        self.echo = echo
-        self.include_usage = include_usage
-
-    def _chunk(self, choice: CompletionChoice) -> Completion:
-        return self.wrap(Completion, [choice])
-
-    def start(self) -> list[BaseModel]:
-        if not self.echo:
-            return []
-        chunks: list[BaseModel] = []
-        for i, prompt in enumerate(self.echo):
-            self.choices[i].text.append(prompt)
-            self.choices[i].chars += len(prompt)
-            chunks.append(self._chunk(CompletionChoice(index=i, text=prompt)))
-        return chunks
-
-    def on_event(self, index: int, event: TokenEvent) -> list[BaseModel]:
-        state = self.choices[index]
-        logprobs = None
-        if self.logprobs is not None and event.logprobs:
-            logprobs = completion_logprobs(self.ctx.texts, event.logprobs, self.logprobs, state.chars)
-            state.logprobs.append(logprobs)
-        state.text.append(event.text)
-        state.chars += len(event.text)
-        finish = None
-        if event.finished:
-            finish = state.finish = _finish_reason(event, self.ctx, made_calls=False)
-        if not (event.text or logprobs or finish):
-            return []
-        return [
-            self._chunk(
-                CompletionChoice(index=index, text=event.text, logprobs=logprobs, finish_reason=finish)
-            )
-        ]
-
-    def response(self, usage: Usage) -> BaseModel:
-        choices = []
-        for i, state in enumerate(self.choices):
-            lp = None
-            if self.logprobs is not None:
-                lp = CompletionLogprobs(
-                    tokens=[t for p in state.logprobs for t in p.tokens],
-                    token_logprobs=[v for p in state.logprobs for v in p.token_logprobs],
-                    top_logprobs=[d for p in state.logprobs for d in p.top_logprobs or []],
-                    text_offset=[o for p in state.logprobs for o in p.text_offset],
-                )
-            choices.append(
-                CompletionChoice(index=i, text="".join(state.text), logprobs=lp, finish_reason=state.finish)
-            )
-        return self.wrap(Completion, choices, usage)
-
-    def usage_chunk(self, usage: Usage) -> BaseModel:
-        return self.wrap(Completion, [], usage)
-
-    def completion_text(self, index: int) -> str:
-        return "".join(self.choices[index].text)
 
 
 # ---- running on the engine --------------------------------------------------------------------------------
@@ -929,11 +751,6 @@ class _Tally:
             info.completion = [job.completion_text(i) for i in range(len(self.plan.requests))]
 
 
-def _sse(model: BaseModel, include_usage: bool) -> str:
-    exclude = None if include_usage or not isinstance(model, ChatCompletionChunk | Completion) else {"usage"}
-    return f"data: {model.model_dump_json(exclude=exclude)}\n\n"
-
-
 async def respond(
     ctx: ServeContext, plan: Plan, info: RequestInfo, receive: Receive | None
 ) -> JSONResponse | StreamingResponse:
@@ -961,7 +778,7 @@ async def respond(
                 seen.add(index)
             response = StreamingResponse(
                 _stream(plan, tally, head, events),
-                media_type="text/event-stream",
+                media_type=plan.job.media_type,
                 headers={**SSE_HEADERS, **headers},
             )
             streaming = True  # only now does _stream own the cleanup: if anything above raised, we do
@@ -989,21 +806,21 @@ async def _stream(
     job, usage_on = plan.job, plan.include_usage
     try:
         for chunk in job.start():
-            yield _sse(chunk, usage_on)
+            yield job.frame(chunk, usage_on)
         for index, event in head:
             tally.see(index, event)
             for chunk in job.on_event(index, event):
-                yield _sse(chunk, usage_on)
+                yield job.frame(chunk, usage_on)
         async for index, event in events:
             tally.see(index, event)
             for chunk in job.on_event(index, event):
-                yield _sse(chunk, usage_on)
+                yield job.frame(chunk, usage_on)
         if usage_on:
-            yield _sse(job.usage_chunk(tally.usage()), True)
-        yield "data: [DONE]\n\n"
+            yield job.frame(job.usage_chunk(tally.usage()), True)
+        yield job.done()
     except APIError as err:
         tally.info.rejected, tally.info.error_type = err.reason, err.type
-        yield f"data: {json.dumps(err.body())}\n\n"
+        yield job.error_frame(err)
     except ClientGone:
         tally.info.disconnected = True
     finally:

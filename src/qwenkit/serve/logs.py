@@ -132,4 +132,7 @@ class AccessMiddleware:
         self.metrics.request_seconds.labels(info.route).observe((info.duration_ms or 0) / 1000)
         if info.rejected:
             self.metrics.rejected.labels(info.rejected).inc()
+        for reason in info.finish_reasons:
+            if reason in ("stop", "length", "tool_calls", "content_filter"):  # bounded label values
+                self.metrics.finished.labels(reason).inc()
         access_log.info(json.dumps({"event": "request", **info.log_fields()}, ensure_ascii=False))

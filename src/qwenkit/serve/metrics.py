@@ -17,7 +17,20 @@ from prometheus_client.registry import Collector
 
 from qwenkit.engines.base import Engine
 
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/api/chat",
+    "/api/generate",
+    "/api/tags",
+    "/api/show",
+    "/api/version",
+    "/v1/models",
+    "/health",
+    "/metrics",
+)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5)
 
@@ -89,6 +102,10 @@ class ServeMetrics:
         self.generated_tokens = Counter("qwenkit_generation_tokens", "Tokens generated", registry=r)
         self.cached_prompt_tokens = Counter(
             "qwenkit_prompt_cached_tokens", "Prompt tokens reused from a cache, not computed", registry=r
+        )
+        # finish_reason per choice (length: cut by max_tokens), for /health?verbose=1's truncation check.
+        self.finished = Counter(
+            "qwenkit_finished_requests", "Finished choices by finish_reason", ["reason"], registry=r
         )
         r.register(_EngineCollector(engine))
 

@@ -2,12 +2,12 @@
 
 Contract: the POST routes parse their bodies by hand (app.parse_body: strict pydantic models, a 4xx for
 anything malformed), so FastAPI cannot see them. install_openapi() makes app.openapi() return FastAPI's
-document with each such route's requestBody declared: the JSON schema of the protocol.py model it parses,
-where the parts that model keeps as plain dicts are described in their OpenAI shapes (messages, tools, and
-the JSON Schema inside response_format and each tool), `model` is limited to the served name and this
-server's caps (ServeConfig) are the maxima, so a schema-driven client or fuzzer builds real requests. The
-models stay the judges: a body the document allows may still get a 400 for what JSON Schema cannot say
-(unique tool names, a prompt that fits the context). Built once per app, on first use.
+document with each such route's requestBody declared: the JSON schema of the model it parses (protocol.py,
+apis/), where the parts the OpenAI models keep as plain dicts are described in their OpenAI
+shapes (messages, tools, and the JSON Schema inside response_format and each tool), `model` is limited to
+the served name and this server's caps (ServeConfig) are the maxima, so a schema-driven client or fuzzer
+builds real requests. The models stay the judges: a body the document allows may still get a 400 for what
+JSON Schema cannot say (unique tool names, a prompt that fits the context). Built once per app, on first use.
 """
 
 from __future__ import annotations
@@ -19,12 +19,19 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from qwenkit.serve.apis.anthropic import CountTokensRequest, MessagesRequest
+from qwenkit.serve.apis.ollama import OllamaChatRequest, OllamaGenerateRequest, ShowRequest
 from qwenkit.serve.config import ServeConfig
 from qwenkit.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 BODY_MODELS: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
+    "/v1/messages": MessagesRequest,  # Anthropic's shapes: messages and tools stay open objects here
+    "/v1/messages/count_tokens": CountTokensRequest,
+    "/api/chat": OllamaChatRequest,
+    "/api/generate": OllamaGenerateRequest,
+    "/api/show": ShowRequest,
 }
 REF = "#/components/schemas/{model}"
 JSON_TYPES = ["object", "array", "string", "number", "integer", "boolean", "null"]
@@ -260,7 +267,7 @@ def install_openapi(app: FastAPI, model_name: str, config: ServeConfig) -> None:
                 title=app.title,
                 version=app.version,
                 openapi_version=app.openapi_version,
-                description="OpenAI-compatible API of qwenkit serve.",
+                description="OpenAI-, Anthropic- and Ollama-compatible API of qwenkit serve.",
                 routes=app.routes,
             )
             doc.setdefault("components", {}).setdefault("schemas", {}).update(

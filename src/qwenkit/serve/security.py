@@ -5,8 +5,10 @@ Contract: ClientAddressMiddleware (outermost) replaces the client address with t
 X-Forwarded-For, only when the direct peer is in trusted_proxies; that address feeds the lockout, the rate
 limits and the access log. CORS (only with cors_origins) answers a preflight from an allowed origin before
 the key check; any other preflight falls through to it. With keys configured, EVERY HTTP request needs
-`Authorization: Bearer <key>` except the exact path "/health" — unknown paths, trailing slashes, double
-slashes, case and percent-encoding variants all get 401 before any routing happens. Keys are compared in
+`Authorization: Bearer <key>` (under /v1/messages also `x-api-key: <key>`) except the exact paths in
+PUBLIC_PATHS ("/health" and the web console's static page, whose API calls send the key) — unknown
+paths, trailing slashes, double slashes, case and percent-encoding variants all get 401 before any routing
+happens. Keys are compared in
 constant time against every configured key. A valid key is never refused by the wrong-key lockout: a client
 address that used up its wrong-key allowance (auth_failures_per_minute) gets 429 for its next wrong or
 missing keys until its bucket refills. Then, except for /health and /metrics, a per-key (else per-address)
@@ -33,10 +35,11 @@ from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwenkit.serve.errors import APIError
+from qwenkit.serve.errors import APIError, wire_of
 from qwenkit.serve.logs import key_id, request_info
 
-PUBLIC_PATH = "/health"
+# The console's files hold no data: the page asks for the key and sends it on every API call.
+PUBLIC_PATHS = ("/health", "/", "/console/app.js", "/console/app.css")
 UNLIMITED_PATHS = ("/health", "/metrics")
 MAX_TRACKED_CLIENTS = 10_000
 TOKEN_WINDOW_S = 60.0
@@ -344,6 +347,14 @@ def _bearer(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
     return token.strip() or None
 
 
+def _x_api_key(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
+    # Anthropic's clients send the key as `x-api-key: <key>`; it is accepted beside the bearer token.
+    values = [v for k, v in headers if k.lower() == b"x-api-key"]
+    if len(values) != 1:
+        return None  # none, or ambiguous
+    return values[0].strip() or None
+
+
 class SecurityMiddleware:
     def __init__(
         self,
@@ -359,9 +370,11 @@ class SecurityMiddleware:
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
 
-    def authenticate(self, headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-        """The id of the key presented, or None. Every key is compared, in constant time, whatever matched."""
-        token = _bearer(headers) or b""
+    def authenticate(self, headers: Sequence[tuple[bytes, bytes]], path: str = "") -> str | None:
+        """The id of the key presented, or None. Every key is compared, in constant time, whatever matched.
+        Under Anthropic's paths (errors.wire_of) the key may come as x-api-key, as its clients send it."""
+        x_api_key = _x_api_key(headers) if wire_of(path) == "anthropic" else None
+        token = _bearer(headers) or x_api_key or b""
         found = None
         for kid, key in self._keys:
             if hmac.compare_digest(token, key):
@@ -378,8 +391,8 @@ class SecurityMiddleware:
         info = request_info(scope)
         path = scope["path"]
         try:
-            if self._keys and path != PUBLIC_PATH:
-                kid = self.authenticate(scope["headers"])
+            if self._keys and path not in PUBLIC_PATHS:
+                kid = self.authenticate(scope["headers"], path)
                 if kid is None:
                     # Only attempts without a valid key meet the lockout: a valid key always gets in.
                     client = scope.get("client")
@@ -391,7 +404,8 @@ class SecurityMiddleware:
                     self.limiter.auth_failed(address)
                     raise APIError(
                         401,
-                        "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+                        "missing or invalid API key: send the header 'Authorization: Bearer <key>'"
+                        + (" or 'x-api-key: <key>'" if wire_of(path) == "anthropic" else ""),
                         code="invalid_api_key",
                         headers={"WWW-Authenticate": "Bearer"},
                     )
@@ -403,7 +417,7 @@ class SecurityMiddleware:
         except APIError as err:
             if info is not None:
                 info.rejected, info.error_type = err.reason, err.type
-            await err.send(send)
+            await err.send(send, wire_of(path))
             return
         if info is not None:
             info.body_bytes = len(body)

@@ -3,8 +3,9 @@
 Contract: FAMILIES lists the known families (Qwen3.5+, Qwen3-Coder, QwQ, Qwen3-2507 Thinking, Qwen3 hybrid,
 Qwen3-2507 Instruct, Qwen2.5); at most one detects any template. choose_family(template, model_type) picks
 the family whose detector matches the template and whose renderer gives the same text as the template on
-a probe corpus; a template that matches none (or renders differently) is rendered by its own Jinja in a
-sandbox (JinjaTemplate, with a warning); with no template at all, model_type decides (a warning says so).
+a probe corpus; a template that matches none (or renders differently, or reads a variable no family
+implements: TEMPLATE_ONLY_VARIABLES) is rendered by its own Jinja in a sandbox (JinjaTemplate, with a
+warning); with no template at all, model_type decides (a warning says so).
 as_family() accepts a family, its name, or a legacy Flavor, so older call sites keep working.
 """
 
@@ -111,6 +112,11 @@ _PROBES: tuple[tuple[list[Message], list[Tool] | None], ...] = (
 )
 
 
+# Variables of newer templates (Qwen3.8's reasoning_effort) that no family's renderer implements: a template
+# reading one is rendered by its own Jinja, so the variable takes effect.
+TEMPLATE_ONLY_VARIABLES = ("reasoning_effort",)
+
+
 def _same_as_template(family: ChatFamily, own: JinjaTemplate) -> bool:
     for messages, tools in _PROBES:
         # enable_thinking given, as llama.cpp gives it: its QwQ copy closes the block when it is undefined.
@@ -137,14 +143,16 @@ def choose_family(template: str | None, model_type: str | None = None) -> tuple[
         ]
     own = JinjaTemplate(template)
     detected = detect_family(template)
-    if detected is not None and _same_as_template(detected, own):
+    extra = sorted(v for v in TEMPLATE_ONLY_VARIABLES if v in template)
+    if detected is not None and not extra and _same_as_template(detected, own):
         return detected, []
     own = JinjaTemplate(template, like=detected)
-    why = (
-        f"it looks like {detected.name} but renders differently"
-        if detected is not None
-        else "it matches no known family"
-    )
+    if detected is not None and extra:
+        why = f"it reads {', '.join(extra)}, which qwenkit's {detected.name} renderer does not implement"
+    elif detected is not None:
+        why = f"it looks like {detected.name} but renders differently"
+    else:
+        why = "it matches no known family"
     warning = f"the checkpoint's chat template is rendered by its own Jinja in a sandbox: {why}"
     log.warning(warning)
     return own, [warning]

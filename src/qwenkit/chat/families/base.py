@@ -66,6 +66,25 @@ class RenderedPrompt:
         """The prompt string (what the Jinja template produces)."""
         return join_parts(self.parts)
 
+    def assistant_spans(self) -> tuple[tuple[int, int], ...]:
+        """Character spans of each assistant turn's own text: from after its `<|im_start|>assistant\\n`
+        header through its closing <|im_end|>. Found from the Special markers, so caller text that merely
+        spells "<|im_start|>assistant" (a plain str part) never opens a span."""
+        spans: list[tuple[int, int]] = []
+        pos, start, after_open = 0, None, False
+        for part in self.parts:
+            if isinstance(part, Special):
+                if part.token == IM_END and start is not None:
+                    spans.append((start, pos + len(part.token)))
+                    start = None
+                after_open = part.token == IM_START
+            else:
+                if after_open and part.startswith("assistant"):
+                    start = pos + len("assistant") + int(part[len("assistant") :].startswith("\n"))
+                after_open = False
+            pos += len(str(part))
+        return tuple(spans)
+
 
 class Builder:
     """Collects prompt parts: markup() for the template's own text, text() for anything a caller gave."""
@@ -211,8 +230,13 @@ class ChatFamily:
         continue_final_message: bool = False,
         enable_thinking: bool | None = None,
         preserve_thinking: bool | None = None,
+        reasoning_effort: str | None = None,
     ) -> RenderedPrompt:
-        """Render messages (and tool definitions) as this family's official template does."""
+        """Render messages (and tool definitions) as this family's official template does.
+
+        reasoning_effort is a template variable no family's official template reads (choose_family hands a
+        template that reads it to JinjaTemplate), so the families ignore it.
+        """
         check_inputs(messages, tools)
         if continue_final_message:
             check_continuable(messages, add_generation_prompt)

@@ -139,6 +139,7 @@ class JinjaTemplate(ChatFamily):
         continue_final_message: bool = False,
         enable_thinking: bool | None = None,
         preserve_thinking: bool | None = None,
+        reasoning_effort: str | None = None,
     ) -> RenderedPrompt:
         check_inputs(messages, tools)
         if continue_final_message:
@@ -152,6 +153,8 @@ class JinjaTemplate(ChatFamily):
             variables["enable_thinking"] = enable_thinking
         if preserve_thinking is not None:
             variables["preserve_thinking"] = preserve_thinking
+        if reasoning_effort is not None:
+            variables["reasoning_effort"] = reasoning_effort
         text = self._run(variables)
         if continue_final_message:
             # As transformers does: cut right after the final message's text.
