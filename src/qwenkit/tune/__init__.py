@@ -1,0 +1,1 @@
+"""`qwenkit tune`: LoRA / QLoRA supervised fine-tuning on chat data (data, masks, memory, training, merge)."""
