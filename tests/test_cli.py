@@ -184,3 +184,22 @@ def test_stream_printer_shows_tool_calls_as_their_arguments_stream() -> None:
         'tool call get_weather({"city": "Paris"})',
         "tool call now({})",
     ]
+
+
+def test_preset_options_apply_the_preset_and_bad_ones_are_one_line() -> None:
+    from qwenkit.cli.run import Options, _with_preset
+
+    opts = Options(8, {"temperature": 0.2, "top_k": None}, None, None, None)
+    raw = _with_preset([{"role": "user", "content": "Hi"}], opts, "coding", ["language=Go"], None)
+    assert raw[0]["role"] == "system" and "expert Go programmer" in raw[0]["content"]
+    assert opts.sampling["temperature"] == 0.2 and opts.sampling["top_k"] == 20  # own value kept, gap filled
+    reasoning = Options(8, {}, None, None, None)
+    _with_preset([{"role": "user", "content": "Hi"}], reasoning, "reasoning", None, None)
+    assert reasoning.enable_thinking is True
+    for args, fragment in (
+        (["--preset", "poetry"], "no preset 'poetry'"),
+        (["--preset", "coding", "--preset-arg", "language"], "write NAME=VALUE"),
+        (["--preset-arg", "language=Go"], "--preset-arg needs --preset"),
+    ):
+        code, _, err = invoke("generate", "Hello", "-n", "4", *args)
+        assert code != 0 and fragment in err and "Traceback" not in err

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +27,9 @@ from qwenkit.tokenizer.tokenizer import QwenTokenizer
 from serve_fixtures import API_KEY, WEATHER, FakeEngine, LiveServer, fake_app, in_process, live_server
 
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOTS = Path(os.environ.get("QWENKIT_CONSOLE_SCREENSHOTS", "/work/notes/h13"))
+SCREENSHOTS = Path(
+    os.environ.get("QWENKIT_CONSOLE_SCREENSHOTS", Path(tempfile.gettempdir()) / "qwenkit-console-screenshots")
+)
 FILES = {"/": "text/html", "/console/app.js": "text/javascript", "/console/app.css": "text/css"}
 
 
@@ -149,6 +152,15 @@ def test_console_in_chromium(live: LiveServer) -> None:
         assert (
             page.locator(".msg.assistant details.reasoning").first.get_attribute("open") is None
         )  # collapsed
+
+        # Presets: listed from /v1/presets; picking one sets its thinking mode and names its arguments.
+        expect(page.locator("#preset option")).to_have_count(4)  # none + the built-in three
+        page.uncheck("#thinking")
+        page.select_option("#preset", "reasoning")
+        assert page.is_checked("#thinking")
+        page.select_option("#preset", "coding")
+        assert "language=Python" in (page.get_attribute("#preset-args", "placeholder") or "")
+        page.select_option("#preset", "")
 
         # Stop: a long generation without thinking, stopped once text streams in; the server frees the slot.
         page.uncheck("#thinking")

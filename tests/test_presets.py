@@ -117,3 +117,88 @@ def test_presets_files_that_do_not_fit(tmp_path: Path, text: str, message: str) 
 def test_missing_presets_file(tmp_path: Path) -> None:
     with pytest.raises(PresetError, match="cannot read presets file"):
         load_presets(tmp_path / "nope.yaml")
+
+
+# Through the server: the "preset" extra body field (a scripted engine shows the prompt and sampling it got).
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_checkpoint) -> QwenTokenizer:  # type: ignore[no-untyped-def]
+    return QwenTokenizer.from_dir(demo_checkpoint("qwen3", "tiny"))
+
+
+def served(tokenizer: QwenTokenizer, body: dict, presets_file: Path | None = None):  # type: ignore[no-untyped-def]
+    from qwenkit.serve.app import create_app
+    from qwenkit.serve.config import ServeConfig
+    from serve_fixtures import MODEL, FakeEngine, in_process
+
+    engine = FakeEngine(tokenizer)
+    config = ServeConfig(presets_file=str(presets_file) if presets_file else None)
+    with in_process(create_app(engine, tokenizer, Flavor.QWEN3, MODEL, config)) as http:
+        response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, **body})
+    request = engine.requests[0] if engine.requests else None
+    prompt = tokenizer.decode(request.prompt_token_ids) if request else ""
+    return response, request, prompt
+
+
+def test_a_request_picks_a_preset_and_its_own_values_win(tokenizer: QwenTokenizer) -> None:
+    response, request, prompt = served(
+        tokenizer, {"preset": "coding", "preset_args": {"language": "Rust"}, "temperature": 0.1}
+    )
+    assert response.status_code == 200, response.text
+    assert "expert Rust programmer" in prompt and prompt.index("expert Rust") < prompt.index("Hi")
+    assert request.sampling.temperature == 0.1  # the request's own value
+    assert request.sampling.top_k == 20 and request.sampling.repetition_penalty == 1.05  # the preset's
+
+
+def test_a_presets_thinking_mode_applies_unless_the_request_sets_one(tokenizer: QwenTokenizer) -> None:
+    _, on, _ = served(tokenizer, {"preset": "reasoning"})
+    _, off, _ = served(tokenizer, {"preset": "multilingual", "preset_args": {"languages": ["en", "fr"]}})
+    _, asked, _ = served(
+        tokenizer,
+        {
+            "preset": "multilingual",
+            "preset_args": {"languages": "en"},
+            "chat_template_kwargs": {"enable_thinking": True},
+        },
+    )
+    assert on.thinking is not None and off.thinking is None and asked.thinking is not None
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"preset": "poetry"}, "no preset 'poetry'"),
+        ({"preset": "coding", "preset_args": {"lang": "Go"}}, "takes no argument 'lang'"),
+        ({"preset_args": {"language": "Go"}}, "preset_args needs a preset"),
+    ],
+)
+def test_bad_preset_requests_are_400s(tokenizer: QwenTokenizer, body: dict, fragment: str) -> None:  # type: ignore[type-arg]
+    response, request, _ = served(tokenizer, body)
+    assert response.status_code == 400 and fragment in response.json()["error"]["message"]
+    assert request is None
+
+
+def test_a_presets_file_adds_presets_to_the_server(tmp_path: Path, tokenizer: QwenTokenizer) -> None:
+    path = write(tmp_path, "presets:\n  pirate:\n    system: Answer like a pirate.\n")
+    response, _, prompt = served(tokenizer, {"preset": "pirate"}, path)
+    assert response.status_code == 200 and "Answer like a pirate." in prompt
+    bad = write(tmp_path, "presets:\n  pirate: [1, 2\n")
+    with pytest.raises(PresetError, match="line"):
+        served(tokenizer, {"preset": "pirate"}, bad)
+
+
+def test_the_server_lists_its_presets(tmp_path: Path, tokenizer: QwenTokenizer) -> None:
+    from qwenkit.serve.app import create_app
+    from qwenkit.serve.config import ServeConfig
+    from serve_fixtures import MODEL, FakeEngine, in_process
+
+    path = write(tmp_path, "presets:\n  pirate:\n    system: Answer like a pirate about {topic}.\n")
+    app = create_app(
+        FakeEngine(tokenizer), tokenizer, Flavor.QWEN3, MODEL, ServeConfig(presets_file=str(path))
+    )
+    with in_process(app) as http:
+        cards = {c["id"]: c for c in http.get("/v1/presets").json()["data"]}
+    assert set(cards) == {"reasoning", "coding", "multilingual", "pirate"}
+    assert cards["pirate"]["args"] == ["topic"] and cards["reasoning"]["enable_thinking"] is True
+    assert cards["coding"]["defaults"]["language"] == "Python"

@@ -95,6 +95,18 @@ BUILTIN: dict[str, Preset] = {
 }
 
 
+def preset_card(preset: Preset) -> dict[str, Any]:
+    """What a client needs to offer a preset: its name, arguments (with defaults), sampling and thinking."""
+    return {
+        "id": preset.name,
+        "object": "preset",
+        "args": list(preset.args),
+        "defaults": dict(preset.defaults),
+        "sampling": dict(preset.sampling),
+        "enable_thinking": preset.enable_thinking,
+    }
+
+
 def find_preset(name: str, presets: Mapping[str, Preset] | None = None) -> Preset:
     """The preset called `name` among `presets` (default: the built-in ones)."""
     presets = BUILTIN if presets is None else presets

@@ -19,6 +19,7 @@ from rich.markup import escape
 from qwenkit.chat.messages import Message, Tool, messages_from_openai, tools_from_openai
 from qwenkit.chat.parse import ParseAccumulator, ParsedOutput, ToolCallDelta
 from qwenkit.chat.pipeline import PreparedChat, prepare_chat
+from qwenkit.chat.presets import apply_preset, find_preset, load_presets
 from qwenkit.checkpoints.demo import DEMO_NOTICE
 from qwenkit.cli.common import (
     AllowPickleOption,
@@ -50,6 +51,16 @@ BudgetOption = Annotated[
     int | None, typer.Option("--thinking-budget", min=1, help="Most thinking tokens before answering.")
 ]
 ToolsOption = Annotated[Path | None, typer.Option(help="JSON file with OpenAI-style tool definitions.")]
+PresetOption = Annotated[
+    str | None,
+    typer.Option("--preset", help="A prompt preset: reasoning, coding, multilingual, or one of --presets."),
+]
+PresetArgOption = Annotated[
+    list[str] | None, typer.Option("--preset-arg", help="A preset argument NAME=VALUE (repeatable).")
+]
+PresetsFileOption = Annotated[
+    Path | None, typer.Option("--presets", help="A YAML file of presets added to the built-in ones.")
+]
 CtxOption = Annotated[
     int | None, typer.Option("--ctx", min=64, help="Context length (default: sized to the need).")
 ]
@@ -186,6 +197,30 @@ def _options(
     return Options(max_tokens, sampling, think, _load_tools(tools), grammar)
 
 
+def _with_preset(
+    raw: list[dict[str, Any]],
+    opts: Options,
+    name: str | None,
+    args: list[str] | None,
+    presets_file: Path | None,
+) -> list[dict[str, Any]]:
+    """The messages with the preset's system prompt; its sampling fills what the options left unset."""
+    if name is None:
+        if args:
+            raise ValueError("--preset-arg needs --preset NAME")
+        return raw
+    pairs = [a.partition("=") for a in args or ()]
+    bad = [a for a, eq, _ in pairs if not eq or not a]
+    if bad:
+        raise ValueError(f"--preset-arg {bad[0]!r}: write NAME=VALUE")
+    presets = load_presets(presets_file) if presets_file else None
+    preset = find_preset(name, presets)
+    messages, opts.sampling = apply_preset(preset, raw, opts.sampling, {k: v for k, _, v in pairs})
+    if opts.enable_thinking is None:
+        opts.enable_thinking = preset.enable_thinking
+    return messages
+
+
 @friendly_errors
 def generate_command(
     prompt: Annotated[str, typer.Argument(help="The user message.")],
@@ -199,6 +234,9 @@ def generate_command(
     think: ThinkOption = None,
     thinking_budget: BudgetOption = None,
     tools: ToolsOption = None,
+    preset: PresetOption = None,
+    preset_arg: PresetArgOption = None,
+    presets: PresetsFileOption = None,
     json_schema: Annotated[
         Path | None, typer.Option("--json-schema", help="Answer must be JSON valid against this schema file.")
     ] = None,
@@ -212,7 +250,7 @@ def generate_command(
     opts = _options(max_tokens, temperature, top_p, top_k, seed, thinking_budget, think, tools, json_schema)
     raw: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     raw.append({"role": "user", "content": prompt})
-    messages = messages_from_openai(raw)
+    messages = messages_from_openai(_with_preset(raw, opts, preset, preset_arg, presets))
     files, engine = _open(model, allow_pickle, quant, ctx or 1 << 30, threads, poll)
     try:
         prepared = _prepare(files, messages, opts, engine)
@@ -265,6 +303,9 @@ def chat_command(
     think: ThinkOption = None,
     thinking_budget: BudgetOption = None,
     tools: ToolsOption = None,
+    preset: PresetOption = None,
+    preset_arg: PresetArgOption = None,
+    presets: PresetsFileOption = None,
     ctx: Annotated[
         int, typer.Option("--ctx", min=256, help="Context length for the whole conversation.")
     ] = 8192,
@@ -275,9 +316,10 @@ def chat_command(
 ) -> None:
     """Chat in the terminal. /think and /no_think switch thinking mode; /reset forgets; /exit quits."""
     opts = _options(max_tokens, temperature, top_p, top_k, seed, thinking_budget, think, tools, None)
+    history: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    history = _with_preset(history, opts, preset, preset_arg, presets)
     files, engine = _open(model, allow_pickle, quant, ctx, threads, poll)
     console = Console(highlight=False)
-    history: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     base = list(history)
     console.print(f"[dim]{files.name} · context {engine.n_ctx} tokens · {CHAT_HELP}[/]")
     try:

@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from qwenkit.chat.presets import load_presets
 from qwenkit.checkpoints.demo import DEMO_NOTICE
 from qwenkit.cli.common import (
     AllowPickleOption,
@@ -174,6 +175,23 @@ def serve_command(
             help="Proxy networks (CIDR, comma-separated) whose X-Forwarded-For names the client.",
         ),
     ] = None,
+    responses_store: Annotated[
+        int,
+        typer.Option(
+            "--responses-store",
+            min=0,
+            help="Keep the last N /v1/responses conversations in memory (per key) for previous_response_id. "
+            "Default 0: off (stateless).",
+        ),
+    ] = 0,
+    presets: Annotated[
+        Path | None,
+        typer.Option(
+            "--presets",
+            help="A YAML file of prompt presets (name: system, sampling, enable_thinking, defaults) added to "
+            'the built-in reasoning/coding/multilingual ones; chosen per request with "preset".',
+        ),
+    ] = None,
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Serve a Qwen model over the OpenAI API (chat, completions, tools, JSON schema, streaming)."""
@@ -194,7 +212,11 @@ def serve_command(
         max_connections_per_address=max_connections_per_address,
         cors_origins=split_list(cors_origins),
         trusted_proxies=split_list(trusted_proxies),
+        responses_store=responses_store,
+        presets_file=str(presets) if presets else None,
     )
+    if presets:
+        load_presets(presets)  # a file that does not parse fails now, in one line naming its line
     sock = bind_socket(host, port)  # before loading: a busy port fails in a second, not after a conversion
     threads = threads or physical_cores()
     poll_level = engine_poll(poll, threads)  # before llama.cpp loads (open_model_files loads it)

@@ -3,8 +3,8 @@
 Contract: one app per engine; everything it keeps (metrics registry, rate-limit buckets, grammar cache,
 the ServeContext at app.state.qwenkit) belongs to that app, nothing to the module. The lifespan starts the
 engine and, with manage_engine, shuts it down when the app stops. Routes: POST /v1/chat/completions,
-POST /v1/completions, POST /v1/messages[/count_tokens] (Anthropic) and /api/* (Ollama) from serve/apis/,
-GET /v1/models[/{id}], GET /health (no key needed, so it names the model only when no
+POST /v1/completions, POST /v1/messages[/count_tokens] (Anthropic), POST /v1/responses and /api/* (Ollama)
+from serve/apis/, GET /v1/models[/{id}], GET /health (no key needed, so it names the model only when no
 keys are set; 503 while draining; ?verbose=1 adds checks with advice, see serve/health.py), GET / (the web
 console, serve/console.py), GET /metrics, GET /openapi.json (the API document with the request
 bodies declared, see serve/openapi.py; it needs the key like every path but /health).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -27,12 +28,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 
 from qwenkit.chat.flavor import Flavor
+from qwenkit.chat.presets import BUILTIN as BUILTIN_PRESETS
+from qwenkit.chat.presets import load_presets, preset_card
 from qwenkit.engines.base import Engine
-from qwenkit.serve.apis import anthropic, ollama
+from qwenkit.serve.apis import anthropic, ollama, responses
 from qwenkit.serve.config import ServeConfig
 from qwenkit.serve.console import install_console
 from qwenkit.serve.errors import APIError, install_handlers
-from qwenkit.serve.handlers import ServeContext, plan_chat, plan_completion, respond
+from qwenkit.serve.handlers import Plan, ServeContext, plan_chat, plan_completion, respond
 from qwenkit.serve.health import health_response
 from qwenkit.serve.logprobs import TokenTexts
 from qwenkit.serve.logs import AccessMiddleware, RequestInfo, request_info
@@ -68,6 +71,17 @@ async def parse_body(request: Request, model: type[T]) -> T:
         raise APIError(400, "the body is empty; send a JSON object")
     # Parsing a body of up to max_body_bytes is CPU work: off the event loop, like planning.
     return await run_in_threadpool(parse_request, body, model)
+
+
+async def run_planned(
+    request: Request, ctx: ServeContext, body_type: type[T], planner: Callable[..., Plan], *extra: object
+) -> Response:
+    """What every generating route does: parse the body, plan it off the event loop (rendering, tokenizing
+    and grammar compiles can take seconds), then answer with the engine's events."""
+    body = await parse_body(request, body_type)
+    info = _info(request)
+    plan = await run_in_threadpool(planner, ctx, body, info, *extra)
+    return await respond(ctx, plan, info, request.receive)
 
 
 def _info(request: Request) -> RequestInfo:
@@ -107,6 +121,7 @@ def create_app(
         metrics=metrics,
         limiter=limiter,
         texts=TokenTexts(tokenizer),
+        presets=load_presets(Path(config.presets_file)) if config.presets_file else BUILTIN_PRESETS,
     )
 
     @asynccontextmanager
@@ -144,18 +159,11 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await parse_body(request, ChatCompletionRequest)
-        info = _info(request)
-        # Planning renders, tokenizes and compiles grammars (seconds for a big schema): never on the loop.
-        plan = await run_in_threadpool(plan_chat, ctx, body, info)
-        return await respond(ctx, plan, info, request.receive)
+        return await run_planned(request, ctx, ChatCompletionRequest, plan_chat)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await parse_body(request, CompletionRequest)
-        info = _info(request)
-        plan = await run_in_threadpool(plan_completion, ctx, body, info)
-        return await respond(ctx, plan, info, request.receive)
+        return await run_planned(request, ctx, CompletionRequest, plan_completion)
 
     def card() -> ModelCard:
         return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=engine.n_ctx)
@@ -172,6 +180,10 @@ def create_app(
             )
         return JSONResponse(card().model_dump(mode="json"))
 
+    @app.get("/v1/presets")
+    async def presets() -> JSONResponse:  # what the "preset" field accepts (the console lists them)
+        return JSONResponse({"object": "list", "data": [preset_card(p) for p in ctx.presets.values()]})
+
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
         return await health_response(request, ctx)  # ?verbose=1: checks with advice (serve/health.py)
@@ -182,6 +194,7 @@ def create_app(
 
     anthropic.install(app, ctx)  # POST /v1/messages[/count_tokens] (serve/apis/anthropic.py)
     ollama.install(app, ctx)  # /api/chat, /api/generate, /api/tags, ... (serve/apis/ollama.py)
+    responses.install(app, ctx)  # POST /v1/responses (serve/apis/responses.py)
     install_openapi(app, ctx.model_name, config)
     install_console(app)  # GET /: the web console (serve/console.py)
     return app

@@ -37,6 +37,9 @@ class ServeConfig(BaseModel):
     max_stop: int = Field(default=MAX_STOP_SEQUENCES, ge=0, le=MAX_STOP_SEQUENCES)
     max_stop_chars: int = Field(default=MAX_STOP_CHARS, ge=1, le=MAX_STOP_CHARS)
     max_tokens: int | None = Field(default=None, ge=1, description="largest max_tokens; None = the context")
+    responses_store: int = Field(
+        default=0, ge=0, description="/v1/responses kept for previous_response_id (LRU, per key); 0 = off"
+    )
     log_content: bool = Field(default=False, description="log prompt and completion text")
     shutdown_timeout: float = Field(default=30.0, ge=0, description="seconds in-flight requests may finish")
     header_timeout: float = Field(
@@ -51,6 +54,9 @@ class ServeConfig(BaseModel):
     )
     trusted_proxies: tuple[str, ...] = Field(
         default=(), description="networks whose X-Forwarded-For header names the client"
+    )
+    presets_file: str | None = Field(
+        default=None, description="a YAML file of prompt presets added to the built-in ones (`preset` field)"
     )
 
     @field_validator("cors_origins")

@@ -48,6 +48,8 @@ from qwenkit.chat.flavor import Flavor
 from qwenkit.chat.messages import ChatInputError, Message, messages_from_openai, tools_from_openai
 from qwenkit.chat.parse import OutputParser
 from qwenkit.chat.pipeline import prepare_chat
+from qwenkit.chat.presets import BUILTIN as BUILTIN_PRESETS
+from qwenkit.chat.presets import Preset, PresetError, apply_preset, find_preset
 from qwenkit.engines.base import Engine
 from qwenkit.engines.grammar import json_object_grammar, unenforced_keywords
 from qwenkit.engines.request import EngineError, GenerationRequest, Grammar, GrammarError, TokenEvent
@@ -98,6 +100,7 @@ class ServeContext:
     created: int = field(default_factory=lambda: int(time.time()))
     active: set[str] = field(default_factory=set)  # engine request ids in flight
     draining: bool = False
+    presets: Mapping[str, Preset] = field(default_factory=lambda: BUILTIN_PRESETS)
 
     def begin_drain(self) -> None:
         """Stop admitting requests (503); in-flight ones go on until abort_all()."""
@@ -412,6 +415,28 @@ def _tools(ctx: ServeContext, body: ChatCompletionRequest) -> tuple[list[Any], s
     return tools, choice, None
 
 
+def _with_preset(ctx: ServeContext, body: ChatCompletionRequest) -> ChatCompletionRequest:
+    """The request with its preset's system prompt and sampling defaults applied (the request's own values
+    win), as plain messages for the normal renderer; a preset's enable_thinking unless the request set it."""
+    if body.preset is None:
+        if body.preset_args:
+            raise APIError(400, "preset_args needs a preset", param="preset_args")
+        return body
+    try:
+        preset = find_preset(body.preset, ctx.presets)
+        fields = ChatCompletionRequest.model_fields
+        own = {key: getattr(body, key) for key in preset.sampling if key in fields}
+        messages, sampling = apply_preset(preset, body.messages, own, body.preset_args)
+    except PresetError as exc:
+        raise APIError(400, str(exc), param="preset") from None
+    update: dict[str, Any] = {"messages": messages, **{k: v for k, v in sampling.items() if k in own}}
+    kwargs = dict(body.chat_template_kwargs or {})
+    unset = kwargs.get("enable_thinking") is None and body.reasoning_effort is None
+    if preset.enable_thinking is not None and unset:
+        update["chat_template_kwargs"] = {**kwargs, "enable_thinking": preset.enable_thinking}
+    return body.model_copy(update=update)
+
+
 def plan_chat(
     ctx: ServeContext,
     body: ChatCompletionRequest,
@@ -420,6 +445,7 @@ def plan_chat(
 ) -> Plan:
     """Validate and prepare a chat completion; APIError for anything the client must fix. job_factory: the
     API whose answer it is (default OpenAI chat); every API's chat request is planned here, once."""
+    body = _with_preset(ctx, body)
     warnings = _check_common(ctx, body, info)
     cfg = ctx.config
     if body.chat_template is not None:

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from qwenkit.serve.apis.anthropic import CountTokensRequest, MessagesRequest
 from qwenkit.serve.apis.ollama import OllamaChatRequest, OllamaGenerateRequest, ShowRequest
+from qwenkit.serve.apis.responses import ResponsesRequest
 from qwenkit.serve.config import ServeConfig
 from qwenkit.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -29,6 +30,7 @@ BODY_MODELS: dict[str, type[BaseModel]] = {
     "/v1/completions": CompletionRequest,
     "/v1/messages": MessagesRequest,  # Anthropic's shapes: messages and tools stay open objects here
     "/v1/messages/count_tokens": CountTokensRequest,
+    "/v1/responses": ResponsesRequest,  # input items and tools stay open objects here
     "/api/chat": OllamaChatRequest,
     "/api/generate": OllamaGenerateRequest,
     "/api/show": ShowRequest,

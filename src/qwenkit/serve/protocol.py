@@ -127,6 +127,9 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: dict[str, Any] | None = None
     thinking_budget: int | None = Field(default=None, ge=1)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    # qwenkit: a prompt preset (chat/presets.py: built-in or `serve --presets FILE`) and its arguments.
+    preset: str | None = Field(default=None, min_length=1, max_length=64)
+    preset_args: dict[str, str | list[str]] | None = Field(default=None, max_length=16)
     verbosity: Literal["low", "medium", "high"] | None = None
     modalities: list[str] | None = Field(default=None, max_length=4)
     add_generation_prompt: bool | None = None

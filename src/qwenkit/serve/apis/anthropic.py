@@ -30,7 +30,7 @@ from qwenkit.chat.parse import ParseDelta
 from qwenkit.engines.request import TokenEvent
 from qwenkit.serve.errors import APIError
 from qwenkit.serve.events import finish_reason, merged_fragments
-from qwenkit.serve.handlers import ChatParts, Plan, ServeContext, plan_chat, respond
+from qwenkit.serve.handlers import ChatParts, Plan, ServeContext, plan_chat
 from qwenkit.serve.logs import RequestInfo
 from qwenkit.serve.protocol import MAX_NAME_CHARS, ChatCompletionRequest, Usage, first_error
 
@@ -474,14 +474,11 @@ class MessagesJob:
 
 def install(app: FastAPI, ctx: ServeContext) -> None:
     """Add POST /v1/messages and /v1/messages/count_tokens to an app made by create_app."""
-    from qwenkit.serve.app import _info, parse_body  # app.py installs this module: import it late
+    from qwenkit.serve.app import _info, parse_body, run_planned  # app.py installs this module: import late
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
-        body = await parse_body(request, MessagesRequest)
-        info = _info(request)
-        plan = await run_in_threadpool(plan_messages, ctx, body, info)
-        return await respond(ctx, plan, info, request.receive)
+        return await run_planned(request, ctx, MessagesRequest, plan_messages)
 
     @app.post("/v1/messages/count_tokens")
     async def messages_count_tokens(request: Request) -> JSONResponse:

@@ -25,13 +25,12 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 import qwenkit
 from qwenkit.engines.request import TokenEvent
 from qwenkit.serve.errors import APIError
 from qwenkit.serve.events import finish_reason
-from qwenkit.serve.handlers import ChatParts, Plan, ServeContext, plan_chat, respond
+from qwenkit.serve.handlers import ChatParts, Plan, ServeContext, plan_chat
 from qwenkit.serve.logs import RequestInfo
 from qwenkit.serve.protocol import MAX_NAME_CHARS, ChatCompletionRequest, Usage, first_error
 
@@ -342,7 +341,7 @@ def _details(ctx: ServeContext) -> dict[str, Any]:
 
 def install(app: FastAPI, ctx: ServeContext) -> None:
     """Add the Ollama routes to an app made by create_app."""
-    from qwenkit.serve.app import _info, parse_body  # app.py installs this module: import it late
+    from qwenkit.serve.app import parse_body, run_planned  # app.py installs this module: import it late
 
     def check_model(name: str) -> None:
         if name != ctx.model_name:
@@ -350,21 +349,19 @@ def install(app: FastAPI, ctx: ServeContext) -> None:
                 404, f"model {name!r} not found; this server serves {ctx.model_name!r} (GET /api/tags)"
             )
 
+    def plan_served(
+        ctx: ServeContext, body: OllamaChatRequest | OllamaGenerateRequest, info: RequestInfo
+    ) -> Plan:
+        check_model(body.model)
+        return plan_ollama(ctx, body, info)
+
     @app.post("/api/chat")
     async def chat(request: Request) -> Response:
-        body = await parse_body(request, OllamaChatRequest)
-        info = _info(request)
-        check_model(body.model)
-        plan = await run_in_threadpool(plan_ollama, ctx, body, info)
-        return await respond(ctx, plan, info, request.receive)
+        return await run_planned(request, ctx, OllamaChatRequest, plan_served)
 
     @app.post("/api/generate")
     async def generate(request: Request) -> Response:
-        body = await parse_body(request, OllamaGenerateRequest)
-        info = _info(request)
-        check_model(body.model)
-        plan = await run_in_threadpool(plan_ollama, ctx, body, info)
-        return await respond(ctx, plan, info, request.receive)
+        return await run_planned(request, ctx, OllamaGenerateRequest, plan_served)
 
     @app.get("/api/tags")
     async def tags() -> JSONResponse:

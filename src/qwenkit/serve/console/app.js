@@ -58,6 +58,7 @@ $("key-form").addEventListener("submit", (event) => {
   $("key-input").value = "";
   $("key-form").hidden = true;
   loadModel();
+  loadPresets();
 });
 
 let modelId = null;
@@ -116,6 +117,40 @@ function addMessage(role, text) {
   return { box, reasoning, reasoningText, content, tools, finish };
 }
 
+// "name=value; name=value" → {name: value}; a part without "=" is an error shown before sending.
+function presetArgs(text) {
+  const args = {};
+  for (const part of text.split(";")) {
+    if (!part.trim()) continue;
+    const at = part.indexOf("=");
+    if (at < 1) throw new Error("preset arguments: write name=value; name=value");
+    args[part.slice(0, at).trim()] = part.slice(at + 1).trim();
+  }
+  return args;
+}
+
+let presetCards = {};
+
+async function loadPresets() {
+  try {
+    const response = await api("/v1/presets");
+    if (!response.ok) return;
+    const body = await response.json();
+    presetCards = {};
+    const options = [el("option", "", "none")];
+    options[0].value = "";
+    for (const card of body.data) {
+      presetCards[card.id] = card;
+      const option = el("option", "", card.id);
+      option.value = card.id;
+      options.push(option);
+    }
+    $("preset").replaceChildren(...options);
+  } catch (error) {
+    // NeedKey: asked already by loadModel; the list loads once a key is given.
+  }
+}
+
 function requestBody() {
   const body = {
     messages: conversation,
@@ -124,6 +159,12 @@ function requestBody() {
     chat_template_kwargs: { enable_thinking: $("thinking").checked },
   };
   if (modelId) body.model = modelId;
+  const preset = $("preset").value;
+  if (preset) {
+    body.preset = preset;
+    const args = presetArgs($("preset-args").value);
+    if (Object.keys(args).length) body.preset_args = args;
+  }
   const budget = parseInt($("budget").value, 10);
   if ($("thinking").checked && budget > 0) body.thinking_budget = budget;
   const maxTokens = parseInt($("max-tokens").value, 10);
@@ -170,7 +211,8 @@ async function generate() {
   try {
     body = requestBody();
   } catch (error) {
-    $("chat-error").textContent = "Tools are not valid JSON: " + error.message;
+    const what = error instanceof SyntaxError ? "Tools are not valid JSON: " : "";
+    $("chat-error").textContent = what + error.message;
     return;
   }
   const view = addMessage("assistant");
@@ -339,5 +381,12 @@ async function refreshStatus() {
 }
 
 // ---- start ---------------------------------------------------------------------------------------------
+$("preset").addEventListener("change", () => {
+  const card = presetCards[$("preset").value];
+  if (card && card.enable_thinking !== null) $("thinking").checked = card.enable_thinking;
+  $("preset-args").placeholder = card && card.args.length
+    ? card.args.map((a) => a + "=" + (card.defaults[a] || "…")).join("; ") : "";
+});
 showPage(location.hash === "#status" ? "status" : "chat");
 loadModel();
+loadPresets();
