@@ -76,6 +76,7 @@ def test_exclusive_and_fractional_bounds() -> None:
         grammar_from_json_schema({"type": "integer", "minimum": "3"})
 
 
+@pytest.mark.slow  # 11-15 s
 def test_generated_json_keeps_integer_bounds_and_is_strict_json(demo_gguf: Callable[..., Path]) -> None:
     # Strings too: the converter's own string rule let raw control characters (invalid JSON) through.
     schema = {

@@ -287,6 +287,7 @@ def test_recurrent_state_matches_what_llama_cpp_keeps(demo_gguf) -> None:  # typ
     assert 0 <= fixed - shape.recurrent_state_bytes_per_seq() < 1024
 
 
+@pytest.mark.slow  # 11-15 s
 def test_the_baseline_is_measured_with_the_models_own_vocabulary(tmp_path: Path) -> None:
     from qwenkit.catalog.measure import cached_runtime_baseline
     from qwenkit.paths import CACHE_ENV

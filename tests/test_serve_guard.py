@@ -397,6 +397,7 @@ def test_tokens_per_minute_hold_under_concurrency(demo: tuple[Path, Path]) -> No
         assert again.status_code == 200
 
 
+@pytest.mark.slow  # 11-15 s
 def test_a_request_larger_than_the_limit_runs_alone(demo: tuple[Path, Path]) -> None:
     now = [0.0]
     config = ServeConfig(rate_limit_tpm=TPM)

@@ -99,6 +99,7 @@ SHORT = {
 }
 
 
+@pytest.mark.slow  # 11-15 s
 def test_sigterm_drains_then_exits_zero(server: Server) -> None:
     url = server.wait_for_url()
     deadline = time.monotonic() + 120

@@ -1,5 +1,6 @@
 """Where qwenkit keeps files it makes: one cache root, overridable with QWENKIT_CACHE_DIR; atomic_write()
-for reports and caches (a reader never sees a half-written file).
+for reports and caches, and replaced_on_success() for writers that need a file name (GGUF writers,
+llama.cpp's quantizer): a reader never sees a half-written file.
 
 Every function takes the environment explicitly (defaulting to os.environ) so tests never touch the
 user's real cache: no hidden globals.
@@ -7,9 +8,10 @@ user's real cache: no hidden globals.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import platformdirs
@@ -39,3 +41,16 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def replaced_on_success(path: Path) -> Iterator[Path]:
+    """A temp path beside `path` (its folder created) for a writer that needs a file name: renamed to `path`
+    when the block ends without an error, removed otherwise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import struct
@@ -36,7 +35,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
-from qwenkit.paths import cache_root
+from qwenkit.paths import cache_root, replaced_on_success
 from qwenkit.tokenizer.specials import ENDOFTEXT
 
 __all__ = [
@@ -164,27 +163,24 @@ def convert_to_gguf(
         plan = _plan(located, handles, config, arch, qtype)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         _check_disk_space(out_path.parent, sum(p.nbytes for p in plan))
-        tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-        try:
-            _add_metadata(writer, config, ftype, name or checkpoint_name(checkpoint_dir))
-            _add_vocab(writer, checkpoint_dir, config)
-            for planned in plan:
-                writer.add_tensor_info(
-                    planned.name, planned.shape, np.dtype(np.float32), planned.nbytes, planned.qtype
-                )
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for done, planned in enumerate(plan, start=1):
-                writer.write_tensor_data(_encode(planned, located, handles))
-                if progress is not None:
-                    progress(done, len(plan))
-            writer.close()
-            os.replace(tmp, out_path)
-        finally:
-            writer.close()
-            tmp.unlink(missing_ok=True)
+        with replaced_on_success(out_path) as tmp:
+            writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+            try:
+                _add_metadata(writer, config, ftype, name or checkpoint_name(checkpoint_dir))
+                _add_vocab(writer, checkpoint_dir, config)
+                for planned in plan:
+                    writer.add_tensor_info(
+                        planned.name, planned.shape, np.dtype(np.float32), planned.nbytes, planned.qtype
+                    )
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                for done, planned in enumerate(plan, start=1):
+                    writer.write_tensor_data(_encode(planned, located, handles))
+                    if progress is not None:
+                        progress(done, len(plan))
+            finally:
+                writer.close()
     return out_path
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from qwenkit.gguf.reader import read_gguf_info
+from qwenkit.paths import replaced_on_success
 
 __all__ = ["QTYPES", "QuantType", "QuantizeError", "quantize_gguf"]
 
@@ -63,17 +64,11 @@ def quantize_gguf(src: Path, dst: Path, qtype: QuantType, threads: int | None = 
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads if threads is not None else (os.cpu_count() or 1)
     params.ftype = getattr(llama_cpp, _LLAMA_FTYPE_NAMES[qtype])
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        with _captured_llama_log() as errors:
-            status = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params))
+    with replaced_on_success(dst) as tmp, _captured_llama_log() as errors:
+        status = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params))
         if status != 0 or not tmp.is_file():
             reason = errors[-1] if errors else f"status {status}"
             raise QuantizeError(f"llama.cpp could not quantize {src} to {qtype}: {reason}")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
 
 
