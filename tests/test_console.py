@@ -170,7 +170,8 @@ def test_console_in_chromium(live: LiveServer) -> None:
         last = page.locator(".msg.assistant").last
         expect(last.locator(".content")).to_have_text(re.compile(r"^[\s\S]{20,}$"))
         assert page.is_enabled("#stop")
-        page.click("#stop")
+        # The page keeps scrolling while text streams in, so a positional click can chase the button.
+        page.locator("#stop").dispatch_event("click")
         expect(last.locator(".finish")).to_have_text("stopped")
         assert page.is_enabled("#send") and not page.is_enabled("#stop")
         assert _wait_idle(live) == 0
