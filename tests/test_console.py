@@ -184,13 +184,18 @@ def test_console_in_chromium(live: LiveServer) -> None:
         page.fill("#max-tokens", "200")
         page.fill("#prompt", "Weather in Paris?")
         page.click("#send")
-        call = page.locator(".msg.assistant").last.locator(".tool-call")
-        expect(call).to_have_count(1)
-        expect(call.locator("div").first).to_have_text("Tool call: get_weather")
-        assert json.loads(call.locator("pre").text_content() or "")["city"] in ("Paris", "Rome")
+        # The random-weight model may call once or twice (parallel calls); every call gets a box, and the
+        # conversation goes on once each has its result.
+        expect(page.locator(".msg.assistant").last.locator(".finish")).to_have_text("finish: tool_calls")
+        calls = page.locator(".msg.assistant").last.locator(".tool-call")
+        assert calls.count() >= 1
         assistants = page.locator(".msg.assistant").count()
-        call.locator("textarea").fill('{"temperature": 21}')
-        call.locator("button").click()
+        for i in range(calls.count()):
+            call = calls.nth(i)
+            expect(call.locator("div").first).to_have_text("Tool call: get_weather")
+            assert json.loads(call.locator("pre").text_content() or "")["city"] in ("Paris", "Rome")
+            call.locator("textarea").fill('{"temperature": 21}')
+            call.locator("button").click()
         expect(page.locator(".msg.assistant")).to_have_count(assistants + 1)
         expect(page.locator(".msg.assistant").last.locator(".finish")).to_have_text(re.compile("^finish: "))
         assert page.text_content("#chat-error") == ""
