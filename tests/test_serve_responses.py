@@ -20,19 +20,11 @@ from pydantic import TypeAdapter
 from qwenkit.serve.config import ServeConfig
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 from serve_fixtures import API_KEY, MODEL, FakeEngine, LiveServer, fake_app, in_process, live_server
+from serve_fixtures import WEATHER as CHAT_WEATHER
 
 OTHER_KEY = "sk-other-0123456789abcdef"
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"enum": ["Paris", "Rome"]}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-}
+# The shared chat-completions tool in the Responses API's flat shape.
+WEATHER = {"type": "function", **CHAT_WEATHER["function"]}
 NO_THINKING = {"effort": "none"}
 STORE = 3
 
