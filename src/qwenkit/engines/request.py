@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from qwenkit.engines.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -56,6 +58,15 @@ class ThinkingControl:
     budget: int | None = None
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ImageInput:
+    """One decoded image of a prompt: RGB pixels, shape (height, width, 3), uint8, and the sha256 of those
+    pixels (what prefix reuse keys on, so the same picture matches whatever its encoding)."""
+
+    pixels: np.ndarray
+    sha256: str
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     request_id: str
@@ -66,6 +77,8 @@ class GenerationRequest:
     grammar: Grammar | None = None
     thinking: ThinkingControl | None = None
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
+    # Each image's place in prompt_token_ids is one image-pad token (the model's <|image_pad|>), in order.
+    images: tuple[ImageInput, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
