@@ -16,7 +16,14 @@ from qwenkit.catalog.select import SelectRequest, select_models
 from qwenkit.cli import app as main_app
 from qwenkit.cli import plan as plan_cli
 
-PHONE_MODELS = {"Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B-Instruct", "Qwen3-0.6B", "Qwen3-1.7B"}
+PHONE_MODELS = {
+    "Qwen2.5-0.5B-Instruct",
+    "Qwen2.5-1.5B-Instruct",
+    "Qwen3-0.6B",
+    "Qwen3-1.7B",
+    "Qwen3.5-0.8B",
+    "Qwen3.5-2B",
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +64,8 @@ TODAY = {"qwen3.5", "qwen3.6", "qwen3.8"}  # the Gated DeltaNet generation (2026
 def test_code_goes_to_a_coder_or_todays_generation(catalog) -> None:  # type: ignore[no-untyped-def]
     for kind, gib in (("cpu", 16), ("cuda", 24)):
         assert _select(catalog, "code", kind, gib)[0].entry.family_key in CODERS | TODAY
-    # Below Qwen3.5-4B's size only a coder does code well.
-    assert _select(catalog, "code", "cpu", 4)[0].entry.family_key == "qwen2.5-coder"
+    # At 4 GB: a small coder, or Qwen3.5-2B (today's generation), never an older general model.
+    assert _select(catalog, "code", "cpu", 4)[0].entry.family_key in CODERS | TODAY
 
 
 @pytest.mark.parametrize(
