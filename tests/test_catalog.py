@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -271,15 +272,21 @@ def test_unverified_numbers_are_marked_and_unknown_ones_cannot_be_planned(catalo
     # Qwen3.6-35B-A3B's expert sizes rest on "same architecture as Qwen3.5-35B-A3B", not its own config.
     assert "arch.moe_ffn" in catalog.get("Qwen3.6-35B-A3B").model.unverified
     assert "arch.shared_ffn" not in catalog.get("Qwen3.5-35B-A3B").model.unverified  # read from its config
-    # Dimensions no source states stay null, and such an entry cannot be planned.
-    for name, missing in (
+    # Dimensions from training scripts and third-party copies of a config stay marked.
+    for name, field in (
         ("Qwen3.5-122B-A10B", "hidden"),
-        ("Qwen3.5-2B", "hidden"),
+        ("Qwen3.5-2B", "ffn"),
         ("Qwen3-Coder-Next", "vocab"),
         ("Qwen3-VL-8B-Instruct", "layers"),
     ):
+        assert f"arch.{field}" in catalog.get(name).model.unverified, name
+    # A dimension no source states stays null, and such an entry cannot be planned.
+    for name, missing in (("Qwen3.5-2B", "hidden"), ("Qwen3-VL-8B-Instruct", "layers")):
+        entry = catalog.get(name)
+        arch = entry.model.arch.model_copy(update={missing: None})
+        unknown = dataclasses.replace(entry, model=entry.model.model_copy(update={"arch": arch}))
         with pytest.raises(ShapeError, match=f"does not confirm.*{missing}"):
-            catalog.get(name).shape()
+            unknown.shape()
 
 
 def test_dimensions_filled_from_cited_configs(catalog) -> None:  # type: ignore[no-untyped-def]
