@@ -13,6 +13,7 @@ from typing import ParamSpec, TypeVar
 import pydantic
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -22,7 +23,8 @@ err_console = Console(stderr=True, highlight=False)
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a one-line error and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    # Escaped: messages name extras and paths in brackets (`qwenkit[vllm]`) that rich would take as markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
