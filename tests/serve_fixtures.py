@@ -6,7 +6,9 @@ and keeps each GenerationRequest it was given, so tests can check what reached t
 implements the Engine protocol with scripted text: only for what a real engine cannot be made to do (write
 a given text, such as a tool call in auto mode, split at chosen points; refuse at submit; fail mid-way).
 live_server() runs the real uvicorn server with the tiny qwen3 demo model on 127.0.0.1 (a free port) in a
-background thread.
+background thread (or, given embedding=, the tiny Qwen3-Embedding-shaped demo on its embedding engine);
+serve_app() does the same for any app;
+keyed_server() makes the module-scoped `server` fixture the SDK test files share: that server with API_KEY.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from qwenkit.chat.flavor import Flavor
+from qwenkit.checkpoints.embedding import EmbeddingSpec
 from qwenkit.engines.base import Engine
 from qwenkit.engines.llamacpp.config import EngineConfig
+from qwenkit.engines.llamacpp.embedder import LlamaEmbedder
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
 from qwenkit.engines.request import EngineError, EngineStats, GenerationRequest, TokenEvent, TokenLogprob
 from qwenkit.serve.app import create_app
@@ -195,7 +201,7 @@ def in_process(app: FastAPI) -> Iterator[TestClient]:
 @dataclass
 class LiveServer:
     base_url: str
-    engine: LlamaCppEngine
+    engine: LlamaCppEngine | LlamaEmbedder
     app: FastAPI
     api_key: str | None
 
@@ -209,12 +215,27 @@ def live_server(
     max_seqs: int = 8,
     clock: Callable[[], float] | None = None,
     family: object = Flavor.QWEN3,
+    embedding: EmbeddingSpec | None = None,
 ) -> Iterator[LiveServer]:
     """The real server (uvicorn, the llama.cpp engine, the tiny demo model) on 127.0.0.1, any free port.
-    n_ctx: the most tokens one request may use; clock: the rate limiter's time source."""
-    engine = demo_engine(gguf, n_ctx, max_seqs)
+    n_ctx: the most tokens one request may use; clock: the rate limiter's time source; embedding: serve
+    an embedding demo (its spec) on the llama.cpp embedding engine instead."""
+    engine: LlamaCppEngine | LlamaEmbedder
+    if embedding is not None:
+        engine = LlamaEmbedder(gguf, EngineConfig(n_ctx=n_ctx * max_seqs, max_seqs=max_seqs, threads=2))
+    else:
+        engine = demo_engine(gguf, n_ctx, max_seqs)
     config = config or ServeConfig()
-    app = demo_app(engine, QwenTokenizer.from_dir(checkpoint), config, family, clock=clock)
+    tokenizer = QwenTokenizer.from_dir(checkpoint)
+    app = demo_app(engine, tokenizer, config, family, clock=clock, embedding=embedding)
+    key = config.api_keys[0].get_secret_value() if config.api_keys else None
+    with serve_app(app) as url:
+        yield LiveServer(url, engine, app, key)
+
+
+@contextlib.contextmanager
+def serve_app(app: FastAPI) -> Iterator[str]:
+    """The real uvicorn server for `app` on 127.0.0.1 (a free port) in a background thread; its base URL."""
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     server = make_server(app, shutdown_timeout=5)
@@ -225,10 +246,24 @@ def live_server(
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
-    key = config.api_keys[0].get_secret_value() if config.api_keys else None
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", engine, app, key)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=60)
         sock.close()
+
+
+def keyed_server(n_ctx: int, *other_keys: str, **config: object) -> Any:
+    """A module-scoped `server` fixture: live_server() on the tiny qwen3 demo (f32 GGUF) with API_KEY (and
+    other_keys) required and `config`'s other ServeConfig fields; n_ctx: the most tokens one request may use.
+    Use it as `server = keyed_server(8192)` in a test module."""
+
+    @pytest.fixture(scope="module")
+    def server(demo_gguf: Callable[..., Path], demo_checkpoint: Callable[..., Path]) -> Iterator[LiveServer]:
+        settings = ServeConfig(api_keys=(API_KEY, *other_keys), **config)  # type: ignore[arg-type]
+        gguf, checkpoint = demo_gguf("qwen3", "tiny", "f32"), demo_checkpoint("qwen3", "tiny")
+        with live_server(gguf, checkpoint, settings, n_ctx=n_ctx) as live:
+            yield live
+
+    return server

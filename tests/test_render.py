@@ -242,7 +242,8 @@ def test_messages_from_openai_shapes() -> None:
         ({"role": "user", "content": "x", "reasoning_content": "r"}, "only assistant messages reason"),
         ({"role": "user", "content": "x", "tool_call_id": "1"}, "tool_call_id belongs on tool messages"),
         ({"role": "user", "content": "x", "functions": ["f"]}, "unknown key 'functions'"),
-        ({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, "only text content parts"),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, "an image_url part needs"),
+        ({"role": "user", "content": [{"type": "input_audio"}]}, "content parts are {'type': 'text'"),
         ({"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}, "has no 'arguments'"),
         ({"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}, "name"),
         (

@@ -6,7 +6,7 @@ and bad input answered in Anthropic's error shape while the server keeps serving
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,15 @@ import pytest
 
 from qwenkit.serve.config import ServeConfig
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
-from serve_fixtures import API_KEY, MODEL, FakeEngine, LiveServer, fake_app, in_process, live_server
+from serve_fixtures import (
+    API_KEY,
+    MODEL,
+    FakeEngine,
+    LiveServer,
+    fake_app,
+    in_process,
+    keyed_server,
+)
 
 WEATHER = {
     "name": "get_weather",
@@ -35,12 +43,7 @@ BEARER = {
 }  # the SDK no longer names sampling fields; the API still takes them
 
 
-@pytest.fixture(scope="module")
-def server(demo_gguf: Callable[..., Path], demo_checkpoint: Callable[..., Path]) -> Iterator[LiveServer]:
-    config = ServeConfig(api_keys=(API_KEY,))  # type: ignore[arg-type]
-    gguf, checkpoint = demo_gguf("qwen3", "tiny", "f32"), demo_checkpoint("qwen3", "tiny")
-    with live_server(gguf, checkpoint, config, n_ctx=16384) as live:
-        yield live
+server = keyed_server(16384)
 
 
 @pytest.fixture(scope="module")

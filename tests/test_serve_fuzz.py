@@ -2,8 +2,10 @@
 llama.cpp, the tiny demo model): well over 1,000 generated requests, schema-valid and schema-breaking, must
 get no 5xx (nor a server error inside a 200 stream) and no dropped or hung connection.
 
-The document declares the request bodies (serve/openapi.py), so schemathesis builds real chat and
-completion requests (positive and negative mode, weighted towards chat); on top of that a third of the
+The document declares the request bodies (serve/openapi.py), so schemathesis builds real requests for every
+wire API (OpenAI chat and completions, Anthropic messages, Ollama chat and generate, Responses with its
+GET/DELETE, embeddings: positive and negative mode, weighted towards chat; embeddings go to a second server
+on the embedding demo, the rest to the chat model); on top of that a third of the
 chat bodies get a `response_format` json_schema and/or `tools` drawn from json_schemas() below: nested
 objects, arrays, anyOf/oneOf/allOf, $defs and $ref chains, enums, odd property names, regex patterns and
 formats, the shapes that reach the grammar compiler. Requests go out one at a time on fresh connections,
@@ -27,6 +29,10 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from qwenkit.checkpoints.demo import create_demo
+from qwenkit.checkpoints.resolve import resolve_model
+from qwenkit.engines.loader import prepare_files
+from qwenkit.gguf.convert import convert_to_gguf
 from qwenkit.serve.config import ServeConfig
 from serve_fixtures import API_KEY, LiveServer, live_server
 
@@ -36,16 +42,31 @@ CASES = 1200
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TIMEOUT_S = 60  # a request with no answer for this long is hung
 # Small caps keep each generated request cheap; the document states them, so valid bodies respect them.
-CONFIG = ServeConfig(api_keys=(API_KEY,), max_tokens=4, max_n=2, max_top_logprobs=3)  # type: ignore[arg-type]
-# Relative weights of the operations in the mix (chat is where the surface is).
+CONFIG = ServeConfig(
+    api_keys=(API_KEY,),  # type: ignore[arg-type]
+    max_tokens=4,
+    max_n=2,
+    max_top_logprobs=3,
+    responses_store=8,
+)
+# Relative weights of the operations in the mix (chat is where the surface is; every wire API has a share).
 WEIGHTS = {
     ("/v1/chat/completions", "POST"): 12,
     ("/v1/completions", "POST"): 4,
+    ("/v1/messages", "POST"): 4,
+    ("/api/chat", "POST"): 3,
+    ("/api/generate", "POST"): 2,
+    ("/v1/responses", "POST"): 4,
+    ("/v1/responses/{response_id}", "GET"): 1,
+    ("/v1/responses/{response_id}", "DELETE"): 1,
+    ("/v1/embeddings", "POST"): 3,
     ("/v1/models", "GET"): 1,
     ("/v1/models/{model_id}", "GET"): 1,
     ("/health", "GET"): 1,
     ("/metrics", "GET"): 1,
 }
+# Sent to a second live server on the embedding demo (on the chat server the route only answers 400).
+EMBEDDING_PATHS = ("/v1/embeddings",)
 
 # ---- JSON-Schema-shaped values --------------------------------------------------------------------
 
@@ -207,8 +228,15 @@ def stream_errors(response: requests.Response) -> list[dict[str, Any]]:
         if line.startswith("data: {"):
             data = json.loads(line[len("data: ") :])
             error = data.get("error") if isinstance(data, dict) else None
-            # The types a 5xx status gets (serve/errors.py): what the stream says instead of a status.
-            if error and error.get("type") in ("server_error", "overloaded_error"):
+            if isinstance(data, dict) and data.get("type") == "error" and "code" in data:
+                error = {"type": data["code"], **data}  # a Responses stream's error event is flat
+            # The types a 5xx status gets (serve/errors.py; Anthropic's api_error): what the stream says
+            # instead of a status.
+            if isinstance(error, dict) and error.get("type") in (
+                "server_error",
+                "overloaded_error",
+                "api_error",
+            ):
                 found.append(error)
     return found
 
@@ -220,8 +248,19 @@ def server(demo_gguf: Callable[..., Path], demo_checkpoint: Callable[..., Path])
         yield live
 
 
+@pytest.fixture(scope="module")
+def embedding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    checkpoint = create_demo(tmp_path_factory.mktemp("fuzz-emb") / "emb", embedding=True)
+    gguf = convert_to_gguf(checkpoint, checkpoint.parent / "emb-f32.gguf", "f32")
+    files = prepare_files(resolve_model(str(gguf)))
+    with live_server(gguf, checkpoint, CONFIG, n_ctx=512, max_seqs=2, embedding=files.embedding) as live:
+        yield live
+
+
 @pytest.mark.timeout(1500)
-def test_schemathesis_finds_no_5xx_and_no_dropped_connection(server: LiveServer) -> None:
+def test_schemathesis_finds_no_5xx_and_no_dropped_connection(
+    server: LiveServer, embedding_server: LiveServer
+) -> None:
     schema = schemathesis.openapi.from_url(server.base_url + "/openapi.json", headers=AUTH, timeout=30)
     strategies = []
     for (path, method), weight in WEIGHTS.items():
@@ -259,7 +298,8 @@ def test_schemathesis_finds_no_5xx_and_no_dropped_connection(server: LiveServer)
         sent[0] += 1
         # Sent by hand, not case.call(): schemathesis retries dropped connections and cuts streams short.
         # A fresh connection each time, so a keep-alive the server closed while idle is not a "drop".
-        request = case.as_transport_kwargs(base_url=server.base_url, headers=AUTH)
+        target = embedding_server if case.operation.path in EMBEDDING_PATHS else server
+        request = case.as_transport_kwargs(base_url=target.base_url, headers=AUTH)
         try:
             response = requests.request(**{**request, "timeout": TIMEOUT_S})
         except requests.RequestException as exc:

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from qwenkit.serve.config import ServeConfig
-from serve_fixtures import API_KEY, MODEL, WEATHER, LiveServer, live_server
+from serve_fixtures import API_KEY, MODEL, WEATHER, LiveServer, keyed_server
 
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 SCHEMA = {
@@ -32,12 +29,7 @@ CLOCK = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(demo_gguf: Callable[..., Path], demo_checkpoint: Callable[..., Path]) -> Iterator[LiveServer]:
-    config = ServeConfig(api_keys=(API_KEY,))  # type: ignore[arg-type]
-    gguf, checkpoint = demo_gguf("qwen3", "tiny", "f32"), demo_checkpoint("qwen3", "tiny")
-    with live_server(gguf, checkpoint, config, n_ctx=16384) as live:
-        yield live
+server = keyed_server(16384)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ out, and bad input answered as {"error": ...} while the server keeps serving."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,17 @@ import httpx
 import ollama
 import pytest
 
-from qwenkit.serve.config import ServeConfig
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
-from serve_fixtures import API_KEY, MODEL, WEATHER, FakeEngine, LiveServer, fake_app, in_process, live_server
+from serve_fixtures import (
+    API_KEY,
+    MODEL,
+    WEATHER,
+    FakeEngine,
+    LiveServer,
+    fake_app,
+    in_process,
+    keyed_server,
+)
 
 BEARER = {"Authorization": f"Bearer {API_KEY}"}
 SCHEMA = {
@@ -27,12 +35,7 @@ SCHEMA = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(demo_gguf: Callable[..., Path], demo_checkpoint: Callable[..., Path]) -> Iterator[LiveServer]:
-    config = ServeConfig(api_keys=(API_KEY,))  # type: ignore[arg-type]
-    gguf, checkpoint = demo_gguf("qwen3", "tiny", "f32"), demo_checkpoint("qwen3", "tiny")
-    with live_server(gguf, checkpoint, config, n_ctx=8192) as live:
-        yield live
+server = keyed_server(8192)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ bad input answered in OpenAI's error shape while the server keeps serving."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,15 @@ from pydantic import TypeAdapter
 
 from qwenkit.serve.config import ServeConfig
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
-from serve_fixtures import API_KEY, MODEL, FakeEngine, LiveServer, fake_app, in_process, live_server
+from serve_fixtures import (
+    API_KEY,
+    MODEL,
+    FakeEngine,
+    LiveServer,
+    fake_app,
+    in_process,
+    keyed_server,
+)
 from serve_fixtures import WEATHER as CHAT_WEATHER
 
 OTHER_KEY = "sk-other-0123456789abcdef"
@@ -29,12 +37,7 @@ NO_THINKING = {"effort": "none"}
 STORE = 3
 
 
-@pytest.fixture(scope="module")
-def server(demo_gguf: Callable[..., Path], demo_checkpoint: Callable[..., Path]) -> Iterator[LiveServer]:
-    config = ServeConfig(api_keys=(API_KEY, OTHER_KEY), responses_store=STORE)  # type: ignore[arg-type]
-    gguf, checkpoint = demo_gguf("qwen3", "tiny", "f32"), demo_checkpoint("qwen3", "tiny")
-    with live_server(gguf, checkpoint, config, n_ctx=8192) as live:
-        yield live
+server = keyed_server(8192, OTHER_KEY, responses_store=STORE)
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +264,41 @@ def test_previous_response_id_is_refused_without_the_store(demo_checkpoint: Call
         assert error["param"] == "previous_response_id" and "--responses-store" in error["message"]
         assert http.post("/v1/responses", json={"model": MODEL, "input": "x"}).status_code == 200
     assert len(engine.requests) == 1
+
+
+def test_retrieve_and_delete_per_key(client: openai.OpenAI, server: LiveServer) -> None:
+    made = client.responses.create(model=MODEL, input="Say hi", max_output_tokens=3, reasoning=NO_THINKING)
+    got = client.responses.retrieve(made.id)
+    assert got.model_dump() == made.model_dump()  # the same object, usage and output included
+    other = openai.OpenAI(base_url=server.base_url + "/v1", api_key=OTHER_KEY, max_retries=0, timeout=120)
+    for call in (other.responses.retrieve, other.responses.delete):  # another key's id is unknown to it
+        with pytest.raises(openai.NotFoundError):
+            call(made.id)
+    for method in ("GET", "DELETE"):  # the key is required, as on every route but /health
+        assert httpx.request(method, f"{server.base_url}/v1/responses/{made.id}").status_code == 401
+    assert client.responses.delete(made.id) is None
+    for call in (client.responses.retrieve, client.responses.delete):  # deleted: gone for good
+        with pytest.raises(openai.NotFoundError) as gone:
+            call(made.id)
+        assert made.id in gone.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=MODEL, input="x", previous_response_id=made.id)
+    unstored = client.responses.create(
+        model=MODEL, input="x", store=False, max_output_tokens=1, reasoning=NO_THINKING
+    )
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_retrieve_without_the_store_names_the_option(demo_checkpoint: Callable[..., Path]) -> None:
+    engine = FakeEngine(QwenTokenizer.from_dir(demo_checkpoint("qwen3", "tiny")))
+    with in_process(fake_app(engine)) as http:
+        made = http.post("/v1/responses", json={"model": MODEL, "input": "x"}).json()
+        assert made["store"] is False
+        for method in ("GET", "DELETE"):
+            reply = http.request(method, f"/v1/responses/{made['id']}")
+            assert reply.status_code == 404
+            assert "--responses-store" in reply.json()["error"]["message"]
 
 
 BAD: list[tuple[str, dict[str, Any], str | None]] = [

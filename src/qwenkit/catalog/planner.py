@@ -11,7 +11,10 @@ context). A plan for `qwenkit serve` (PlanRequest.state_cache_mb > 0) of a hybri
 counts the server's saved-state cache in full (turn-boundary snapshots, host memory, so on a CPU only;
 a GPU plan notes it). It compares that with the device's budget and returns a Plan with a verdict: fits,
 fits with the listed changes (flash attention, quantized KV, fewer slots, shorter context, a smaller
-state cache, smaller format), or does not fit, always with the numbers. Decode speed is an estimate:
+state cache, smaller format), or does not fit, always with the numbers. With PlanRequest.images (llama.cpp
+with a vision projector, `--mmproj`) the projector's weights (encoder parameters x its type's bytes) are
+counted and the plan carries an ImageBudget: the image tokens of the processor's largest image and of a
+1024x1024 photo, and how many such photos one request's context holds. Decode speed is an estimate:
 memory bandwidth divided by the bytes one step reads (active parameters for MoE). GPU figures are
 estimates not checked on a GPU here.
 """
@@ -42,6 +45,7 @@ __all__ = [
     "SERVE_STATE_CACHE_MB",
     "Device",
     "Engine",
+    "ImageBudget",
     "MemoryBreakdown",
     "Plan",
     "PlanError",
@@ -73,6 +77,9 @@ LLAMA_TOKEN_DATA = 12  # sizeof(llama_token_data): the sampler's candidate array
 # What `qwenkit serve` keeps for saved sequence states unless --state-cache-mb says otherwise.
 SERVE_STATE_CACHE_MB: int = EngineConfig.model_fields["state_cache_mb"].default
 STATE_CACHE_FLOOR_MB = 128  # the smallest cap a suggestion offers before turning the cache off
+# Bytes per vision-tower parameter in a projector GGUF (qwenkit writes f16 or f32; downloads also ship these).
+MMPROJ_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+PHOTO_SIDE = 1024  # the "typical photo" an image budget is stated for
 
 GGUF_LADDER = (
     WeightFormat.F32,
@@ -168,6 +175,8 @@ class PlanRequest:
     formats_allowed: frozenset[WeightFormat] | None = None  # for suggestions: formats that can be had
     # MiB a `qwenkit serve` process may keep for saved states (--state-cache-mb); 0: an engine alone.
     state_cache_mb: int = 0
+    images: bool = False  # llama.cpp with the vision projector loaded (serve --mmproj)
+    mmproj_type: str = "f16"
 
     @property
     def resolved_engine(self) -> Engine:
@@ -205,6 +214,7 @@ class MemoryBreakdown:
     recurrent: int = 0  # hybrid models: conv + delta-rule state of every sequence slot
     experts: int = 0  # MoE: the routed expert weights (part of `weights`), all resident
     state_cache: int = 0  # qwenkit serve on a hybrid: the saved-state cache at its bound (host memory)
+    vision: int = 0  # the vision projector's weights (llama.cpp with --mmproj)
 
     @property
     def required(self) -> int:
@@ -219,6 +229,35 @@ class Speed:
     single_tok_s: float | None
     aggregate_tok_s: float | None
     basis: str
+
+
+@dataclass(frozen=True)
+class ImageBudget:
+    """What images cost one request: tokens of the processor's largest image and of a 1024x1024 photo
+    (factor x factor pixels per token), and how many such photos fit the per-request context."""
+
+    factor: int
+    max_image_tokens: int
+    photo_tokens: int
+    photos_per_request: int
+
+
+# Model types whose checkpoints carry a vision tower qwenkit converts to a projector (gguf/mmproj.py).
+VISION_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+
+
+def _sees(shape: ModelShape) -> bool:
+    return shape.encoder_params > 0 or shape.model_type.removesuffix("_text") in VISION_MODEL_TYPES
+
+
+def image_budget(shape: ModelShape, n_ctx_seq: int) -> ImageBudget:
+    """The image budget of a VL model's processor (Qwen2.5-VL: 28 px per token; Qwen3-VL/Qwen3.5: 32)."""
+    from qwenkit.media.images import VisionSpec, smart_resize
+
+    spec = VisionSpec.for_projector(shape.model_type)
+    height, width = smart_resize(PHOTO_SIDE, PHOTO_SIDE, spec)
+    photo = height * width // spec.factor**2
+    return ImageBudget(spec.factor, spec.max_pixels // spec.factor**2, photo, n_ctx_seq // photo)
 
 
 @dataclass(frozen=True)
@@ -242,6 +281,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     verdict: Verdict = Verdict.FITS
     changes: tuple[Change, ...] = field(default=(), repr=False)
+    images: ImageBudget | None = None  # set when the plan loads the vision projector
 
     @property
     def fits(self) -> bool:
@@ -391,8 +431,14 @@ def _memory(r: PlanRequest, cache: _Layouts) -> tuple[Engine, bool, int, MemoryB
         raise PlanError("llama.cpp quantizes the V cache only with flash attention: drop --no-flash-attn")
     if engine is Engine.VLLM and r.kv_type == "q8_0":
         raise PlanError("vLLM's quantized KV cache is fp8: use --kv fp8")
+    if r.images and (engine is not Engine.LLAMACPP or not _sees(s)):
+        why = "qwenkit plans images on llama.cpp only" if _sees(s) else f"{s.name} has no vision tower"
+        raise PlanError(f"--images: {why}; drop --images")
+    if r.images and r.mmproj_type not in MMPROJ_BYTES:
+        raise PlanError(f"unknown projector type {r.mmproj_type!r}: use one of {', '.join(MMPROJ_BYTES)}")
     w = _weights(r, engine is Engine.LLAMACPP, cache)
     weights = w.total
+    vision = int(s.encoder_params * MMPROJ_BYTES[r.mmproj_type]) if r.images else 0
     if engine is Engine.LLAMACPP:
         n_ctx_seq = _pad(r.context, N_CTX_PAD)
         cells = n_ctx_seq * r.concurrency
@@ -423,16 +469,28 @@ def _memory(r: PlanRequest, cache: _Layouts) -> tuple[Engine, bool, int, MemoryB
                 + compute
                 + s.vocab * LLAMA_TOKEN_DATA
                 + state_cache
+                + vision
             )
-            load = r.runtime.peak_bytes + weights + repacked
+            load = r.runtime.peak_bytes + weights + repacked + vision
             runtime = r.runtime.steady_bytes
         else:
             runtime = CUDA_OVERHEAD["llamacpp"]
-            run = load = runtime + weights + kv + recurrent + output + compute
+            run = load = runtime + weights + kv + recurrent + output + compute + vision
         peak = max(run, load)
         # The file pages a repacked tensor was read from stay mapped but are never touched again.
         memory = MemoryBreakdown(
-            weights, repacked, kv, compute, output, runtime, peak, repacked, recurrent, w.experts, state_cache
+            weights,
+            repacked,
+            kv,
+            compute,
+            output,
+            runtime,
+            peak,
+            repacked,
+            recurrent,
+            w.experts,
+            state_cache,
+            vision=vision,
         )
     else:
         tokens = min(VLLM_PROFILE_TOKENS, cells)
@@ -482,8 +540,23 @@ def _notes(r: PlanRequest, engine: Engine) -> list[str]:
             "a q8_0 KV cache needs flash attention in llama.cpp: "
             "EngineConfig(kv_type='q8_0', flash_attn=True)"
         )
-    if engine is Engine.LLAMACPP and s.encoder_params:
-        notes.append("qwenkit's llama.cpp engine runs the text model only: images/audio need vLLM")
+    if engine is Engine.LLAMACPP and r.images:
+        b = image_budget(s, _pad(r.context, N_CTX_PAD))
+        if not s.encoder_params:
+            notes.append(
+                f"images: the catalog has no vision-tower size for {s.name}: add its projector file's size "
+                "(mmproj-*.gguf) to the memory above"
+            )
+        notes.append(
+            f"images: the vision projector ({r.mmproj_type}) is counted; a {PHOTO_SIDE}x{PHOTO_SIDE} photo "
+            f"is {b.photo_tokens} prompt tokens ({b.factor}x{b.factor} pixels each), the largest image "
+            f"{b.max_image_tokens}; one request's context holds {b.photos_per_request} such photos "
+            "beside its text; the vision encoder's compute buffer (per image, freed after) is not counted"
+        )
+    elif engine is Engine.LLAMACPP and s.encoder_params:
+        notes.append(
+            "text only: the vision tower is not loaded; plan with --images for `qwenkit serve --mmproj`"
+        )
     if engine is Engine.VLLM:
         notes.append("vLLM engine: GPU figures are estimates (CUDA context, activations), not measured here")
     return notes
@@ -492,7 +565,10 @@ def _notes(r: PlanRequest, engine: Engine) -> list[str]:
 def _build(r: PlanRequest, cache: _Layouts) -> Plan:
     engine, flash, n_ctx_seq, memory, speed = _memory(r, cache)
     budget, basis = r.device.budget()
-    return Plan(r, engine, flash, n_ctx_seq, memory, budget, basis, speed, tuple(_notes(r, engine)))
+    images = image_budget(r.shape, n_ctx_seq) if r.images else None
+    return Plan(
+        r, engine, flash, n_ctx_seq, memory, budget, basis, speed, tuple(_notes(r, engine)), images=images
+    )
 
 
 def _halvings(value: int, floor: int) -> list[int]:

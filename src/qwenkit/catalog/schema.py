@@ -157,7 +157,7 @@ class Family(_Strict):
     title: str
     released: date
     release_notes: str
-    specialty: Literal["general", "code", "math", "vision", "audio", "long-context", "omni"]
+    specialty: Literal["general", "code", "math", "vision", "audio", "long-context", "omni", "embedding"]
     modalities: list[Modality]
     capabilities: Capabilities
     context_extension: str | None

@@ -166,6 +166,11 @@ def run_command(repo: str, p: Plan) -> str:
     r = p.request
     fmt = r.weight_format
     if p.engine is Engine.VLLM:
+        # Text on an NVIDIA GPU: qwenkit's server on vLLM (Qwen-correct reasoning, tools, security);
+        # images, fp8 KV, first-generation Qwen and vLLM's CPU backend: vLLM's own server.
+        qwenkit_ok = r.device.kind == "cuda" and not r.shape.encoder_params and r.kv_type != "fp8"
+        if qwenkit_ok and r.shape.model_type != "qwen":
+            return f"qwenkit serve --engine vllm --model {repo} --ctx {p.n_ctx} --max-seqs {r.concurrency}"
         cmd = f"vllm serve {repo} --max-model-len {r.context} --max-num-seqs {r.concurrency}"
         if r.kv_type == "fp8":
             cmd += " --kv-cache-dtype fp8"

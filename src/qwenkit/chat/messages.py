@@ -8,6 +8,11 @@ from OpenAI-shaped dicts and raise ChatInputError (a ValueError) with a one-line
 An OpenAI "developer" message becomes a system Message in place (of the official templates at hand, none has
 a developer role of its own): a first one is the system prompt, a later one renders where the family renders
 a later system message (Qwen3.5 refuses one that is not first).
+Images: a user or tool message may hold OpenAI `image_url` content parts; its `parts` then keep the text
+runs and ImageParts (the URL as given, undecoded) in order, as the official templates read them, and its
+content is the text alone. A list with images keeps its text runs as given (the templates join them with
+nothing); a list of text parts only is still joined with newlines (as vLLM does). image_parts() lists a
+conversation's images in prompt order.
 """
 
 from __future__ import annotations
@@ -70,6 +75,18 @@ class ToolCall(BaseModel):
         return json.dumps(self.arguments, ensure_ascii=False)
 
 
+class ImagePart(BaseModel):
+    """One image's place in a message: its URL (data:, http(s):) as the client gave it, not yet read."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field(min_length=1)
+    detail: str | None = None
+
+
+ContentPart = str | ImagePart
+
+
 class Message(BaseModel):
     """One chat message in the renderer's terms (see the module docstring for the rules)."""
 
@@ -77,6 +94,7 @@ class Message(BaseModel):
 
     role: Role
     content: str | None = None
+    parts: tuple[ContentPart, ...] | None = None  # text and images in order, when the message has images
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
     tool_call_id: str | None = None
@@ -102,6 +120,8 @@ class Message(BaseModel):
             raise ValueError(
                 f"a {role} message cannot carry reasoning_content: only assistant messages reason"
             )
+        if self.parts is not None and role not in ("user", "tool"):
+            raise ValueError(f"{role} messages cannot contain images: put images in user messages")
         if role != "tool" and self.tool_call_id is not None:
             raise ValueError(f"tool_call_id belongs on tool messages only, not on a {role} message")
         if (
@@ -116,6 +136,16 @@ class Message(BaseModel):
     def to_openai(self) -> dict[str, Any]:
         """The OpenAI-shaped dict (the form chat templates take); None-valued optional keys are left out."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.parts is not None:
+            out["content"] = [
+                {"type": "text", "text": p}
+                if isinstance(p, str)
+                else {
+                    "type": "image_url",
+                    "image_url": {"url": p.url, **({"detail": p.detail} if p.detail else {})},
+                }
+                for p in self.parts
+            ]
         if self.reasoning_content is not None:
             out["reasoning_content"] = self.reasoning_content
         if self.tool_calls:
@@ -216,22 +246,53 @@ _MESSAGE_KEYS = frozenset(
 )
 
 
-def _content_text(content: Any, where: str) -> str | None:
-    # OpenAI content may be a list of parts; text parts are joined with newlines (as vLLM does).
+_DETAILS = ("auto", "low", "high")
+
+
+def _image_part(part: Mapping[str, Any], where: str) -> ImagePart:
+    image = part.get("image_url")
+    if isinstance(image, str):  # some clients send the URL itself
+        image = {"url": image}
+    if not isinstance(image, Mapping) or not isinstance(image.get("url"), str) or not image["url"]:
+        raise ChatInputError(
+            f"{where}: an image_url part needs {{'image_url': {{'url': 'data:image/png;base64,...'}}}}"
+        )
+    unknown = sorted(set(image) - {"url", "detail"})
+    if unknown:
+        raise ChatInputError(f"{where}: unknown key {unknown[0]!r} in image_url; known keys are detail, url")
+    detail = image.get("detail")
+    if detail is not None and detail not in _DETAILS:
+        raise ChatInputError(f"{where}: image_url.detail must be one of {', '.join(_DETAILS)}")
+    return ImagePart(url=image["url"], detail=detail)
+
+
+def _content(content: Any, where: str) -> tuple[str | None, tuple[ContentPart, ...] | None]:
+    """(text, parts): OpenAI content as its text, and its parts in order when it holds images. Text parts
+    alone are joined with newlines (as vLLM does); with images, parts are kept as the templates read them."""
     if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not (
-                isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            ):
-                raise ChatInputError(
-                    f"{where}: only text content parts are supported, like {{'type': 'text', 'text': ...}}"
-                )
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise ChatInputError(f"{where}: content must be a string, a list of text parts or null")
+        return content, None
+    if not isinstance(content, list):
+        raise ChatInputError(f"{where}: content must be a string, a list of content parts or null")
+    parts: list[ContentPart] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        elif kind == "image_url":
+            parts.append(_image_part(part, f"{where}.content[{j}]"))
+        else:
+            raise ChatInputError(
+                f"{where}.content[{j}]: content parts are {{'type': 'text', 'text': ...}} or "
+                "{'type': 'image_url', 'image_url': {'url': ...}}"
+            )
+    if not any(isinstance(p, ImagePart) for p in parts):
+        return "\n".join(p for p in parts if isinstance(p, str)), None
+    return "".join(p for p in parts if isinstance(p, str)), tuple(parts)
+
+
+def image_parts(messages: Iterable[Message]) -> list[ImagePart]:
+    """Every image of a conversation, in the order the prompt holds them."""
+    return [p for m in messages for p in (m.parts or ()) if isinstance(p, ImagePart)]
 
 
 def _tool_call(raw: Any, where: str) -> ToolCall:
@@ -282,10 +343,14 @@ def message_from_openai(raw: Mapping[str, Any], where: str = "message") -> Messa
     if not isinstance(raw_calls, list):
         raise ChatInputError(f"{where}: tool_calls must be a list")
     calls = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(raw_calls)]
+    text, parts = _content(raw.get("content"), where)
+    if parts is not None and role not in ("user", "tool"):
+        raise ChatInputError(f"{where}: {role} messages cannot contain images; put images in user messages")
     try:
         return Message(
             role=role,
-            content=_content_text(raw.get("content"), where),
+            content=text,
+            parts=parts,
             reasoning_content=reasoning,
             tool_calls=calls,
             tool_call_id=raw.get("tool_call_id"),

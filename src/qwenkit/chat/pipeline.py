@@ -8,8 +8,10 @@ grammar must wait for </think> (unless the family's prompt opened it already), a
 a matching OutputParser factory. The parser splits a leading think block off whenever the family thinks,
 whatever the mode (Qwen3 writes an empty one after /no_think), and starts inside the block when the prompt
 opened it (Qwen3.5, Qwen3-2507 Thinking, QwQ). continue_final_message=True leaves the prompt open inside
-the final assistant message (no generation prompt) and parses what follows as content. The server and the
-CLI both use it, so the two behave the same.
+the final assistant message (no generation prompt) and parses what follows as content. images: the decoded
+images of the messages' image parts, in order; the prompt holds one <|image_pad|> per image (refused when
+the counts differ, e.g. a template that drops images). The server and the CLI both use it, so the two
+behave the same.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenkit.chat.families import ChatFamily, FamilyLike, as_family
-from qwenkit.chat.messages import Message, Tool
+from qwenkit.chat.messages import ChatInputError, Message, Tool
 from qwenkit.chat.parse import OutputParser
 from qwenkit.chat.render import RenderedPrompt, render
-from qwenkit.engines.request import GenerationRequest, Grammar, ThinkingControl
+from qwenkit.engines.request import GenerationRequest, Grammar, ImageInput, ThinkingControl
 from qwenkit.engines.sampling import resolve_sampling
 from qwenkit.tokenizer.parts import Special
-from qwenkit.tokenizer.specials import ENDOFTEXT, IM_END, THINK_START
+from qwenkit.tokenizer.specials import ENDOFTEXT, IM_END, IMAGE_PAD, THINK_START
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
 
@@ -65,6 +67,7 @@ def prepare_chat(
     continue_final_message: bool = False,
     preserve_thinking: bool | None = None,
     reasoning_effort: str | None = None,
+    images: Sequence[ImageInput] = (),
 ) -> PreparedChat:
     """The engine request for a chat turn, and how to parse what comes back.
 
@@ -82,6 +85,12 @@ def prepare_chat(
         reasoning_effort=reasoning_effort,
         flavor=family,
     )
+    pads = sum(1 for p in prompt.parts if isinstance(p, Special) and p.token == IMAGE_PAD)
+    if pads != len(images):
+        raise ChatInputError(
+            f"the prompt has {pads} image placeholder(s) for {len(images)} image(s): "
+            "this model's chat template does not place images; send text only"
+        )
     params, warnings = resolve_sampling(dict(sampling or {}), prompt.thinking)
     parts = list(prompt.parts)
     think_opened = prompt.think_opened
@@ -100,6 +109,7 @@ def prepare_chat(
         if prompt.thinking
         else None,
         logprobs=logprobs,
+        images=tuple(images),
     )
     return PreparedChat(
         request=request,

@@ -14,6 +14,9 @@ is a stand-in (the Qwen2 BPE vocabulary padded to Qwen3.5's ids, see tokenizer/b
 qwen3_next demos mirror Qwen3-Next-80B-A3B: a text-only Qwen3NextForCausalLM (tiny and small only), the same
 3:1 DeltaNet / gated-attention stack with fused in_proj_qkvz / in_proj_ba, MoE experts one tensor each plus a
 gated shared expert, one MTP layer, and the real Qwen vocabulary (151,936 rows) with the qwen3 template.
+create_demo(embedding=True) (qwen3 only) mirrors Qwen3-Embedding-0.6B: the bare Qwen3Model tensors (no
+"model." prefix, no lm_head), 151,669 vocabulary rows, sentence-transformers files (last-token pooling,
+Normalize, the query prompt) and a tokenizer whose post-processor appends <|endoftext|>.
 qwen2_5_vl / qwen3_vl demos (shapes in demo_vl.py, tiny and small) mirror Qwen2.5-VL-3B / Qwen3-VL-2B: the
 qwen2 / qwen3 text stack plus a vision tower; every VL demo (qwen3_5 too) ships preprocessor_config.json.
 """
@@ -33,10 +36,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
+from tokenizers import Tokenizer, processors
 
 from qwenkit.chat.flavor import Flavor, flavor_for_model_type
 from qwenkit.chat.template import chat_template
 from qwenkit.checkpoints import demo_vl
+from qwenkit.checkpoints.embedding import QUERY_PROMPT
 from qwenkit.paths import cache_root
 from qwenkit.tokenizer.build import write_tokenizer_files
 from qwenkit.tokenizer.specials import (
@@ -58,6 +63,9 @@ DEMO_NOTICE = (
     "Pass a real model with --model Qwen/Qwen3-0.6B (or a local directory or .gguf file)."
 )
 
+# Qwen3-Embedding-0.6B's config: the tokenizer's 151,669 ids, no padding rows.
+EMBEDDING_VOCAB_SIZE = 151669
+EMBEDDING_REFERENCE_MODEL = "Qwen/Qwen3-Embedding-0.6B"
 BOS_ID = ADDED_TOKEN_IDS[ENDOFTEXT]  # 151643, as in every Qwen config
 EOS_ID = ADDED_TOKEN_IDS[IM_END]  # 151645: the instruct/chat models stop at <|im_end|>
 
@@ -903,12 +911,22 @@ def _demo_version(path: Path) -> int | None:
 
 
 def _write_demo_files(
-    directory: Path, arch: DemoArch, size: DemoSize, seed: int, env: Mapping[str, str] | None
+    directory: Path,
+    arch: DemoArch,
+    size: DemoSize,
+    seed: int,
+    env: Mapping[str, str] | None,
+    embedding: bool = False,
 ) -> None:
     config = demo_config(arch, size, seed)
+    if embedding:
+        config = embedding_config(config)
     _write_json(directory / "config.json", config)
     _write_json(directory / "generation_config.json", demo_generation_config(arch))
-    save_file(demo_tensors(config, seed), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tensors = demo_tensors(config, seed)
+    if embedding:  # Qwen3-Embedding saves the bare Qwen3Model: no "model." prefix, no lm_head
+        tensors = {name.removeprefix("model."): values for name, values in tensors.items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     if arch.hybrid:
         template = chat_template("qwen3_5")
         layout = QWEN3_5_LAYOUT
@@ -918,18 +936,67 @@ def _write_demo_files(
     write_tokenizer_files(directory, template, eos_token=IM_END, env=env, layout=layout)
     (directory / "README.md").write_text(_readme(config), encoding="utf-8")
     demo_vl.write_processor_files(directory, config)
-    for file in directory.iterdir():
+    if embedding:
+        _write_embedding_files(directory, config)
+    for file in directory.rglob("*"):
         # Some writers create 0600 files; a checkpoint is ordinary, shareable data.
-        file.chmod(0o644)
+        file.chmod(0o755 if file.is_dir() else 0o644)
+
+
+def embedding_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A qwen3 demo config as Qwen3-Embedding-0.6B's: its vocabulary rows and context, no lm_head."""
+    marker = {**config[DEMO_MARKER], "embedding": True, "mirrors": EMBEDDING_REFERENCE_MODEL}
+    return {
+        **config,
+        "max_position_embeddings": 32768,
+        "max_window_layers": config["num_hidden_layers"],
+        "vocab_size": EMBEDDING_VOCAB_SIZE,
+        DEMO_MARKER: marker,
+    }
+
+
+def _write_embedding_files(directory: Path, config: Mapping[str, Any]) -> None:
+    """The sentence-transformers files Qwen3-Embedding ships (last-token pooling, then Normalize) and its
+    tokenizer's post-processor, which appends <|endoftext|> to every text."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    _write_json(directory / "modules.json", modules)  # type: ignore[arg-type]
+    (directory / "1_Pooling").mkdir()
+    modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens")
+    pooling = {"word_embedding_dimension": config["hidden_size"]} | {
+        f"pooling_mode_{m}": False for m in modes
+    }
+    _write_json(
+        directory / "1_Pooling" / "config.json",
+        pooling | {"pooling_mode_lasttoken": True, "include_prompt": True},
+    )
+    prompts = {"prompts": {"query": QUERY_PROMPT, "document": ""}, "default_prompt_name": None}
+    _write_json(directory / "config_sentence_transformers.json", prompts | {"similarity_fn_name": "cosine"})
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    end = ADDED_TOKEN_IDS[ENDOFTEXT]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {ENDOFTEXT}", pair=f"$A {ENDOFTEXT} $B:1 {ENDOFTEXT}:1", special_tokens=[(ENDOFTEXT, end)]
+    )
+    tokenizer.save(str(directory / "tokenizer.json"))
+    settings = json.loads((directory / "tokenizer_config.json").read_text("utf-8"))
+    _write_json(directory / "tokenizer_config.json", settings | {"padding_side": "left"})
 
 
 def _build_aside(
-    out_dir: Path, arch: DemoArch, size: DemoSize, seed: int, env: Mapping[str, str] | None
+    out_dir: Path,
+    arch: DemoArch,
+    size: DemoSize,
+    seed: int,
+    env: Mapping[str, str] | None,
+    embedding: bool = False,
 ) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        _write_demo_files(staging, arch, size, seed, env)
+        _write_demo_files(staging, arch, size, seed, env, embedding)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -944,17 +1011,21 @@ def create_demo(
     size: DemoSize | str = DemoSize.TINY,
     seed: int = 0,
     env: Mapping[str, str] | None = None,
+    embedding: bool = False,
 ) -> Path:
-    """Write a random-weight demo checkpoint to `out_dir` (replacing an older demo there) and return it."""
+    """Write a random-weight demo checkpoint to `out_dir` (replacing an older demo there) and return it.
+    embedding=True (qwen3 only): shaped like Qwen3-Embedding, see the module docstring."""
     out_dir, arch, size = Path(out_dir).expanduser(), _arch(arch), _size(size)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise DemoError(f"bad demo seed {seed!r}: pass a non-negative integer")
+    if embedding and arch is not DemoArch.QWEN3:
+        raise DemoError(f"--embedding makes a Qwen3-Embedding demo: use --arch qwen3, not {arch.value}")
     occupied = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
     if occupied and not is_demo_checkpoint(out_dir):
         raise DemoError(
             f"{out_dir} exists and is not a qwenkit demo checkpoint: choose a new or empty directory"
         )
-    staging = _build_aside(out_dir, arch, size, seed, env)
+    staging = _build_aside(out_dir, arch, size, seed, env, embedding)
     old = None
     if out_dir.exists():
         # Move the old one out of the way first: rename() cannot replace a non-empty directory.

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from qwenkit import __version__
-from qwenkit.cli import bench, compare, convert, demo, fidelity, models, plan, render, run, serve, tune
+from qwenkit.cli import batch, bench, compare, convert, demo, fidelity, models, plan, render, run, serve, tune
 from qwenkit.cli import eval as eval_cli
 
 app = typer.Typer(
@@ -32,6 +32,7 @@ app.command("bench")(bench.bench_command)
 app.command("fidelity")(fidelity.fidelity_command)
 app.command("compare")(compare.compare_command)
 app.command("eval")(eval_cli.eval_command)
+app.command("batch")(batch.batch_command)
 app.add_typer(tune.app, name="tune")
 
 

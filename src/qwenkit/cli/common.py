@@ -24,6 +24,7 @@ from qwenkit.gguf.convert import OutType
 
 if TYPE_CHECKING:
     from qwenkit.engines.loader import ModelFiles
+    from qwenkit.media import VisionSpec
 
 ModelOption = Annotated[
     str | None,
@@ -75,14 +76,37 @@ def check_quant(quant: str) -> OutType:
     return quant  # type: ignore[return-value]
 
 
-def open_model_files(model: str | None, allow_pickle: bool, quant: str) -> ModelFiles:
-    """Resolve --model and make its GGUF (converted once, cached) and tokenizer ready for an engine."""
+MmprojOption = Annotated[
+    str | None,
+    typer.Option(
+        "--mmproj",
+        help="Vision projector GGUF (mmproj-*.gguf) so the model reads images, or 'auto': convert the "
+        "checkpoint's own vision tower. Default: text only.",
+    ),
+]
+
+
+def open_model_files(
+    model: str | None, allow_pickle: bool, quant: str, mmproj: str | None = None
+) -> ModelFiles:
+    """Resolve --model and make its GGUF (converted once, cached), tokenizer and (with --mmproj FILE or
+    'auto') vision projector ready for an engine."""
+    from pathlib import Path
+
     from qwenkit.engines.loader import prepare_files  # llama.cpp loads only when a model is run
 
     outtype = check_quant(quant)
     resolved = load_model(model, allow_pickle)
+    projector = None if mmproj is None else "auto" if mmproj == "auto" else Path(mmproj)
     with progress_bar("converting to GGUF") as update:
-        return prepare_files(resolved, outtype, progress=update)
+        return prepare_files(resolved, outtype, progress=update, mmproj=projector)
+
+
+def vision_spec(files: ModelFiles) -> VisionSpec | None:
+    """The image grid of a model opened with a projector (None: text only)."""
+    from qwenkit.media import VisionSpec
+
+    return None if files.mmproj_path is None else VisionSpec.from_mmproj(files.mmproj_path)
 
 
 PollOption = Annotated[

@@ -31,10 +31,19 @@ def create(
         Path | None, typer.Option(help="Directory to write (default: the qwenkit cache).", file_okay=False)
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same files.")] = 0,
+    embedding: Annotated[
+        bool,
+        typer.Option(
+            "--embedding",
+            help="An embedding model shaped like Qwen3-Embedding-0.6B (qwen3 only): `qwenkit serve` answers "
+            "/v1/embeddings with it.",
+        ),
+    ] = False,
 ) -> None:
     """Write a random-weight checkpoint laid out like a Hugging Face hub download."""
-    target = out if out is not None else default_demo_dir().parent / f"{arch.value}-{size.value}"
-    with Console(stderr=True).status(f"writing {arch.value}-{size.value} demo checkpoint"):
-        path = create_demo(target, arch=arch, size=size, seed=seed)
+    name = f"{arch.value}{'-embedding' if embedding else ''}-{size.value}"
+    target = out if out is not None else default_demo_dir().parent / name
+    with Console(stderr=True).status(f"writing {name} demo checkpoint"):
+        path = create_demo(target, arch=arch, size=size, seed=seed, embedding=embedding)
     err_console.print(f"[yellow]{DEMO_NOTICE}[/]", soft_wrap=True)
     typer.echo(str(path))

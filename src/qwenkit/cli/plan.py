@@ -26,6 +26,7 @@ from rich.table import Table
 from qwenkit import hardware
 from qwenkit.catalog.formats import KV_BYTES, WeightFormat, parse_format
 from qwenkit.catalog.measure import MeasureError, RuntimeBaseline, cached_runtime_baseline
+from qwenkit.catalog.parallel import DEFAULT_UTILIZATION
 from qwenkit.catalog.planner import (
     FALLBACK_BASELINE,
     GIB,
@@ -41,6 +42,18 @@ from qwenkit.catalog.schema import TASKS, load_catalog
 from qwenkit.catalog.select import TEXT_TOWER_TYPES, Recommendation, SelectRequest, run_command, select_models
 from qwenkit.catalog.target import Target, resolve_target
 from qwenkit.cli.errors import err_console, friendly_errors
+from qwenkit.cli.plan_gpu import (
+    GpusOption,
+    NodesOption,
+    PipelineParallelOption,
+    TensorParallelOption,
+    UtilizationOption,
+    cluster_device,
+    gpu_json,
+    gpu_options_given,
+    gpu_section,
+    print_gpu_section,
+)
 
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(k|m|g|t)?i?b?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -175,6 +188,7 @@ def plan_json(p: Plan, command: str) -> dict[str, Any]:
         ],
         "decode_estimate": asdict(p.speed),
         "notes": list(p.notes),
+        "images": asdict(p.images) if p.images else None,
         "command": command,
     }
 
@@ -239,6 +253,12 @@ def _print_plan(p: Plan, target: Target, command: str) -> None:
             "state cache",
             _size(m.state_cache),
             "qwenkit serve's saved conversation states at their bound (--state-cache-mb)",
+        )
+    if m.vision:
+        table.add_row(
+            "vision projector",
+            _size(m.vision),
+            f"{r.shape.encoder_params / 1e6:.0f}M vision-tower parameters × {r.mmproj_type} (--mmproj)",
         )
     table.add_row(
         "compute + activations", _size(m.compute), "worst step: a full prompt chunk over a whole context"
@@ -312,15 +332,32 @@ def plan_command(
         ),
     ] = None,
     state_cache_mb: StateCacheOption = SERVE_STATE_CACHE_MB,
+    images: Annotated[
+        bool,
+        typer.Option(
+            "--images",
+            help="Plan a vision model on llama.cpp with its projector loaded (serve --mmproj): its memory "
+            "and each request's image-token budget.",
+        ),
+    ] = False,
     device: DeviceOption = None,
     memory: MemoryOption = None,
     bandwidth: BandwidthOption = None,
     as_json: JsonOption = False,
+    gpus: GpusOption = None,
+    nodes: NodesOption = 1,
+    tensor_parallel: TensorParallelOption = None,
+    pipeline_parallel: PipelineParallelOption = None,
+    gpu_memory_utilization: UtilizationOption = DEFAULT_UTILIZATION,
 ) -> None:
     """Predict the memory a model needs here (weights, KV cache, buffers) and whether it fits."""
     catalog = load_catalog()
     target = resolve_target(model, catalog)
     dev = resolve_device(device, memory, bandwidth)
+    multi_gpu = gpu_options_given(gpus, nodes, tensor_parallel, pipeline_parallel)
+    gpu_bytes = dev.total_bytes
+    if multi_gpu:  # the whole-model plan is checked against the cluster, then split per GPU below
+        dev, _ = cluster_device(dev, gpus or 1, nodes)
     # Vision/audio: vLLM, 16-bit unless a format says; Qwen3.5's text tower runs on llama.cpp alone.
     multimodal = target.shape.encoder_params > 0 and target.shape.model_type not in TEXT_TOWER_TYPES
     if target.layout is not None:
@@ -332,7 +369,7 @@ def plan_command(
     elif weight_format is not None:
         fmt = parse_format(weight_format)
     else:
-        cpu_default = WeightFormat.BF16 if multimodal else WeightFormat.Q4_K_M
+        cpu_default = WeightFormat.BF16 if multimodal and not images else WeightFormat.Q4_K_M
         fmt = target.format_hint or (WeightFormat.BF16 if dev.kind == "cuda" else cpu_default)
     native = target.shape.context_native
     context = ctx or (min(8192, native) if native else 8192)
@@ -347,19 +384,29 @@ def plan_command(
         concurrency=concurrency,
         device=dev,
         kv_type=kv,
-        engine=Engine.VLLM if multimodal else None,
+        engine=Engine.VLLM if (multimodal and not images) or multi_gpu else None,
         flash_attn=flash_attn,
         runtime=runtime_baseline(target.shape.vocab),
         layout=target.layout,
         formats_allowed=allowed,
         state_cache_mb=state_cache_mb,
+        images=images,
     )
     p = plan(request)
     command = run_command(_repo_for(target, p), p)
+    if multi_gpu:
+        args = (gpu_bytes, gpus or 1, nodes, tensor_parallel, pipeline_parallel, gpu_memory_utilization)
+        g, cmds = gpu_section(p, _repo_for(target, p), *args)
+        command = cmds[-2]  # the qwenkit command; the raw vLLM one follows it in "gpu"
     if as_json:
-        typer.echo(json.dumps(plan_json(p, command), indent=2))
+        out = plan_json(p, command)
+        if multi_gpu:
+            out["gpu"] = gpu_json(g, cmds)
+        typer.echo(json.dumps(out, indent=2))
     else:
         _print_plan(p, target, command)
+        if multi_gpu:
+            print_gpu_section(g, cmds)
 
 
 # ---- doctor ----------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """`qwenkit render`: print the exact prompt and token ids a conversation becomes, and the chat family used.
 
 The family comes from the checkpoint's own chat template (model_type only when it has none); --family
-overrides it. --json prints {prompt, token_ids, num_tokens, thinking, family, warnings}.
+overrides it. Images (image_url parts in --messages, or --image PATH added to the last user message) show
+as the family's placeholder (<|vision_start|><|image_pad|><|vision_end|>), one <|image_pad|> id each; for a
+checkpoint with an image processor, each --image is read and its image-token count shown (the engine
+expands each placeholder to that many tokens). --json prints {prompt, token_ids, num_tokens, thinking,
+family, warnings, images}.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from qwenkit.chat.messages import messages_from_openai, tools_from_openai
 from qwenkit.chat.render import render
 from qwenkit.cli.common import AllowPickleOption, ModelOption, load_model
 from qwenkit.cli.errors import friendly_errors
+from qwenkit.media import VisionSpec, decode_image, image_tokens, prepare_image, read_image_file
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
 
@@ -82,11 +87,16 @@ def render_command(
             help=f"Override the chat family the checkpoint's template implies ({', '.join(FAMILY_NAMES)}).",
         ),
     ] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", help="A picture added to the last user message (repeatable)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Print the exact prompt and token ids a conversation becomes."""
     conv, tool_defs = _conversation(messages, tools, system, user)
+    _attach(conv, image or [])
     resolved = load_model(model, allow_pickle)
     if resolved.kind != "hf":
         raise ValueError("render reads the tokenizer from a checkpoint directory; pass a directory or hub id")
@@ -104,6 +114,7 @@ def render_command(
         flavor=chosen,
     )
     ids = tokenizer.encode_parts(prompt.parts)
+    shown = _images(image or [], VisionSpec.from_checkpoint(resolved.path))
     if as_json:
         payload = {
             "prompt": prompt.text,
@@ -112,6 +123,7 @@ def render_command(
             "thinking": prompt.thinking,
             "family": chosen.name,
             "warnings": warnings,
+            "images": shown,
         }
         typer.echo(json.dumps(payload, ensure_ascii=False))
         return
@@ -122,3 +134,33 @@ def render_command(
     out.print(Text(prompt.text), end="")
     out.print(Rule(f"{len(ids)} token ids"))
     out.print(Text(" ".join(map(str, ids))))
+    for i, info in enumerate(shown, 1):
+        size = f"{info['width']}x{info['height']}"
+        tokens = f", {info['tokens']} image tokens" if info["tokens"] is not None else ""
+        out.print(Text(f"image {i}: {info['path']} ({size}{tokens})", style="dim"))
+
+
+def _attach(conv: list[dict[str, Any]], paths: list[Path]) -> None:
+    """Add image parts for `paths` before the text of the last user message."""
+    if not paths:
+        return
+    last = next((m for m in reversed(conv) if isinstance(m, dict) and m.get("role") == "user"), None)
+    if last is None:
+        raise ValueError("--image needs a user message to attach to: pass --user TEXT")
+    content = last.get("content")
+    parts = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
+    images = [{"type": "image_url", "image_url": {"url": p.expanduser().resolve().as_uri()}} for p in paths]
+    last["content"] = [*images, *parts]
+
+
+def _images(paths: list[Path], spec: VisionSpec | None) -> list[dict[str, Any]]:
+    """Each --image as the model will see it: its size after the processor's resize and its token count."""
+    shown = []
+    for path in paths:
+        pixels = decode_image(read_image_file(path), what=str(path))
+        if spec is not None:
+            pixels = prepare_image(pixels, spec).pixels
+        height, width = pixels.shape[:2]
+        tokens = image_tokens(pixels, spec) if spec is not None else None
+        shown.append({"path": str(path), "width": width, "height": height, "tokens": tokens})
+    return shown

@@ -1,7 +1,10 @@
 """`qwenkit generate` and `qwenkit chat`: stream a Qwen model's answer in the terminal, thinking apart.
 
 Both open the model through the same loader and the same chat pipeline the server uses; only the
-printing differs. With no --model they run the built-in demo model (random weights) and say so.
+printing differs. With no --model they run the built-in demo model (random weights) and say so. Images
+(`generate --image PATH`, `/image PATH` in chat) are read from local files by qwenkit.media under its
+default caps and need the model's vision projector (--mmproj FILE, or 'auto' for a VL checkpoint; generate
+--image defaults to 'auto').
 """
 
 from __future__ import annotations
@@ -16,24 +19,27 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from qwenkit.chat.messages import Message, Tool, messages_from_openai, tools_from_openai
+from qwenkit.chat.messages import Message, Tool, image_parts, messages_from_openai, tools_from_openai
 from qwenkit.chat.parse import ParseAccumulator, ParsedOutput, ToolCallDelta
 from qwenkit.chat.pipeline import PreparedChat, prepare_chat
 from qwenkit.chat.presets import apply_preset, find_preset, load_presets
 from qwenkit.checkpoints.demo import DEMO_NOTICE
 from qwenkit.cli.common import (
     AllowPickleOption,
+    MmprojOption,
     ModelOption,
     PollOption,
     QuantOption,
     engine_poll,
     open_model_files,
+    vision_spec,
 )
 from qwenkit.cli.errors import err_console, friendly_errors
 from qwenkit.engines.grammar import grammar_from_json_schema
 from qwenkit.engines.llamacpp.config import EngineConfig
-from qwenkit.engines.request import Grammar
+from qwenkit.engines.request import Grammar, ImageInput
 from qwenkit.hardware import physical_cores
+from qwenkit.media import VisionSpec, decode_image, image_tokens, prepare_image, read_image_file
 
 if TYPE_CHECKING:
     from qwenkit.engines.llamacpp.engine import LlamaCppEngine
@@ -65,6 +71,19 @@ CtxOption = Annotated[
     int | None, typer.Option("--ctx", min=64, help="Context length (default: sized to the need).")
 ]
 ThreadsOption = Annotated[int | None, typer.Option(min=1, help="CPU threads (default: physical cores).")]
+LoraOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--lora",
+        exists=True,
+        help="Run with this LoRA adapter, unmerged: a `qwenkit tune` --out dir or a LoRA .gguf.",
+    ),
+]
+ImageOption = Annotated[
+    list[Path] | None,
+    typer.Option("--image", help="A picture (PNG, JPEG, WebP, GIF) for the model to read (repeatable)."),
+]
+NO_VISION = "this model has no vision projector: pass --mmproj FILE (or --mmproj auto for a VL checkpoint)"
 
 
 @dataclass
@@ -84,16 +103,31 @@ def _load_tools(path: Path | None) -> list[Tool] | None:
 
 
 def _open(
-    model: str | None, allow_pickle: bool, quant: str, n_ctx: int, threads: int | None, poll: str
+    model: str | None,
+    allow_pickle: bool,
+    quant: str,
+    n_ctx: int,
+    threads: int | None,
+    poll: str,
+    mmproj: str | None = None,
+    lora: Path | None = None,
 ) -> tuple[ModelFiles, LlamaCppEngine]:
     threads = threads or physical_cores()
     level = engine_poll(poll, threads, say_default=False)  # before llama.cpp loads
     from qwenkit.engines.loader import open_engine  # llama.cpp loads only when a model is run
 
-    files = open_model_files(model, allow_pickle, quant)
+    files = open_model_files(model, allow_pickle, quant, mmproj)
     if files.n_ctx_train:
         n_ctx = min(n_ctx, files.n_ctx_train)
-    config = EngineConfig(n_ctx=n_ctx, max_seqs=1, threads=threads, poll=level)
+    loras: dict[str, Path] = {}
+    if lora is not None:  # every request then runs with it (stream_chat)
+        from qwenkit.gguf.lora import resolve_loras
+
+        base, loras = resolve_loras({"lora": lora}, files.gguf_path)
+        files = replace(files, gguf_path=base)
+    config = EngineConfig(
+        n_ctx=n_ctx, max_seqs=1, threads=threads, poll=level, mmproj=files.mmproj_path, loras=loras
+    )
     return files, open_engine(files, config)
 
 
@@ -150,7 +184,8 @@ def stream_chat(engine: LlamaCppEngine, prepared: PreparedChat, console: Console
     start = time.perf_counter()
     first: float | None = None
     finish, n_out = None, 0
-    for event in engine.generate_sync(prepared.request):
+    request = replace(prepared.request, adapter=(engine.adapters.names or (None,))[0])  # --lora, if any
+    for event in engine.generate_sync(request):
         first = first or time.perf_counter()
         delta = parser.feed(event.text)
         if event.finished:
@@ -240,6 +275,9 @@ def generate_command(
     json_schema: Annotated[
         Path | None, typer.Option("--json-schema", help="Answer must be JSON valid against this schema file.")
     ] = None,
+    image: ImageOption = None,
+    mmproj: MmprojOption = None,
+    lora: LoraOption = None,
     ctx: CtxOption = None,
     threads: ThreadsOption = None,
     poll: PollOption = "auto",
@@ -248,12 +286,20 @@ def generate_command(
 ) -> None:
     """Generate one answer to PROMPT, streaming; thinking is shown apart from the answer."""
     opts = _options(max_tokens, temperature, top_p, top_k, seed, thinking_budget, think, tools, json_schema)
+    # Decoded before the model loads: a bad picture fails in a moment, not after a conversion.
+    pictures = [decode_image(read_image_file(path), what=str(path)) for path in image or ()]
     raw: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    raw.append({"role": "user", "content": prompt})
+    raw.append({"role": "user", "content": _with_pictures(prompt, image or [])})
     messages = messages_from_openai(_with_preset(raw, opts, preset, preset_arg, presets))
-    files, engine = _open(model, allow_pickle, quant, ctx or 1 << 30, threads, poll)
+    if pictures and mmproj is None:
+        mmproj = "auto"
+    files, engine = _open(model, allow_pickle, quant, ctx or 1 << 30, threads, poll, mmproj, lora)
     try:
-        prepared = _prepare(files, messages, opts, engine)
+        spec = vision_spec(files)
+        if pictures and spec is None:
+            raise ValueError(NO_VISION)
+        images = [prepare_image(pixels, spec) for pixels in pictures]
+        prepared = _prepare(files, messages, opts, engine, images, spec)
         for warning in prepared.warnings:
             err_console.print(f"[yellow]warning:[/] {warning}")
         _, stats = stream_chat(engine, prepared, Console(highlight=False))
@@ -264,9 +310,25 @@ def generate_command(
         engine.close()
 
 
+def _with_pictures(text: str, paths: list[Path]) -> str | list[dict[str, Any]]:
+    """A user message's content: the text, after image parts naming the local files (read by the CLI)."""
+    if not paths:
+        return text
+    parts: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": path.expanduser().resolve().as_uri()}} for path in paths
+    ]
+    return [*parts, {"type": "text", "text": text}]
+
+
 def _prepare(
-    files: ModelFiles, messages: list[Message], opts: Options, engine: LlamaCppEngine
+    files: ModelFiles,
+    messages: list[Message],
+    opts: Options,
+    engine: LlamaCppEngine,
+    images: list[ImageInput] | None = None,
+    spec: VisionSpec | None = None,
 ) -> PreparedChat:
+    images = images or []
     prepared = prepare_chat(
         files.tokenizer,
         messages,
@@ -275,12 +337,16 @@ def _prepare(
         enable_thinking=opts.enable_thinking,
         sampling=opts.sampling,
         grammar=opts.grammar,
+        images=images,
     )
-    room = engine.n_ctx - len(prepared.request.prompt_token_ids)
+    # Each image's one placeholder becomes its image tokens in the engine.
+    extra = sum(image_tokens(i.pixels, spec) - 1 for i in images) if spec else 0
+    n_prompt = len(prepared.request.prompt_token_ids) + extra
+    room = engine.n_ctx - n_prompt
     if room < 1:
         raise ValueError(
-            f"the conversation ({len(prepared.request.prompt_token_ids)} tokens) fills the context "
-            f"({engine.n_ctx}); use /reset or a larger --ctx"
+            f"the conversation ({n_prompt} tokens) fills the context ({engine.n_ctx}); use /reset or a "
+            "larger --ctx"
         )
     if opts.max_tokens > room:
         sampling = prepared.request.sampling.model_copy(update={"max_tokens": room})
@@ -288,7 +354,10 @@ def _prepare(
     return prepared
 
 
-CHAT_HELP = "/think, /no_think: switch thinking · /reset: forget the conversation · /exit: quit (or Ctrl-D)"
+CHAT_HELP = (
+    "/think, /no_think: switch thinking · /image PATH: attach a picture to your next message · "
+    "/reset: forget the conversation · /exit: quit (or Ctrl-D)"
+)
 
 
 @friendly_errors
@@ -309,16 +378,21 @@ def chat_command(
     ctx: Annotated[
         int, typer.Option("--ctx", min=256, help="Context length for the whole conversation.")
     ] = 8192,
+    mmproj: MmprojOption = None,
+    lora: LoraOption = None,
     threads: ThreadsOption = None,
     poll: PollOption = "auto",
     quant: QuantOption = "q8_0",
     allow_pickle: AllowPickleOption = False,
 ) -> None:
-    """Chat in the terminal. /think and /no_think switch thinking mode; /reset forgets; /exit quits."""
+    """Chat in the terminal. /think and /no_think switch thinking mode; /image PATH attaches a picture;
+    /reset forgets; /exit quits."""
     opts = _options(max_tokens, temperature, top_p, top_k, seed, thinking_budget, think, tools, None)
     history: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     history = _with_preset(history, opts, preset, preset_arg, presets)
-    files, engine = _open(model, allow_pickle, quant, ctx, threads, poll)
+    files, engine = _open(model, allow_pickle, quant, ctx, threads, poll, mmproj, lora)
+    spec = vision_spec(files)
+    pictures = Pictures(spec)
     console = Console(highlight=False)
     base = list(history)
     console.print(f"[dim]{files.name} · context {engine.n_ctx} tokens · {CHAT_HELP}[/]")
@@ -336,7 +410,14 @@ def chat_command(
                 return
             if text == "/reset":
                 history = list(base)
+                pictures.pending.clear()
                 console.print("[dim]conversation cleared[/]")
+                continue
+            if text == "/image" or text.startswith("/image "):
+                try:
+                    console.print(f"[dim]{escape(pictures.attach(text[len('/image') :].strip()))}[/]")
+                except ValueError as exc:
+                    err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
                 continue
             if text in ("/think", "/no_think"):
                 opts.enable_thinking = text == "/think"
@@ -345,13 +426,15 @@ def chat_command(
             if text == "/help":
                 console.print(f"[dim]{CHAT_HELP}[/]")
                 continue
-            history.append({"role": "user", "content": line})
+            history.append({"role": "user", "content": pictures.content(line)})
             try:
-                prepared = _prepare(files, messages_from_openai(history), opts, engine)
+                messages = messages_from_openai(history)
+                prepared = _prepare(files, messages, opts, engine, pictures.images(messages), spec)
             except ValueError as exc:
                 history.pop()
                 err_console.print(f"[bold red]error:[/] {exc}")
                 continue
+            pictures.pending.clear()
             console.print("[bold blue]qwen>[/] ", end="")
             result, stats = stream_chat(engine, prepared, console)
             err_console.print(f"[dim]{stats}[/]")
@@ -360,6 +443,36 @@ def chat_command(
         engine.close()
         if files.is_demo:
             err_console.print(f"[yellow]{DEMO_NOTICE}[/]", soft_wrap=True)
+
+
+class Pictures:
+    """The chat's pictures: `/image PATH` reads and sizes one (kept by its file URL) and holds it for the
+    next message; every turn re-renders the history, so each image part finds its picture again."""
+
+    def __init__(self, spec: VisionSpec | None) -> None:
+        self.spec = spec
+        self.pending: list[Path] = []
+        self.loaded: dict[str, ImageInput] = {}
+
+    def attach(self, arg: str) -> str:
+        """Read the picture at `arg` now (a bad one fails here); returns the line to show."""
+        if not arg:
+            raise ValueError("/image needs a path: /image photo.png")
+        if self.spec is None:
+            raise ValueError(NO_VISION.replace("pass", "restart chat with"))
+        path = Path(arg).expanduser().resolve()
+        image = prepare_image(decode_image(read_image_file(path), what=str(path)), self.spec)
+        self.loaded[path.as_uri()] = image
+        self.pending.append(path)
+        height, width = image.pixels.shape[:2]
+        tokens = image_tokens(image.pixels, self.spec)
+        return f"attached {path.name} ({width}x{height}, {tokens} image tokens); now ask about it"
+
+    def content(self, line: str) -> str | list[dict[str, Any]]:
+        return _with_pictures(line, self.pending)
+
+    def images(self, messages: list[Message]) -> list[ImageInput]:
+        return [self.loaded[part.url] for part in image_parts(messages)]
 
 
 def _assistant_turn(result: ParsedOutput) -> dict[str, Any]:

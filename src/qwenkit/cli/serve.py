@@ -5,11 +5,14 @@ required; SIGTERM or Ctrl-C drains in-flight requests and exits 0. --ctx is the 
 --max-seqs sequences together (as EngineConfig.n_ctx); each request may use ctx / max-seqs tokens, prompt
 plus answer. Default: 4096 tokens per request (or the model's training context if smaller) — with 8
 sequences 32768 cells, about 3.5 GiB of f16 KV for Qwen3-0.6B (112 KiB per token); on a smaller machine
-lower --max-seqs or --ctx.
+lower --max-seqs or --ctx. An embedding model (Qwen3-Embedding) is served on POST /v1/embeddings only, each
+input up to ctx / max-seqs tokens. --lora name=DIR serves a tuned adapter unmerged beside the model
+(converted to a llama.cpp LoRA GGUF once, cached); requests pick it with "model": "MODEL:name".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -21,15 +24,31 @@ from qwenkit.chat.presets import load_presets
 from qwenkit.checkpoints.demo import DEMO_NOTICE
 from qwenkit.cli.common import (
     AllowPickleOption,
+    MmprojOption,
     ModelOption,
     PollOption,
     check_quant,
     engine_poll,
     open_model_files,
+    vision_spec,
 )
 from qwenkit.cli.errors import err_console, friendly_errors
-from qwenkit.engines.llamacpp.config import EngineConfig
+from qwenkit.cli.serve_engines import (
+    DataParallel,
+    EngineChoice,
+    GpuUtilization,
+    PipelineParallel,
+    RayAddress,
+    Replicas,
+    ScaleOptions,
+    TensorParallel,
+    check_scale_options,
+    open_replicas,
+    serve_vllm,
+)
+from qwenkit.engines.llamacpp.config import ADAPTER_NAME, EngineConfig
 from qwenkit.hardware import physical_cores
+from qwenkit.media import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES
 from qwenkit.serve.app import create_app
 from qwenkit.serve.config import ServeConfig
 from qwenkit.serve.server import bind_socket, run_server
@@ -45,6 +64,12 @@ def default_ctx(max_seqs: int, n_ctx_train: int | None) -> int:
     """Default KV cells: 4096 tokens per request (room for a thinking answer), within the model's context."""
     per_request = min(DEFAULT_CTX, n_ctx_train) if n_ctx_train else DEFAULT_CTX
     return max_seqs * per_request
+
+
+def image_body_bytes(max_image_bytes: int) -> int:
+    """The request body cap when images are on: the default 2 MiB for text plus one largest image in
+    base64 (4 characters per 3 bytes)."""
+    return ServeConfig().max_body_bytes + -(-max_image_bytes * 4 // 3)
 
 
 def read_api_keys(api_key: str | None, api_key_file: Path | None) -> list[str]:
@@ -66,6 +91,26 @@ def read_api_keys(api_key: str | None, api_key_file: Path | None) -> list[str]:
 def split_list(value: str | None) -> tuple[str, ...]:
     """A comma-separated option as its non-empty items."""
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
+def parse_lora_options(values: list[str]) -> dict[str, Path]:
+    """--lora name=DIR|FILE.gguf options as {name: path}; ValueError naming the bad one."""
+    specs: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not path or not ADAPTER_NAME.fullmatch(name):
+            raise ValueError(
+                f"--lora {value!r}: write name=DIR (a name of letters, digits, '_', '.', '-'), "
+                "e.g. --lora support=./tuned"
+            )
+        if name in specs:
+            raise ValueError(f"--lora {name!r} is given twice: give each adapter its own name")
+        specs[name] = Path(path).expanduser()
+        if not specs[name].exists():  # before the model loads: a typo fails in a second
+            raise ValueError(
+                f"--lora {name}: no such adapter {path}: pass a `qwenkit tune` --out dir or a .gguf"
+            )
+    return specs
 
 
 def _setup_logging() -> None:
@@ -192,10 +237,70 @@ def serve_command(
             'the built-in reasoning/coding/multilingual ones; chosen per request with "preset".',
         ),
     ] = None,
+    batch_file_mb: Annotated[
+        int, typer.Option("--batch-file-mb", min=1, help="Largest /v1/files upload (a batch input), MiB.")
+    ] = 100,
+    batch_storage_mb: Annotated[
+        int,
+        typer.Option("--batch-storage-mb", min=1, help="MiB of files one API key may keep."),
+    ] = 1024,
+    batch_concurrency: Annotated[
+        int,
+        typer.Option(
+            "--batch-concurrency",
+            min=1,
+            help="/v1/batches requests on the engine at once (the other --max-seqs slots stay interactive).",
+        ),
+    ] = 4,
+    mmproj: MmprojOption = None,
+    max_image_bytes: Annotated[
+        int, typer.Option("--max-image-bytes", min=1024, help="Largest image, encoded (bytes).")
+    ] = DEFAULT_MAX_IMAGE_BYTES,
+    max_image_pixels: Annotated[
+        int,
+        typer.Option("--max-image-pixels", min=64, help="Largest image, width x height, before resizing."),
+    ] = DEFAULT_MAX_IMAGE_PIXELS,
+    max_images: Annotated[int, typer.Option("--max-images", min=0, help="Images per request.")] = (
+        DEFAULT_MAX_IMAGES
+    ),
+    allow_remote_media: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote-media",
+            help="Fetch http(s) image URLs (public addresses only, no redirects, capped and timed). "
+            "Default: data: URLs only.",
+        ),
+    ] = False,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            help="A LoRA adapter served beside the model without merging: name=DIR (a `qwenkit tune` --out "
+            'dir) or name=FILE.gguf; a request picks it with "model": "MODEL:name". Repeatable.',
+        ),
+    ] = None,
+    engine_kind: EngineChoice = "llamacpp",
+    tensor_parallel: TensorParallel = 1,
+    pipeline_parallel: PipelineParallel = 1,
+    data_parallel: DataParallel = 1,
+    gpu_memory_utilization: GpuUtilization = 0.9,
+    ray_address: RayAddress = None,
+    replicas: Replicas = 1,
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Serve a Qwen model over the OpenAI API (chat, completions, tools, JSON schema, streaming)."""
     check_quant(quant)
+    lora_specs = parse_lora_options(lora or [])
+    scale = ScaleOptions(
+        engine_kind,
+        tensor_parallel,
+        pipeline_parallel,
+        data_parallel,
+        gpu_memory_utilization,
+        ray_address,
+        replicas,
+    )
+    check_scale_options(scale, {"--lora": bool(lora_specs), "--mmproj": mmproj is not None})
     keys = read_api_keys(api_key, api_key_file)
     config = ServeConfig(
         host=host,
@@ -214,14 +319,35 @@ def serve_command(
         trusted_proxies=split_list(trusted_proxies),
         responses_store=responses_store,
         presets_file=str(presets) if presets else None,
+        max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels,
+        max_images=max_images,
+        allow_remote_media=allow_remote_media,
+        # With a projector, a body must hold a base64 image of --max-image-bytes beside the text.
+        **({"max_body_bytes": image_body_bytes(max_image_bytes)} if mmproj else {}),
+        max_batch_file_bytes=batch_file_mb * 2**20,
+        batch_storage_bytes=batch_storage_mb * 2**20,
+        batch_concurrency=batch_concurrency,
     )
     if presets:
         load_presets(presets)  # a file that does not parse fails now, in one line naming its line
     sock = bind_socket(host, port)  # before loading: a busy port fails in a second, not after a conversion
+    if scale.engine == "vllm" and lora_specs:
+        raise ValueError("--lora runs on the llama.cpp engine: drop --engine vllm, or merge the adapter")
+    if scale.engine == "vllm":  # GPUs: no GGUF conversion, no llama.cpp (cli/serve_engines.py)
+        serve_vllm(model, allow_pickle, max_seqs, ctx, scale, config, sock, keys)
+        return
     threads = threads or physical_cores()
     poll_level = engine_poll(poll, threads)  # before llama.cpp loads (open_model_files loads it)
-    files = open_model_files(model, allow_pickle, quant)
+    files = open_model_files(model, allow_pickle, quant, mmproj)
     n_ctx = ctx or default_ctx(max_seqs, files.n_ctx_train)
+    if lora_specs and files.embedding:
+        raise ValueError("--lora needs a text-generation model; this is an embedding model")
+    from qwenkit.gguf.lora import resolve_loras  # converts a tune output dir once (cached)
+
+    # A LoRA on lm_head/embed_tokens of a tied model is served from an untied copy of the base.
+    base_gguf, loras = resolve_loras(lora_specs, files.gguf_path)
+    files = dataclasses.replace(files, gguf_path=base_gguf)
     engine_config = EngineConfig(
         n_ctx=n_ctx,
         max_seqs=max_seqs,
@@ -229,18 +355,35 @@ def serve_command(
         max_waiting=max_waiting,
         state_cache_mb=state_cache_mb,
         poll=poll_level,
+        loras=loras,
+        mmproj=files.mmproj_path,
     )
     from qwenkit.engines.loader import open_engine  # llama.cpp loads only when a model is served
 
-    engine = open_engine(files, engine_config)
-    app = create_app(engine, files.tokenizer, files.family, files.name, config)
+    engine = (
+        open_engine(files, engine_config)
+        if replicas == 1
+        else open_replicas(files.gguf_path, engine_config, scale)
+    )
+    app = create_app(
+        engine,
+        files.tokenizer,
+        files.family,
+        files.name,
+        config,
+        embedding=files.embedding,
+        vision=vision_spec(files),
+        adapters=tuple(loras),
+    )
     bound_host, bound_port = sock.getsockname()[:2]
     shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     name = config.served_model_name or files.name
     auth = f"on ({len(keys)} key{'s' if len(keys) != 1 else ''})" if keys else "off"
     err_console.print(
         f"qwenkit serve: [bold]{name}[/] at [bold]http://{shown_host}:{bound_port}/v1[/] "
-        f"(context {engine.n_ctx} tokens per request, {max_seqs} at once, API key: {auth})",
+        f"(context {engine.n_ctx} tokens per request, {max_seqs} at once, API key: {auth})"
+        + (" — an embedding model: POST /v1/embeddings only" if files.embedding else "")
+        + (f" — images on ({files.mmproj_path.name})" if files.mmproj_path else ""),
         soft_wrap=True,
         highlight=False,
     )

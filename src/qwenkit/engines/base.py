@@ -3,12 +3,15 @@
 Contract: an Engine takes GenerationRequests (token ids in) and streams TokenEvents (token ids and their
 text out); abort(request_id) ends a request within one step; stats() is cheap and thread-safe enough for
 /health and /metrics; shutdown() stops admitting, lets running requests finish up to a timeout, then frees.
+An EmbeddingEngine (an embedding model) is an Engine whose embed() pools token-id lists into vectors.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
+
+import numpy as np
 
 from qwenkit.engines.request import EngineStats, GenerationRequest, TokenEvent
 
@@ -26,3 +29,13 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     def shutdown(self, timeout: float = 10.0) -> None: ...
+
+
+@runtime_checkable
+class EmbeddingEngine(Engine, Protocol):
+    """An engine for an embedding model: embed(token-id lists) → each input's pooled hidden state (n_embd
+    float32 values, not normalised); n_ctx is the most tokens one input may hold. generate() refuses."""
+
+    n_embd: int
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[np.ndarray]: ...

@@ -4,7 +4,9 @@ Contract: an HF checkpoint is converted to GGUF once (cached) and keeps its own 
 file brings its tokenizer in its metadata. Either way the caller gets the same ModelFiles. The chat family
 comes from the checkpoint's own chat template (GGUF tokenizer.chat_template, else chat_template.jinja /
 tokenizer_config.json), model_type only when there is none; a template that cannot be rendered fails here
-(ChatTemplateError), not at the first request. `flavor` is the legacy model_type flavour.
+(ChatTemplateError), not at the first request. `flavor` is the legacy model_type flavour. An embedding
+model (sentence-transformers last-token pooling, or a GGUF's pooling_type) carries its EmbeddingSpec and
+opens as a LlamaEmbedder.
 """
 
 from __future__ import annotations
@@ -17,8 +19,15 @@ from typing import Literal
 from qwenkit.chat.families import ChatFamily, choose_family, template_from_dir
 from qwenkit.chat.flavor import Flavor, flavor_for_model_type
 from qwenkit.checkpoints.demo import is_demo_checkpoint
-from qwenkit.checkpoints.resolve import ResolvedModel
+from qwenkit.checkpoints.embedding import (
+    EmbeddingSpec,
+    EmbeddingSpecError,
+    embedding_spec_from_dir,
+    embedding_spec_from_gguf,
+)
+from qwenkit.checkpoints.resolve import ModelRefError, ResolvedModel
 from qwenkit.engines.llamacpp.config import EngineConfig
+from qwenkit.engines.llamacpp.embedder import LlamaEmbedder
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
 from qwenkit.gguf.convert import OutType, ensure_gguf, flat_text_config
 from qwenkit.gguf.mmproj import resolve_mmproj
@@ -40,6 +49,7 @@ class ModelFiles:
     family: ChatFamily
     warnings: tuple[str, ...] = ()
     mmproj_path: Path | None = None  # the vision projector GGUF, when images were asked for
+    embedding: EmbeddingSpec | None = None  # set for an embedding model (Qwen3-Embedding)
 
 
 def prepare_files(
@@ -65,6 +75,9 @@ def prepare_files(
             family=family,
             warnings=tuple(warnings),
             mmproj_path=mmproj_path,
+            embedding=_spec(
+                lambda: embedding_spec_from_gguf(info.architecture, info.metadata, info.embedding_length)
+            ),
         )
     # The template is checked before the (slow) conversion, so a broken one fails at once.
     family, warnings = choose_family(template_from_dir(resolved.path), resolved.model_type or "qwen3")
@@ -80,8 +93,22 @@ def prepare_files(
         family=family,
         warnings=tuple(warnings),
         mmproj_path=mmproj_path,
+        embedding=_spec(lambda: embedding_spec_from_dir(resolved.path, config)),
     )
 
 
-def open_engine(files: ModelFiles, config: EngineConfig) -> LlamaCppEngine:
+def _spec(read: Callable[[], EmbeddingSpec | None]) -> EmbeddingSpec | None:
+    try:
+        return read()
+    except EmbeddingSpecError as exc:
+        raise ModelRefError(str(exc)) from None
+
+
+def open_engine(files: ModelFiles, config: EngineConfig) -> LlamaCppEngine | LlamaEmbedder:
+    """The generation engine, or for an embedding model its embedding context. A projector found by
+    prepare_files (files.mmproj_path) goes into the engine's config, unless the config names one."""
+    if files.embedding is not None:
+        return LlamaEmbedder(files.gguf_path, config)
+    if files.mmproj_path is not None and config.mmproj is None:
+        config = config.model_copy(update={"mmproj": files.mmproj_path})
     return LlamaCppEngine(files.gguf_path, config)

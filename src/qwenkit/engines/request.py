@@ -79,6 +79,8 @@ class GenerationRequest:
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
     # Each image's place in prompt_token_ids is one image-pad token (the model's <|image_pad|>), in order.
     images: tuple[ImageInput, ...] = ()
+    # The LoRA adapter (a name the engine loaded at start) to run with; None: the base model alone.
+    adapter: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,8 @@ checkpoint (one file or shards with model.safetensors.index.json) one tensor at 
 experts: one stacked tensor) and writes, with gguf.GGUFWriter, llama.cpp's metadata keys, its tensor names
 and its tokenizer layout; norms, 1-D tensors and conv kernels stay f32 as llama.cpp's own converter keeps
 them. A multimodal config's text_config is used; its vision tower and MTP head are skipped with a note.
+An embedding checkpoint (Qwen3-Embedding: bare Qwen3Model tensor names, a sentence-transformers last-token
+pooling module) gets `{arch}.pooling_type` = LAST.
 Qwen3.5's Gated DeltaNet tensors get llama.cpp's layout (ssm_a = -exp(A_log), norms +1, value heads tiled,
 not grouped).
 Qwen3-Next (qwen3next) shares that code: its fused in_proj_qkvz is split into attn_qkv + attn_gate, in_proj_ba
@@ -35,6 +37,12 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
+from qwenkit.checkpoints.embedding import (
+    MODULES_FILE,
+    POOLING_FILE,
+    EmbeddingSpecError,
+    embedding_spec_from_dir,
+)
 from qwenkit.paths import cache_root, replaced_on_success
 from qwenkit.tokenizer.specials import ENDOFTEXT
 
@@ -48,6 +56,8 @@ __all__ = [
     "ensure_gguf",
     "flat_text_config",
     "gguf_cache_key",
+    "gguf_tensor_namer",
+    "text_tensor_name",
 ]
 
 # Bump whenever the bytes convert_to_gguf() writes change, so ensure_gguf() rebuilds cached files.
@@ -96,12 +106,20 @@ _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up
 # transformers 5 / some hub MoE checkpoints store each layer's experts fused: (experts, 2 * ff, hidden) etc.
 _FUSED_EXPERTS = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(?:\.weight)?$")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_BARE_PREFIXES = ("embed_tokens.", "layers.", "norm.")
 # Multimodal checkpoints: the vision tower (a separate mmproj file) and the MTP draft head are not converted.
 _SKIPPED_PREFIXES = ("model.visual.", "visual.", "mtp.", "model.mtp.")
 # llama.cpp's names for the pre-tokenizer regexes: Qwen2/2.5/3, and Qwen3.5's (letters include marks, \p{M}).
 _TOKENIZER_PRE, _TOKENIZER_PRE_QWEN35 = "qwen2", "qwen35"
 _ROWS_PER_CHUNK = 16_384  # bounds the f32 copy of a big embedding while it is encoded
-_HASHED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+_HASHED_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    POOLING_FILE,
+    MODULES_FILE,
+)
 logger = logging.getLogger(__name__)
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -151,6 +169,10 @@ def convert_to_gguf(
     model_type = config["model_type"]
     arch = ARCHES[model_type]
     _check_supported(config, checkpoint_dir)
+    try:
+        embedding = embedding_spec_from_dir(checkpoint_dir, config) is not None
+    except EmbeddingSpecError as exc:
+        raise ConversionError(str(exc)) from None
     weight_files = _weight_files(checkpoint_dir)
 
     with contextlib.ExitStack() as stack:
@@ -167,6 +189,8 @@ def convert_to_gguf(
             writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
             try:
                 _add_metadata(writer, config, ftype, name or checkpoint_name(checkpoint_dir))
+                if embedding:  # llama.cpp reads {arch}.pooling_type; Qwen3-Embedding pools the last token
+                    writer.add_pooling_type(gguf.PoolingType.LAST)
                 _add_vocab(writer, checkpoint_dir, config)
                 for planned in plan:
                     writer.add_tensor_info(
@@ -407,6 +431,28 @@ def _qtype_for(
     return qtype
 
 
+def text_tensor_name(key: str) -> str:
+    """A text-model tensor's plain HF name: a multimodal checkpoint nests the text model under
+    model.language_model; an embedding checkpoint (a bare Qwen3Model) has no "model." prefix at all."""
+    prefix = "model.language_model."
+    if key.startswith(_BARE_PREFIXES):
+        return "model." + key
+    return "model." + key.removeprefix(prefix) if key.startswith(prefix) else key
+
+
+def gguf_tensor_namer(
+    arch: gguf.MODEL_ARCH, n_layers: int
+) -> Callable[[str, tuple[str, ...]], tuple[gguf.MODEL_TENSOR, str] | None]:
+    """HF tensor name (suffixes tried, e.g. .weight) → (kind, llama.cpp's GGUF name), or None: the one name
+    map convert_to_gguf() and the LoRA converter (gguf/lora.py) share."""
+    names = gguf.get_tensor_name_map(arch, n_layers)
+
+    def name_of(hf_name: str, suffixes: tuple[str, ...]) -> tuple[gguf.MODEL_TENSOR, str] | None:
+        return names.get_type_and_name(text_tensor_name(hf_name), try_suffixes=suffixes)
+
+    return name_of
+
+
 def _plan(
     located: Mapping[str, Path],
     handles: Mapping[Path, Any],
@@ -415,7 +461,7 @@ def _plan(
     qtype: gguf.GGMLQuantizationType,
 ) -> list[_Planned]:
     n_layers = config["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(arch, n_layers)
+    names = gguf_tensor_namer(arch, n_layers)
     tied = bool(config.get("tie_word_embeddings", False))
     n_experts = int(config.get("num_experts") or 0)
     plan: list[_Planned] = []
@@ -425,7 +471,7 @@ def _plan(
         return tuple(handles[located[key]].get_slice(key).get_shape())
 
     def gguf_name_of(hf_name: str, suffixes: tuple[str, ...]) -> tuple[gguf.MODEL_TENSOR, str]:
-        found = names.get_type_and_name(hf_name, try_suffixes=suffixes)
+        found = names(hf_name, suffixes)
         if found is None:
             raise ConversionError(
                 f"unexpected tensor {hf_name} for {gguf.MODEL_ARCH_NAMES[arch]}: "
@@ -441,12 +487,7 @@ def _plan(
             raise ConversionError(
                 f"tensor {key} is {dtype}, not a float checkpoint: convert the bf16/f16 original instead"
             )
-        # A multimodal checkpoint nests the text model under model.language_model.
-        hf_name = (
-            "model." + key.removeprefix("model.language_model.")
-            if key.startswith("model.language_model.")
-            else key
-        )
+        hf_name = text_tensor_name(key)
         if match := _EXPERT.match(hf_name):
             layer, expert, proj = int(match[1]), int(match[2]), match[3]
             experts.setdefault((layer, proj), {})[expert] = key

@@ -3,11 +3,14 @@
 Contract: one app per engine; everything it keeps (metrics registry, rate-limit buckets, grammar cache,
 the ServeContext at app.state.qwenkit) belongs to that app, nothing to the module. The lifespan starts the
 engine and, with manage_engine, shuts it down when the app stops. Routes: POST /v1/chat/completions,
-POST /v1/completions, POST /v1/messages[/count_tokens] (Anthropic), POST /v1/responses and /api/* (Ollama)
-from serve/apis/, GET /v1/models[/{id}], GET /health (no key needed, so it names the model only when no
-keys are set; 503 while draining; ?verbose=1 adds checks with advice, see serve/health.py), GET / (the web
-console, serve/console.py), GET /metrics, GET /openapi.json (the API document with the request
-bodies declared, see serve/openapi.py; it needs the key like every path but /health).
+POST /v1/completions, POST /v1/messages[/count_tokens] (Anthropic), POST /v1/responses (and GET/DELETE
+/v1/responses/{id}), POST /v1/embeddings and /api/* (Ollama) from serve/apis/ (an embedding model answers
+the generating routes with 400), GET /v1/models[/{id}] (the model, then each LoRA adapter as
+"model:name" with its base as parent), GET /health (no key needed, so it names the model
+only when no keys are set; 503 while draining; ?verbose=1 adds checks with advice, see serve/health.py),
+GET / (the web console, serve/console.py), GET /metrics, GET /openapi.json (the API document with the request
+bodies declared, see serve/openapi.py; it needs the key like every path but /health); /v1/files and
+/v1/batches (serve/apis/batches.py; the lifespan resumes unfinished batches and stops them at shutdown).
 Bodies are parsed here (JSON content type, strict pydantic models) so every malformed one is a 4xx; parsing
 and planning run in worker threads, so no request's CPU work blocks the event loop.
 """
@@ -30,12 +33,21 @@ from starlette.middleware import Middleware
 from qwenkit.chat.flavor import Flavor
 from qwenkit.chat.presets import BUILTIN as BUILTIN_PRESETS
 from qwenkit.chat.presets import load_presets, preset_card
+from qwenkit.checkpoints.embedding import EmbeddingSpec
 from qwenkit.engines.base import Engine
-from qwenkit.serve.apis import anthropic, ollama, responses
+from qwenkit.media.images import VisionSpec
+from qwenkit.serve.apis import anthropic, batches, embeddings, ollama, responses
 from qwenkit.serve.config import ServeConfig
 from qwenkit.serve.console import install_console
 from qwenkit.serve.errors import APIError, install_handlers
-from qwenkit.serve.handlers import Plan, ServeContext, plan_chat, plan_completion, respond
+from qwenkit.serve.handlers import (
+    Plan,
+    ServeContext,
+    plan_chat,
+    plan_completion,
+    respond,
+    served_models,
+)
 from qwenkit.serve.health import health_response
 from qwenkit.serve.logprobs import TokenTexts
 from qwenkit.serve.logs import AccessMiddleware, RequestInfo, request_info
@@ -78,6 +90,13 @@ async def run_planned(
 ) -> Response:
     """What every generating route does: parse the body, plan it off the event loop (rendering, tokenizing
     and grammar compiles can take seconds), then answer with the engine's events."""
+    if ctx.embedding is not None:
+        raise APIError(
+            400,
+            f"{ctx.model_name} is an embedding model: it answers POST /v1/embeddings only; serve a chat "
+            "model (e.g. `qwenkit serve --model Qwen/Qwen3-0.6B`) for this route",
+            code="embedding_model",
+        )
     body = await parse_body(request, body_type)
     info = _info(request)
     plan = await run_in_threadpool(planner, ctx, body, info, *extra)
@@ -102,8 +121,14 @@ def create_app(
     *,
     manage_engine: bool = True,
     clock: Callable[[], float] | None = None,
+    embedding: EmbeddingSpec | None = None,
+    vision: VisionSpec | None = None,
+    adapters: tuple[str, ...] = (),
 ) -> FastAPI:
-    """The OpenAI-compatible app for one engine. clock: the rate limiter's time source (tests)."""
+    """The OpenAI-compatible app for one engine. clock: the rate limiter's time source (tests);
+    embedding: the spec of an embedding model, whose engine is an EmbeddingEngine; vision: the image grid
+    of a model served with its vision projector (None: image parts are refused); adapters: the LoRA
+    adapter names the engine loaded, served as "model:name"."""
     config = config or ServeConfig()
     metrics = ServeMetrics(engine)
     limiter = RateLimiter(
@@ -122,15 +147,20 @@ def create_app(
         limiter=limiter,
         texts=TokenTexts(tokenizer),
         presets=load_presets(Path(config.presets_file)) if config.presets_file else BUILTIN_PRESETS,
+        embedding=embedding,
+        vision=vision,
+        adapters=tuple(adapters),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        batch_runner.resume()  # batches a previous run left unfinished go on
         try:
             yield
         finally:
             ctx.begin_drain()
+            await batch_runner.stop()  # before abort_all: a stopped batch request reruns, never fails
             ctx.abort_all()
             if manage_engine:
                 await asyncio.to_thread(engine.shutdown, ENGINE_SHUTDOWN_TIMEOUT_S)
@@ -151,6 +181,7 @@ def create_app(
                 limiter=limiter,
                 max_body_bytes=config.max_body_bytes,
                 body_timeout=config.body_timeout,
+                body_caps=batches.body_caps(config.max_batch_file_bytes),
             ),
         ],
     )
@@ -165,20 +196,25 @@ def create_app(
     async def completions(request: Request) -> Response:
         return await run_planned(request, ctx, CompletionRequest, plan_completion)
 
-    def card() -> ModelCard:
-        return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=engine.n_ctx)
+    def card(model_id: str) -> ModelCard:
+        parent = None if model_id == ctx.model_name else ctx.model_name  # a LoRA adapter's base model
+        sees = ["text", "image"] if ctx.vision is not None else None
+        return ModelCard(
+            id=model_id, created=ctx.created, max_model_len=engine.n_ctx, parent=parent, input_modalities=sees
+        )
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        return JSONResponse(ModelList(data=[card()]).model_dump(mode="json"))
+        cards = [card(m) for m in served_models(ctx)]
+        return JSONResponse(ModelList(data=cards).model_dump(mode="json", exclude_none=True))
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> JSONResponse:
-        if model_id != ctx.model_name:
+        if model_id not in served_models(ctx):
             raise APIError(
                 404, f"model {model_id!r} is not served here", param="model", code="model_not_found"
             )
-        return JSONResponse(card().model_dump(mode="json"))
+        return JSONResponse(card(model_id).model_dump(mode="json", exclude_none=True))
 
     @app.get("/v1/presets")
     async def presets() -> JSONResponse:  # what the "preset" field accepts (the console lists them)
@@ -195,6 +231,8 @@ def create_app(
     anthropic.install(app, ctx)  # POST /v1/messages[/count_tokens] (serve/apis/anthropic.py)
     ollama.install(app, ctx)  # /api/chat, /api/generate, /api/tags, ... (serve/apis/ollama.py)
     responses.install(app, ctx)  # POST /v1/responses (serve/apis/responses.py)
+    embeddings.install(app, ctx)  # POST /v1/embeddings (serve/apis/embeddings.py)
+    batch_runner = batches.install(app, ctx)  # /v1/files, /v1/batches (serve/apis/batches.py)
     install_openapi(app, ctx.model_name, config)
     install_console(app)  # GET /: the web console (serve/console.py)
     return app

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from qwenkit.engines.sampling import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from qwenkit.media.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES
 from qwenkit.serve.security import parse_networks
 
 
@@ -57,6 +58,23 @@ class ServeConfig(BaseModel):
     )
     presets_file: str | None = Field(
         default=None, description="a YAML file of prompt presets added to the built-in ones (`preset` field)"
+    )
+    max_image_bytes: int = Field(default=DEFAULT_MAX_IMAGE_BYTES, ge=1024, description="one image, encoded")
+    max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=64, description="one image, decoded")
+    max_images: int = Field(default=DEFAULT_MAX_IMAGES, ge=0, description="images per request")
+    allow_remote_media: bool = Field(
+        default=False, description="fetch http(s) image URLs (public addresses only); off: data: URLs only"
+    )
+    batch_dir: str | None = Field(
+        default=None, description="where /v1/files and /v1/batches keep their data; None = <cache>/batches"
+    )
+    max_batch_file_bytes: int = Field(default=100 * 2**20, ge=1024, description="largest /v1/files upload")
+    batch_storage_bytes: int = Field(
+        default=2**30, ge=1024, description="bytes of files one API key may keep (batch outputs included)"
+    )
+    batch_max_requests: int = Field(default=50_000, ge=1, description="requests in one batch file")
+    batch_concurrency: int = Field(
+        default=4, ge=1, description="batch requests on the engine at once; the other slots stay interactive"
     )
 
     @field_validator("cors_origins")

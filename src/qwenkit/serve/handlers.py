@@ -5,15 +5,16 @@ native chat request and passes its own job_factory), so limits, auth, tools, gra
 and metrics live once. The native request types are today's OpenAI-shaped protocol models.
 
 Contract: plan_chat()/plan_completion() validate a parsed request against the ServeConfig caps and the
-context, render and tokenize it (chat through chat.pipeline.prepare_chat, completions through encode_text
-— special-token injection is impossible either way) and return a Plan, raising APIError for anything the
-client must fix. respond() reserves a Plan's tokens (prompt + max_tokens per choice) against the client's
-tokens/minute (429 when they do not fit), settles to the tokens used when it ends, runs it on the engine
-(n choices concurrently, one engine request each, seeds seed, seed+1, ...) and answers JSON or a
-server-sent-event stream framed by the Job (its API's wire format). Both answers come from the same
-per-event translation, so a stream's concatenated deltas equal the non-stream response. A client that
-disconnects (noticed on the ASGI receive channel) has its engine requests aborted at once. Depends only
-on the Engine protocol and the request types, never on a concrete engine. Planning is blocking CPU work:
+context, render and tokenize it (chat through chat.pipeline.prepare_chat, completions through encode_text —
+special-token injection is impossible either way) and return a Plan, raising APIError for anything the client
+must fix; a request's model is the served name or "name:adapter" for a LoRA adapter the engine loaded
+(adapter_of(); anything else is a 404 naming what is served). respond() reserves a Plan's tokens (prompt +
+max_tokens per choice) against the client's tokens/minute (429 when they do not fit), settles to the tokens
+used when it ends, runs it on the engine (n choices concurrently, one engine request each, seeds seed, seed+1,
+...) and answers JSON or a server-sent-event stream framed by the Job (its API's wire format). Both answers
+come from the same per-event translation, so a stream's concatenated deltas equal the non-stream response. A
+client that disconnects (noticed on the ASGI receive channel) has its engine requests aborted at once. Depends
+only on the Engine protocol and the request types, never on a concrete engine. Planning is blocking CPU work:
 the app runs it in a worker thread.
 
 vLLM/OpenAI extras: ignore_eos drops the model's end tokens from the stop ids (stop_token_ids still stop);
@@ -24,7 +25,9 @@ start of the answer; parallel_tool_calls false keeps only the first tool call in
 later ones are dropped, not turned into content). reasoning_effort "none"/"minimal" turns thinking off,
 "low"/"medium"/"high" turn it on with thinking_budget 1024/4096/none (EFFORT_BUDGETS); an explicit
 enable_thinking or thinking_budget wins. verbosity is accepted without effect; modalities other than
-["text"] are refused. Unknown top-level fields are ignored, named (ASCII-safe) in the x-qwenkit-warning
+["text"] are refused. Image parts are read, checked and sized by qwenkit.media under the config's caps
+(a model without a vision projector refuses them) and counted in the prompt at their image-token size.
+Unknown top-level fields are ignored, named (ASCII-safe) in the x-qwenkit-warning
 header and logged once; every header value built from client text goes through errors.header_safe().
 """
 
@@ -45,15 +48,30 @@ from pydantic import BaseModel
 from starlette.types import Receive
 
 from qwenkit.chat.flavor import Flavor
-from qwenkit.chat.messages import ChatInputError, Message, messages_from_openai, tools_from_openai
+from qwenkit.chat.messages import (
+    ChatInputError,
+    Message,
+    image_parts,
+    messages_from_openai,
+    tools_from_openai,
+)
 from qwenkit.chat.parse import OutputParser
 from qwenkit.chat.pipeline import prepare_chat
 from qwenkit.chat.presets import BUILTIN as BUILTIN_PRESETS
 from qwenkit.chat.presets import Preset, PresetError, apply_preset, find_preset
+from qwenkit.checkpoints.embedding import EmbeddingSpec
 from qwenkit.engines.base import Engine
 from qwenkit.engines.grammar import json_object_grammar, unenforced_keywords
-from qwenkit.engines.request import EngineError, GenerationRequest, Grammar, GrammarError, TokenEvent
+from qwenkit.engines.request import (
+    EngineError,
+    GenerationRequest,
+    Grammar,
+    GrammarError,
+    ImageInput,
+    TokenEvent,
+)
 from qwenkit.engines.sampling import SamplingError, resolve_sampling
+from qwenkit.media import FetchPolicy, ImageLimits, MediaError, VisionSpec, image_tokens, load_images
 from qwenkit.serve.apis.openai import ChatJob, CompletionJob
 from qwenkit.serve.config import ServeConfig
 from qwenkit.serve.errors import APIError, from_engine_error, header_safe, shutting_down
@@ -101,6 +119,11 @@ class ServeContext:
     active: set[str] = field(default_factory=set)  # engine request ids in flight
     draining: bool = False
     presets: Mapping[str, Preset] = field(default_factory=lambda: BUILTIN_PRESETS)
+    adapters: tuple[str, ...] = ()  # LoRA adapters the engine loaded; a request picks one as "model:name"
+    vision: VisionSpec | None = None  # the model's image grid when it has a vision projector; None: text only
+    embedding: EmbeddingSpec | None = (
+        None  # an embedding model: /v1/embeddings only (serve/apis/embeddings.py)
+    )
 
     def begin_drain(self) -> None:
         """Stop admitting requests (503); in-flight ones go on until abort_all()."""
@@ -172,13 +195,7 @@ def _check_common(
     """Checks both endpoints share; returns the warnings they produce (ignored unknown fields)."""
     if ctx.draining:
         raise shutting_down()
-    if body.model != ctx.model_name:
-        raise APIError(
-            404,
-            f"model {body.model!r} is not served here; use {ctx.model_name!r} (GET /v1/models)",
-            param="model",
-            code="model_not_found",
-        )
+    adapter_of(ctx, body.model)  # 404 for a model not served
     cfg = ctx.config
     stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
     if len(stops) > cfg.max_stop:
@@ -193,6 +210,28 @@ def _check_common(
     if body.user:
         info.user = ctx.hash_user(body.user)
     return _ignored_fields(body, info)
+
+
+def adapter_of(ctx: ServeContext, model: str) -> str | None:
+    """The LoRA adapter a request's model names: the served name → None (the base model), "name:adapter" →
+    that adapter; anything else is a 404 naming what is served."""
+    if model == ctx.model_name:
+        return None
+    base, _, adapter = model.rpartition(":")
+    if base == ctx.model_name and adapter in ctx.adapters:
+        return adapter
+    served = " or ".join(repr(m) for m in served_models(ctx))
+    raise APIError(
+        404,
+        f"model {model!r} is not served here; use {served} (GET /v1/models)",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def served_models(ctx: ServeContext) -> list[str]:
+    """The model names requests may use: the base model, then each adapter as "name:adapter"."""
+    return [ctx.model_name, *(f"{ctx.model_name}:{a}" for a in ctx.adapters)]
 
 
 def _ignored_fields(body: ChatCompletionRequest | CompletionRequest, info: RequestInfo) -> list[str]:
@@ -437,6 +476,34 @@ def _with_preset(ctx: ServeContext, body: ChatCompletionRequest) -> ChatCompleti
     return body.model_copy(update=update)
 
 
+def _images(ctx: ServeContext, messages: list[Message]) -> tuple[list[ImageInput], int]:
+    """The request's images read, checked and sized (in prompt order), and the prompt tokens they add beyond
+    their one placeholder each; APIError naming the cap or the fix. Runs off the event loop (planning)."""
+    parts = image_parts(messages)
+    if not parts:
+        return [], 0
+    if ctx.vision is None:
+        raise APIError(
+            400,
+            f"this model has no vision projector: {ctx.model_name} reads text only; send text, or serve a "
+            "vision model with its projector (qwenkit serve --mmproj FILE)",
+            param="messages",
+            code="images_not_supported",
+        )
+    cfg = ctx.config
+    try:
+        images = load_images(
+            [p.url for p in parts],
+            ctx.vision,
+            ImageLimits(cfg.max_image_bytes, cfg.max_image_pixels),
+            FetchPolicy(cfg.allow_remote_media, cfg.max_image_bytes),
+            cfg.max_images,
+        )
+    except MediaError as exc:
+        raise APIError(400, str(exc), param="messages", code=exc.code) from None
+    return images, sum(image_tokens(image.pixels, ctx.vision) - 1 for image in images)
+
+
 def plan_chat(
     ctx: ServeContext,
     body: ChatCompletionRequest,
@@ -478,6 +545,7 @@ def plan_chat(
         messages = messages_from_openai(body.messages)
     except ChatInputError as exc:
         raise APIError(400, str(exc), param="messages") from None
+    images, image_extra = _images(ctx, messages)
     continues = _continues(body, messages)
     # vLLM's chat echo: the final assistant message (the prefill) opens the answer.
     echo = (messages[-1].content or "") if body.echo and messages[-1].role == "assistant" else None
@@ -520,12 +588,14 @@ def plan_chat(
             continue_final_message=continues,
             preserve_thinking=preserve_thinking,
             reasoning_effort=effort_word or body.reasoning_effort,  # for a template that reads it
+            images=images,
         )
     except (ChatInputError, SamplingError) as exc:
         message = str(exc)
         param = "continue_final_message" if message.startswith("continue_final_message") else None
         raise APIError(400, message, param=param or _param_of(message)) from None
-    prompt_tokens = len(prepared.request.prompt_token_ids)
+    # Each image's placeholder becomes its image tokens in the engine: they count against the context.
+    prompt_tokens = len(prepared.request.prompt_token_ids) + image_extra
     max_tokens = _max_tokens(ctx, asked, prompt_tokens, "messages")
     _check_min_tokens(body, max_tokens)
     request = prepared.request
@@ -534,6 +604,7 @@ def plan_chat(
         request,
         stop_token_ids=_stop_token_ids(request.stop_token_ids, body),
         ignore_eos=bool(body.ignore_eos),
+        adapter=adapter_of(ctx, body.model),
     )
     if max_tokens is not None:
         request = replace(request, sampling=request.sampling.model_copy(update={"max_tokens": max_tokens}))
@@ -562,6 +633,7 @@ def plan_chat(
             echo=echo,
             max_calls=max_calls,
         )
+        job.model = body.model  # a LoRA adapter's answers name it, as vLLM's do
     info.n = n
     return Plan(
         requests=_fan_out(request, n, 0, response_id),
@@ -626,11 +698,13 @@ def plan_completion(ctx: ServeContext, body: CompletionRequest, info: RequestInf
             ignore_eos=bool(body.ignore_eos),
             grammar=grammar,
             logprobs=body.logprobs,
+            adapter=adapter_of(ctx, body.model),
         )
         requests += _fan_out(base, n, i * n, response_id)
     echo = [prompts[i // n] for i in range(len(requests))] if body.echo else None
     info.n = len(requests)
     job = CompletionJob(ctx, response_id, len(requests), body.logprobs, echo, _include_usage(body))
+    job.model = body.model
     return Plan(
         requests=requests,
         prompt_tokens=sum(len(ids) for ids in encoded),

@@ -23,6 +23,9 @@ ROUTES = (
     "/v1/messages",
     "/v1/messages/count_tokens",
     "/v1/responses",
+    "/v1/embeddings",
+    "/v1/files",
+    "/v1/batches",
     "/api/chat",
     "/api/generate",
     "/api/tags",
@@ -42,6 +45,11 @@ def route_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/{id}"
+    for prefix in ("/v1/files/", "/v1/batches/"):  # ids (and /content, /cancel) under one label each
+        if path.startswith(prefix):
+            return prefix + "{id}"
     return "other"
 
 

@@ -20,6 +20,8 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from qwenkit.serve.apis.anthropic import CountTokensRequest, MessagesRequest
+from qwenkit.serve.apis.batches import BatchCreate
+from qwenkit.serve.apis.embeddings import EmbeddingsRequest
 from qwenkit.serve.apis.ollama import OllamaChatRequest, OllamaGenerateRequest, ShowRequest
 from qwenkit.serve.apis.responses import ResponsesRequest
 from qwenkit.serve.config import ServeConfig
@@ -34,6 +36,8 @@ BODY_MODELS: dict[str, type[BaseModel]] = {
     "/api/chat": OllamaChatRequest,
     "/api/generate": OllamaGenerateRequest,
     "/api/show": ShowRequest,
+    "/v1/batches": BatchCreate,
+    "/v1/embeddings": EmbeddingsRequest,
 }
 REF = "#/components/schemas/{model}"
 JSON_TYPES = ["object", "array", "string", "number", "integer", "boolean", "null"]

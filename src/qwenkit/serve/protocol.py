@@ -341,6 +341,8 @@ class ModelCard(_Response):
     created: int
     owned_by: str = "qwenkit"
     max_model_len: int
+    parent: str | None = None  # a LoRA adapter's base model (as vLLM lists adapters)
+    input_modalities: list[str] | None = None  # ["text", "image"] when served with a vision projector
 
 
 class ModelList(_Response):

@@ -16,8 +16,9 @@ token bucket admits requests (requests/minute), and a client whose tokens of the
 tokens/minute is refused; handlers reserve prompt + max_tokens per request at admission (reserve_tokens)
 and settle to what was used when it ends, so the tokens charged in any 60 s stay within the limit (a request
 larger than the whole limit runs alone, once nothing else was charged in the last 60 s). Refusals are 429 +
-Retry-After. Finally the body is read here, at most max_body_bytes (413 beyond) within body_timeout seconds
-(408 beyond), and replayed to the app, so no handler ever sees an oversized or half-sent body.
+Retry-After. Finally the body is read here, at most max_body_bytes (a path in body_caps: its own cap; 413
+beyond) within body_timeout seconds (408 beyond), and replayed to the app, so no handler ever sees an
+oversized or half-sent body.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import ipaddress
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
@@ -363,12 +364,15 @@ class SecurityMiddleware:
         limiter: RateLimiter,
         max_body_bytes: int,
         body_timeout: float = 30.0,
+        body_caps: Mapping[str, tuple[int, str]] | None = None,
     ) -> None:
+        """body_caps: path → (its own body cap, what to say in its 413), for uploads (/v1/files)."""
         self.app = app
         self._keys = [(key_id(k), k.encode("utf-8")) for k in api_keys]
         self.limiter = limiter
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
+        self.body_caps = dict(body_caps or {})
 
     def authenticate(self, headers: Sequence[tuple[bytes, bytes]], path: str = "") -> str | None:
         """The id of the key presented, or None. Every key is compared, in constant time, whatever matched.
@@ -413,7 +417,7 @@ class SecurityMiddleware:
                     info.key_id = kid
             if path not in UNLIMITED_PATHS:
                 self.limiter.admit(info.rate_key if info is not None else "?")
-            body = await self._read_body(scope, receive)
+            body = await self._read_body(scope, receive, path)
         except APIError as err:
             if info is not None:
                 info.rejected, info.error_type = err.reason, err.type
@@ -423,12 +427,13 @@ class SecurityMiddleware:
             info.body_bytes = len(body)
         await self.app(scope, _replay(body, receive), send)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+    async def _read_body(self, scope: Scope, receive: Receive, path: str) -> bytes:
         # An error before the whole body arrived closes the connection: the rest of it is never read.
         close = {"Connection": "close"}
+        cap, hint = self.body_caps.get(path, (self.max_body_bytes, ""))
         too_large = APIError(
             413,
-            f"request body is larger than {self.max_body_bytes} bytes",
+            f"request body is larger than {cap} bytes{hint}",
             code="request_too_large",
             headers=close,
         )
@@ -438,7 +443,7 @@ class SecurityMiddleware:
                     declared = int(value)
                 except ValueError:
                     raise APIError(400, "invalid Content-Length header", headers=close) from None
-                if declared > self.max_body_bytes:
+                if declared > cap:
                     raise too_large
         chunks: list[bytes] = []
         size = 0
@@ -459,7 +464,7 @@ class SecurityMiddleware:
                 raise APIError(400, "the client went away while sending the body", reason="disconnected")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > cap:
                 raise too_large
             chunks.append(chunk)
             if not message.get("more_body", False):

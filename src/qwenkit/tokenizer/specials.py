@@ -24,6 +24,9 @@ TOOL_RESPONSE_START = "<tool_response>"
 TOOL_RESPONSE_END = "</tool_response>"
 THINK_START = "<think>"
 THINK_END = "</think>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"  # one per image in a rendered prompt; the engine expands it to the image's tokens
 
 
 @dataclass(frozen=True)

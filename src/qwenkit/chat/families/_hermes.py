@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from qwenkit.chat.families.base import Builder, tool_results
+from qwenkit.chat.families.base import Builder, message_content, tool_results
 from qwenkit.chat.messages import Message, Tool, ToolCall
 from qwenkit.tokenizer.specials import IM_END, IM_START
 
@@ -42,7 +42,9 @@ def turns(out: Builder, messages: Sequence[Message], assistant: Callable[[int, M
             if i > 0:
                 plain_turn(out, "system", m.content or "")
         elif m.role == "user":
-            plain_turn(out, "user", m.content or "")
+            out.markup(f"{IM_START}user\n")
+            message_content(out, m)
+            out.end_turn()
         elif m.role == "assistant":
             assistant(i, m)
         else:

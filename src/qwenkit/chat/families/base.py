@@ -24,12 +24,15 @@ from qwenkit.tokenizer.parts import Part, Special, join_parts
 from qwenkit.tokenizer.specials import (
     IM_END,
     IM_START,
+    IMAGE_PAD,
     THINK_END,
     THINK_START,
     TOOL_CALL_END,
     TOOL_CALL_START,
     TOOL_RESPONSE_END,
     TOOL_RESPONSE_START,
+    VISION_END,
+    VISION_START,
 )
 
 MARKUP_TOKENS: frozenset[str] = frozenset(
@@ -42,8 +45,13 @@ MARKUP_TOKENS: frozenset[str] = frozenset(
         TOOL_CALL_END,
         TOOL_RESPONSE_START,
         TOOL_RESPONSE_END,
+        VISION_START,
+        IMAGE_PAD,
+        VISION_END,
     }
 )
+# How every Qwen VL template writes one image in a message (Qwen2.5-VL, Qwen3-VL, Qwen3.5).
+IMAGE_MARKUP = f"{VISION_START}{IMAGE_PAD}{VISION_END}"
 _MARKUP_RE = re.compile(
     "(" + "|".join(re.escape(t) for t in sorted(MARKUP_TOKENS, key=len, reverse=True)) + ")"
 )
@@ -114,6 +122,29 @@ class Builder:
     def end_turn(self) -> None:
         self.special(IM_END)
         self.text("\n")
+
+
+def message_content(out: Builder, message: Message, *, strip: bool = False) -> None:
+    """A user or tool message's content: its text, or its text runs and images in order (each image as
+    IMAGE_MARKUP). strip: the template trims the rendered content (Qwen3.5's `render_content(...)|trim`)."""
+    if message.parts is None:
+        text = message.content or ""
+        out.text(text.strip() if strip else text)
+        return
+    pieces = list(message.parts)
+    if strip:  # trim the rendered whole: only text at either end can lose whitespace
+        for end in (0, -1):
+            while pieces and isinstance(pieces[end], str):
+                trimmed = pieces[end].lstrip() if end == 0 else pieces[end].rstrip()  # type: ignore[union-attr]
+                if trimmed:
+                    pieces[end] = trimmed
+                    break
+                pieces.pop(end)
+    for piece in pieces:
+        if isinstance(piece, str):
+            out.text(piece)
+        else:
+            out.markup(IMAGE_MARKUP)
 
 
 def split_reasoning(message: Message) -> tuple[str, str]:
@@ -308,7 +339,7 @@ def tool_results(out: Builder, messages: Sequence[Message], i: int, *, open_firs
     if starts:
         out.markup(f"{IM_START}user")
     out.markup(f"{sep}{TOOL_RESPONSE_START}\n")
-    out.text(m.content or "")
+    message_content(out, m)
     out.markup(f"\n{TOOL_RESPONSE_END}")
     if i == len(messages) - 1 or messages[i + 1].role != "tool":
         out.end_turn()

@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from qwenkit.chat.families import _xml
-from qwenkit.chat.families.base import Builder, ChatFamily, last_query_index, refuse, split_reasoning
+from qwenkit.chat.families.base import (
+    Builder,
+    ChatFamily,
+    last_query_index,
+    message_content,
+    refuse,
+    split_reasoning,
+)
 from qwenkit.chat.messages import Message, Tool
 from qwenkit.tokenizer.specials import IM_START, THINK_END
 
@@ -60,13 +67,12 @@ class Qwen35(ChatFamily):
         if query is None:
             raise refuse("No user query found in messages.", "messages")
         for i, m in enumerate(messages):
-            text = (m.content or "").strip()
             if m.role == "system":
                 if i > 0:
                     raise refuse("System message must be at the beginning.", f"messages[{i}]")
             elif m.role == "user":
                 out.markup(f"{IM_START}user\n")
-                out.text(text)
+                message_content(out, m, strip=True)
                 out.end_turn()
             elif m.role == "assistant":
                 self._assistant(out, m, i, think=bool(preserve_thinking) or i > query)
@@ -74,7 +80,7 @@ class Qwen35(ChatFamily):
                 if i > 0 and messages[i - 1].role != "tool":
                     out.markup(f"{IM_START}user")
                 out.markup("\n<tool_response>\n")
-                out.text(text)
+                message_content(out, m, strip=True)
                 out.markup("\n</tool_response>")
                 if i == len(messages) - 1 or messages[i + 1].role != "tool":
                     out.end_turn()

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qwenkit.chat.families import _xml
-from qwenkit.chat.families.base import Builder, ChatFamily, jinja_str, tojson
+from qwenkit.chat.families.base import Builder, ChatFamily, jinja_str, message_content, tojson
 from qwenkit.chat.messages import Message, Tool
 from qwenkit.tokenizer.specials import IM_START
 
@@ -103,13 +103,13 @@ class Qwen3Coder(ChatFamily):
                 if i > 0 and rest[i - 1].role != "tool":
                     out.markup(f"{IM_START}user\n")
                 out.markup("<tool_response>\n")
-                out.text(m.content or "")
+                message_content(out, m)
                 out.markup("\n</tool_response>\n")
                 if i == len(rest) - 1 or rest[i + 1].role != "tool":
                     out.end_turn()
             else:
                 out.markup(f"{IM_START}{m.role}\n")
-                out.text(m.content or "")
+                message_content(out, m)
                 out.end_turn()
 
 

@@ -2,12 +2,16 @@
 
 Contract: EngineConfig is validated and immutable; for_workload() picks n_ctx from how many sequences run
 at once and how long each may get, so a user states the workload rather than llama.cpp's knobs.
-state_cache_mb bounds the host memory kept for saved sequence states (see state_cache.py). poll is how
-long idle worker threads spin before sleeping (llama.cpp's --poll, 0-100) or "auto" (see threads.py).
+state_cache_mb bounds the host memory kept for saved sequence states (see state_cache.py). loras names
+the LoRA adapter GGUFs a request may select (see adapters.py); mmproj the vision projector (vision.py).
+poll is how long idle worker threads spin before sleeping (llama.cpp's --poll, 0-100) or "auto"
+(see threads.py).
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -15,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from qwenkit.hardware import physical_cores
 
 KVType = Literal["f32", "f16", "q8_0"]
+# A LoRA adapter's name, as requests give it ("model": "MODEL:name").
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class EngineConfig(BaseModel):
@@ -39,12 +45,28 @@ class EngineConfig(BaseModel):
     )
     # One shared pool lets sequences differ in length, but every token then attends over every cell.
     kv_unified: bool = False
+    loras: dict[str, Path] = Field(
+        default_factory=dict, description="LoRA adapter GGUFs by name, loaded at start, chosen per request"
+    )
+    mmproj: Path | None = Field(
+        default=None, description="vision projector GGUF (llama.cpp's mmproj): images in prompts; None: text"
+    )
     max_waiting: int = Field(default=256, ge=0)
     poll: int | Literal["auto"] = Field(
         default=50,
         description="worker polling level 0-100 (llama.cpp's --poll; 0: sleep at once, for machines with "
         "other CPU load) or 'auto': 0 when other processes load the cores at start, else 50",
     )
+
+    @field_validator("loras")
+    @classmethod
+    def _adapter_names(cls, loras: dict[str, Path]) -> dict[str, Path]:
+        for name in loras:
+            if not ADAPTER_NAME.fullmatch(name):
+                raise ValueError(
+                    f"adapter name {name!r}: use letters, digits, '_', '.' or '-' (at most 64 characters)"
+                )
+        return loras
 
     @field_validator("poll", mode="before")
     @classmethod

@@ -11,6 +11,13 @@ Multi-turn reuse: with state_cache_mb > 0, idle prefix caches are saved to a bou
 states before their cells are dropped, and on recurrent (hybrid) models, whose state cannot be cut back,
 each prompt's state is also saved where its last message starts (the last <|im_start|>), so the next
 turn restores it and prefills only its new tokens; TokenEvent.cached_tokens counts the reused tokens.
+LoRA adapters (config.loras) load at start; a request names one in GenerationRequest.adapter, and each
+step serves one adapter group (adapters.py), so requests with different adapters never share a decode.
+Images (config.mmproj): submit() expands each <|image_pad|> of the prompt into the image's tokens (image
+keys, see image_tokens.py), so limits, usage and prefix reuse count them; the vision tower encodes each
+image on a thread of its own (vision.EncodeWorker) while the loop keeps stepping, and the embeddings are
+then decoded in runs that take the prefill budget like prompt tokens, so no stream stalls for an encode.
+A prefix holding the same image (its pixel hash) is reused instead of encoded again.
 Knows nothing of chat templates or HTTP beyond Qwen's control tokens.
 """
 
@@ -27,22 +34,25 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+from qwenkit.engines.checks import check_prompt_ids, check_room, check_sampling_ids
 from qwenkit.engines.courier import Courier
+from qwenkit.engines.llamacpp.adapters import Adapters
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.costs import StepCosts
+from qwenkit.engines.llamacpp.image_tokens import ImageSpan, image_keys
 from qwenkit.engines.llamacpp.kv import SlotManager
 from qwenkit.engines.llamacpp.model import LlamaModel
 from qwenkit.engines.llamacpp.sampler import Candidates, SeqSampler, check_grammar, logprobs_for
 from qwenkit.engines.llamacpp.scheduler import Scheduler, StepPlan
 from qwenkit.engines.llamacpp.sequence import Sequence, Status
 from qwenkit.engines.llamacpp.state_cache import StateCache
+from qwenkit.engines.llamacpp.vision import EncodeWorker, VisionEncoder
 from qwenkit.engines.request import (
     THINKING_EARLY_STOP,
     EngineError,
     EngineOverloaded,
     EngineStats,
     GenerationRequest,
-    RequestTooLong,
     TokenEvent,
 )
 
@@ -62,6 +72,23 @@ class LlamaCppEngine:
                 "n_batch must be at least max_seqs (every running sequence feeds a token per step)"
             )
         self.model = LlamaModel(Path(gguf_path), self.config)
+        try:
+            self.adapters = Adapters(self.model, self.config.loras)
+        except EngineError:
+            self.model.close()
+            raise
+        self.vision: VisionEncoder | None = None
+        if self.config.mmproj is not None:
+            try:
+                self.vision = VisionEncoder(self.config.mmproj, self.model, threads=self.config.threads)
+            except EngineError:
+                self.model.close()
+                raise
+        self._image_pad = self.model.token_id("<|image_pad|>")
+        self._encoded: list[tuple[Sequence, ImageSpan, object]] = []  # finished encodes (worker → loop)
+        self._encoding = 0  # encodes submitted and not yet taken back
+        self._blocked = False  # the last step had nothing to run but an encode to wait for
+        self._encoder = EncodeWorker(self.vision, self._encode_done) if self.vision else None
         self.n_ctx = self.model.n_ctx_seq  # the most tokens one sequence may hold
         mb = self.config.state_cache_mb
         self.states = StateCache(mb * 1024 * 1024) if mb else None
@@ -80,6 +107,7 @@ class LlamaCppEngine:
             self.config.n_batch,
             self.config.max_seqs,
             prefill_budget=budget,
+            group=self.adapters.choose if self.adapters.names else None,
         )
         self._think_start = self.model.token_id("<think>")
         self._think_end = self.model.token_id("</think>")
@@ -101,28 +129,16 @@ class LlamaCppEngine:
     # ---- submitting -------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Callable[[TokenEvent], None]) -> None:
         """Queue a request; its events go to sink (called on the engine thread)."""
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise EngineError("empty prompt: give at least one token")
-        if min(prompt) < 0 or max(prompt) >= self.model.n_vocab:
-            raise EngineError(f"prompt has token ids outside the vocabulary (0..{self.model.n_vocab - 1})")
-        room = self.n_ctx - len(prompt)
+        check_prompt_ids(request.prompt_token_ids, self.model.n_vocab)
+        tokens, images = self._expand(request)  # their PreparedImages free themselves if this raises
         max_tokens = request.sampling.max_tokens
-        if room < 1 or (max_tokens is not None and max_tokens > room):
-            raise RequestTooLong(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens or 1}) exceeds the context "
-                f"({self.n_ctx}); shorten the prompt, lower max_tokens or raise the context size"
-            )
-        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
-            raise EngineError(f"logprobs must be between 0 and {MAX_LOGPROBS}")
-        bad = [t for t in request.sampling.logit_bias if not 0 <= t < self.model.n_vocab]
-        if bad:
-            raise EngineError(
-                f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{self.model.n_vocab - 1})"
-            )
+        room = check_room(len(tokens), max_tokens, self.n_ctx)
+        check_sampling_ids(request, self.model.n_vocab, MAX_LOGPROBS)
         if request.grammar is not None:
             check_grammar(self.model, request.grammar)
-        seq = Sequence(request, sink, max_new=max_tokens or room, arrival=next(self._arrivals))
+        self.adapters.check(request.adapter)
+        new = next(self._arrivals)
+        seq = Sequence(request, sink, max_new=max_tokens or room, arrival=new, tokens=tokens, images=images)
         with self._cv:
             if not self._accepting:
                 raise EngineOverloaded("the engine is shutting down")
@@ -133,6 +149,80 @@ class LlamaCppEngine:
             self._by_id[request.request_id] = seq
             self._inbox.append(seq)
             self._cv.notify()
+
+    def _expand(self, request: GenerationRequest) -> tuple[list[int], list[ImageSpan]]:
+        """The prompt with each image marker replaced by the image's keys, and the images' spans."""
+        prompt = request.prompt_token_ids
+        if not request.images and self.vision is None:
+            return list(prompt), []  # a text engine: <|image_pad|> is just a token
+        if self.vision is None:
+            raise EngineError(
+                "this model was started without a vision projector, so it cannot read images: "
+                "start with --mmproj FILE"
+            )
+        markers = prompt.count(self._image_pad) if self._image_pad is not None else 0
+        if markers != len(request.images):
+            raise EngineError(
+                f"the prompt has {markers} image marker(s) (<|image_pad|>) but {len(request.images)} "
+                "image(s): give one marker per image"
+            )
+        if not markers:
+            return list(prompt), []
+        if prompt[-1] == self._image_pad:
+            raise EngineError("the prompt ends with an image: put text after it")
+        tokens: list[int] = []
+        spans: list[ImageSpan] = []
+        pictures = iter(request.images)
+        for token in prompt:
+            if token != self._image_pad:
+                tokens.append(token)
+                continue
+            image = next(pictures)
+            prepared = self.vision.prepare(image.pixels)  # VisionError (an EngineError) for bad pixels
+            n_pos = self.vision.n_pos(prepared)
+            try:
+                keys = image_keys(image.sha256, prepared.n_tokens, n_pos)
+            except ValueError:
+                prepared.close()
+                raise EngineError("an image's sha256 must be 64 hex digits (of its decoded pixels)") from None
+            spans.append(ImageSpan(len(tokens), prepared.n_tokens, n_pos, image.sha256, prepared))
+            tokens.extend(keys)
+        return tokens, spans
+
+    @property
+    def image_encodes(self) -> int:
+        """How many times the vision tower ran (prefix reuse shows as encodes not made)."""
+        return self.vision.encodes if self.vision is not None else 0
+
+    def _encode_done(self, tag: object, result: object) -> None:
+        """Called on the encode thread: hand the embeddings (or the error) to the loop."""
+        seq, span = tag  # type: ignore[misc]
+        with self._cv:
+            self._encoded.append((seq, span, result))
+            self._cv.notify()
+
+    def _request_encodes(self) -> None:
+        """Start encoding every image a running sequence still has to feed (and is not held by a prefix)."""
+        for seq in self.scheduler.running:
+            for span in seq.images:
+                if span.end > seq.n_cached and span.embd is None and not span.encoding:
+                    span.encoding = True
+                    self._encoding += 1
+                    self._encoder.submit((seq, span), span.prepared.copy())  # type: ignore[union-attr]
+
+    def _take_encodes(self) -> None:
+        with self._cv:
+            done, self._encoded = self._encoded, []
+        for seq, span, result in done:
+            span.encoding = False
+            self._encoding -= 1
+            if seq.status is Status.FINISHED:
+                continue
+            if isinstance(result, BaseException):
+                reason = f"the image could not be encoded: {result}"
+                self._finish(seq, "error", [], self._flush_text(seq), error=reason)
+            elif span.end > seq.n_cached:
+                span.embd = result  # type: ignore[assignment]
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is; it gets a final event with finish_reason 'abort'."""
@@ -146,10 +236,18 @@ class LlamaCppEngine:
         """Run one decode step; returns whether work remains."""
         try:
             self._drain_inbox()
+            if self._encoder is not None:
+                self._take_encodes()
             self.scheduler.admit()
+            if self._encoder is not None:
+                self._request_encodes()
             plan = self.scheduler.plan()
+            self._blocked = not plan.entries and self._encoding > 0
             if plan.entries:
                 self._run(plan)
+            elif self._blocked and self._thread is None:  # driven inline: wait for the encode, not spin
+                with self._cv:
+                    self._cv.wait_for(lambda: self._encoded or self._aborts or self._inbox, timeout=0.5)
         finally:
             self._publish_stats()
             self._courier.flush()
@@ -193,7 +291,7 @@ class LlamaCppEngine:
         except EngineError as exc:
             self._finish(seq, "error", [], "", error=str(exc))
             return
-        seq.snapshot_at = self._snapshot_point(req.prompt_token_ids)
+        seq.snapshot_at = self._snapshot_point(tuple(seq.tokens))
         self.scheduler.waiting.append(seq)
 
     def _snapshot_point(self, prompt: tuple[int, ...]) -> int:
@@ -208,38 +306,69 @@ class LlamaCppEngine:
         return 0
 
     def _run(self, plan: StepPlan) -> None:
+        self.adapters.activate(plan.entries[0][0].request.adapter)  # one adapter group per step
+        t0 = time.perf_counter()
+        # Image runs first, each a call of its own (embeddings, no logits): a later call would overwrite
+        # the logits the token batch leaves for sampling.
+        entries = plan.entries
+        for seq, n in [(s, n) for s, n in plan.entries if s.images and s.image_at(s.n_cached) is not None]:
+            entries = [(s, k) for s, k in entries if s is not seq]
+            status = self._decode_image(seq, n)
+            if status != 0:  # that sequence does not advance (and may have preempted another)
+                self._decode_failed(StepPlan([(seq, n)]), status)
+                entries = [(s, k) for s, k in entries if s.status is Status.RUNNING]
+            else:
+                self._advance(seq, n)
         tokens: list[int] = []
         positions: list[int] = []
         seq_ids: list[int] = []
         wants: list[bool] = []
         samples: list[tuple[Sequence, int]] = []
         # In seq-id order: llama.cpp computes each run of consecutive ids (per-sequence KV) in one pass.
-        for seq, n in sorted(plan.entries, key=lambda entry: entry[0].seq_id):
+        for seq, n in sorted(entries, key=lambda entry: entry[0].seq_id):
             start = seq.n_cached
+            first = seq.position(start) if seq.images else start
             tokens.extend(seq.tokens[start : start + n])
-            positions.extend(range(start, start + n))
+            positions.extend(range(first, first + n))
             seq_ids.extend([seq.seq_id] * n)
             last = start + n == len(seq.tokens)
             wants.extend([False] * (n - 1) + [last])
             if last:
                 samples.append((seq, len(tokens) - 1))
-        t0 = time.perf_counter()
-        status = self.model.decode(tokens, positions, seq_ids, wants)
+        status = self.model.decode(tokens, positions, seq_ids, wants) if tokens else 0
         elapsed = time.perf_counter() - t0
         if status != 0:
-            self._decode_failed(plan, status)
+            self._decode_failed(StepPlan(entries), status)
             return
         self.steps += 1
         self._learn_timing(plan, elapsed)
-        for seq, n in plan.entries:
-            seq.n_cached += n
-            if seq.snapshot_at and seq.n_cached == seq.snapshot_at:
-                self.scheduler.slots.save(seq.seq_id, seq.tokens[: seq.n_cached])
+        for seq, n in entries:
+            self._advance(seq, n)
         for seq, index in samples:
             try:
                 self._postprocess(seq, index)
             except Exception as exc:  # one sequence's failure must not stop the others
                 self._fail(seq, exc)
+
+    def _advance(self, seq: Sequence, n: int) -> None:
+        """n more of seq's tokens are in the KV cache: save a snapshot there, or drop decoded image rows."""
+        seq.n_cached += n
+        if seq.images:
+            span = seq.image_at(seq.n_cached - 1)
+            if span is not None and seq.n_cached == span.end:
+                span.embd = None  # decoded into the KV cache: the rows are no longer needed
+        if seq.snapshot_at and seq.n_cached == seq.snapshot_at:
+            self.scheduler.slots.save(seq.seq_id, seq.tokens[: seq.n_cached], space=seq.request.adapter)
+
+    def _decode_image(self, seq: Sequence, n: int) -> int:
+        """Decode n rows of the image seq is inside of, from where its KV cache ends."""
+        start = seq.n_cached
+        span: ImageSpan = seq.image_at(start)  # type: ignore[assignment]
+        if span.positions is None:
+            span.positions = self.vision.positions(span.prepared, seq.position(span.start))  # type: ignore
+        off = start - span.start
+        rows = span.embd[off : off + n]  # type: ignore[index]
+        return self.model.decode_embd(rows, span.positions[:, off : off + n], seq.seq_id)
 
     def _decode_failed(self, plan: StepPlan, status: int) -> None:
         # 1 = no room for this batch in the KV cache: make room and let the next step retry.
@@ -313,6 +442,9 @@ class LlamaCppEngine:
             seq.sampler = None
         with self._cv:
             self._by_id.pop(seq.request_id, None)
+        for span in seq.images:  # an encode in flight works on its own copy
+            span.prepared.close()  # type: ignore[attr-defined]
+            span.embd = None
         seq.emit(token_ids, text, finish=reason, **extra)  # type: ignore[arg-type]
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
@@ -340,7 +472,14 @@ class LlamaCppEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._inbox or self._aborts or self.scheduler.has_work() or self._stopping):
+                # Blocked: every runnable sequence waits for an image encode, which notifies when done.
+                while not (
+                    self._inbox
+                    or self._aborts
+                    or self._encoded
+                    or (self.scheduler.has_work() and not self._blocked)
+                    or self._stopping
+                ):
                     self._cv.wait()
                 if self._stopping and not self.scheduler.has_work() and not self._inbox:
                     return
@@ -380,7 +519,10 @@ class LlamaCppEngine:
         if self._thread is None:
             raise EngineError("the engine is not started; call start() first")
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.submit(request, self._courier.sink(events))
+        if request.images:  # preprocessing (resizing) images is CPU work: not on the event loop
+            await asyncio.to_thread(self.submit, request, self._courier.sink(events))
+        else:
+            self.submit(request, self._courier.sink(events))
         finished = False
         try:
             while not finished:
@@ -441,6 +583,10 @@ class LlamaCppEngine:
             with self._cv:
                 self._aborts.update(self._by_id)
             self._drain_inbox()
+        if self._encoder is not None:
+            self._encoder.close()
+        if self.vision is not None:
+            self.vision.close()
         self.model.close()
 
     def close(self) -> None:

@@ -9,13 +9,17 @@ not running (lowest_available), keeping the running ids one run, and a prefix ca
 On a recurrent (hybrid) model a slot's state cannot be cut back: an idle cache is reused only whole (the
 prompt extends it), never copied from a running sequence. With a StateCache, an idle cache that is dropped,
 or cut back to less than half, is first saved there (spilled), so a later turn can restore it instead of
-prefilling again.
+prefilling again. A cache belongs to the LoRA adapter its cells were computed under (`space`, None for
+the base model): it serves, and is saved for, prompts of that adapter only. Token lists may hold image
+keys (image_tokens.py): cuts and length checks go through position_after, since an image's tokens do not
+take one position each.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qwenkit.engines.llamacpp.image_tokens import position_after
 from qwenkit.engines.llamacpp.model import LlamaModel
 from qwenkit.engines.llamacpp.state_cache import StateCache, StateHit, common_prefix
 
@@ -24,6 +28,7 @@ from qwenkit.engines.llamacpp.state_cache import StateCache, StateHit, common_pr
 class _Cached:
     tokens: list[int]
     last_used: int
+    space: str | None = None
 
 
 @dataclass
@@ -55,13 +60,18 @@ class SlotManager:
     def has_slot(self) -> bool:
         return bool(self._free) or bool(self._idle)
 
-    def best_prefix(self, prompt: tuple[int, ...], running: dict[int, list[int]]) -> PrefixMatch | None:
-        """The slot (idle cache or running sequence) sharing the longest prefix with this prompt."""
+    def best_prefix(
+        self, prompt: tuple[int, ...], running: dict[int, list[int]], space: str | None = None
+    ) -> PrefixMatch | None:
+        """The slot (idle cache of `space`, or a running sequence: the caller passes only those of the same
+        space) sharing the longest prefix with this prompt."""
         if not self.enabled:
             return None
         best: PrefixMatch | None = None
         exact = self.model.recurrent
         for slot, cached in self._idle.items():
+            if cached.space != space:
+                continue
             n = common_prefix(cached.tokens, prompt)
             if exact and not n == len(cached.tokens) < len(prompt):
                 continue  # its recurrent state holds more than the prompt shares, or all of the prompt
@@ -76,7 +86,7 @@ class SlotManager:
         return best
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """Give dst the first n cells of src."""
+        """Give dst src's cells before position n."""
         if self.unified:
             self.model.seq_cp(src, dst, 0, n)  # shared cells: nothing is copied
         else:
@@ -90,7 +100,7 @@ class SlotManager:
         if keep < len(cached.tokens) // 2:
             # Most of it would be lost: likely another conversation taking the slot, so save it first.
             self._spill(slot, cached)
-        if not self.model.seq_rm(slot, keep, -1):
+        if not self.model.seq_rm(slot, position_after(cached.tokens, keep), -1):
             raise RuntimeError(f"slot {slot} cannot be cut back to {keep} tokens (recurrent state)")
         return slot
 
@@ -98,25 +108,26 @@ class SlotManager:
         """Put a saved state into a slot just taken, cut back to hit.length; False leaves the slot empty."""
         if not self.model.state_set(slot, hit.data):
             return False
-        if hit.length < len(hit.tokens) and not self.model.seq_rm(slot, hit.length, -1):
+        cut = position_after(hit.tokens, hit.length)
+        if hit.length < len(hit.tokens) and not self.model.seq_rm(slot, cut, -1):
             self.model.seq_rm(slot)
             return False
         return True
 
-    def save(self, slot: int, tokens: list[int], recent: bool = True) -> bool:
+    def save(self, slot: int, tokens: list[int], recent: bool = True, space: str | None = None) -> bool:
         """Copy a slot's state (holding exactly `tokens`) into the state cache, when one is kept."""
         key = tuple(tokens)
-        if self.states is None or not key or key in self.states:
+        if self.states is None or not key or self.states.holds(key, space):
             return False
         if not self.states.fits(self.model.state_size(slot)):
             return False
-        return self.states.put(key, self.model.state_get(slot), recent=recent)
+        return self.states.put(key, self.model.state_get(slot), recent=recent, space=space)
 
     def _spill(self, slot: int, cached: _Cached) -> None:
         """Save an idle cache to the state cache before its cells are dropped. On recurrent models it
         serves only a prompt that repeats it exactly (a next turn re-renders the answer differently), so it
         goes in as the first to evict: it must not push out the turn-boundary snapshots."""
-        if self.save(slot, cached.tokens, recent=not self.model.recurrent):
+        if self.save(slot, cached.tokens, recent=not self.model.recurrent, space=cached.space):
             self.spills += 1
 
     def lowest_available(self) -> int:
@@ -147,12 +158,13 @@ class SlotManager:
         self._free.append(slot)
         return True
 
-    def release(self, slot: int, cached_tokens: list[int]) -> None:
+    def release(self, slot: int, cached_tokens: list[int], space: str | None = None) -> None:
         """A sequence ended: keep its cells for prefix reuse (or drop them when caching is off)."""
         self._clock += 1
         # Memory must hold exactly these tokens (a failed decode may leave it elsewhere): else drop it.
-        if self.enabled and cached_tokens and self.model.seq_len(slot) == len(cached_tokens):
-            self._idle[slot] = _Cached(cached_tokens, self._clock)
+        held = position_after(cached_tokens, len(cached_tokens))
+        if self.enabled and cached_tokens and self.model.seq_len(slot) == held:
+            self._idle[slot] = _Cached(cached_tokens, self._clock, space)
         else:
             self.model.seq_rm(slot)
             self._free.append(slot)

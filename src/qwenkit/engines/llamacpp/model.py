@@ -1,11 +1,14 @@
 """A loaded GGUF model and its llama.cpp context: vocab, KV memory, per-sequence state and one decode call.
 
 Contract: LlamaModel owns the native model, context and batch and frees them on close(); everything else
-in the engine talks to llama.cpp only through it. Not thread-safe: the engine's loop thread alone uses it.
+in the engine talks to llama.cpp only through it (load_model() and context_params() are shared with the
+embedding context, embedder.py). Not thread-safe: the engine's loop thread alone uses it.
 `recurrent` is true when the memory holds a recurrent state (Mamba-like or hybrid, e.g. Qwen3.5's Gated
 DeltaNet layers): such a sequence cannot be cut back to a prefix (seq_rm then returns False), only saved
-whole (state_get) and put back (state_set). Decode runs on a ggml thread pool at config.poll's polling
-level ("auto" measured at open, see threads.py), created with the context and freed with it.
+whole (state_get) and put back (state_set). LoRA adapters load onto the model (load_lora) and apply
+to the whole context (set_loras), so one decode runs under one set of adapters. Decode runs on a ggml
+thread pool at config.poll's polling level ("auto" measured at open, see threads.py), created with the
+context and freed with it.
 """
 
 from __future__ import annotations
@@ -40,35 +43,48 @@ def recent_log() -> str:
 _KV_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 
 
+def load_model(gguf_path: Path) -> llama_cpp.llama_model_p:
+    """llama.cpp's model for a GGUF (logging kept quiet); EngineError naming the fix when it will not load."""
+    llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+    if not model:
+        last = recent_log().splitlines()[-1:] or ["no details"]
+        raise EngineError(
+            f"llama.cpp could not load {gguf_path} ({last[0]}); re-create it with `qwenkit convert`"
+        )
+    return model
+
+
+def context_params(config: EngineConfig, n_ctx: int, n_batch: int) -> llama_cpp.llama_context_params:
+    """Context parameters from an EngineConfig: sizes, threads, KV type and flash attention set explicitly
+    (llama.cpp's own default, auto, may pick its f16 flash-attention kernel)."""
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = n_batch
+    cparams.n_ubatch = min(config.n_ubatch, n_batch)
+    cparams.n_seq_max = config.max_seqs
+    cparams.n_threads = config.threads
+    cparams.n_threads_batch = config.threads
+    cparams.type_k = _KV_TYPES[config.kv_type]
+    cparams.type_v = _KV_TYPES[config.kv_type]
+    cparams.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if config.flash_attn
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    cparams.no_perf = True
+    return cparams
+
+
 class LlamaModel:
     def __init__(self, gguf_path: Path, config: EngineConfig) -> None:
         self.info = read_gguf_info(gguf_path)  # clear errors for non-GGUF, truncated or non-Qwen files
-        llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-        mparams = llama_cpp.llama_model_default_params()
-        self._model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
-        if not self._model:
-            last = recent_log().splitlines()[-1:] or ["no details"]
-            raise EngineError(
-                f"llama.cpp could not load {gguf_path} ({last[0]}); re-create it with `qwenkit convert`"
-            )
+        self._model = load_model(gguf_path)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = config.n_ctx
-        cparams.n_batch = config.n_batch
-        cparams.n_ubatch = min(config.n_ubatch, config.n_batch)
-        cparams.n_seq_max = config.max_seqs
-        cparams.n_threads = config.threads
-        cparams.n_threads_batch = config.threads
-        cparams.type_k = _KV_TYPES[config.kv_type]
-        cparams.type_v = _KV_TYPES[config.kv_type]
-        cparams.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if config.flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        cparams = context_params(config, config.n_ctx, config.n_batch)
         cparams.kv_unified = config.kv_unified
-        cparams.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -196,6 +212,43 @@ class LlamaModel:
             b.logits[i] = wants[i]
         b.n_tokens = n
         return llama_cpp.llama_decode(self._ctx, b)
+
+    def decode_embd(self, rows: np.ndarray, positions: np.ndarray, seq_id: int) -> int:
+        """One llama_decode of input embeddings (an image's rows, (n, n_embd_inp) float32) into one sequence
+        at positions (sections, n): M-RoPE takes four sections, section-major. No logits. Status as decode."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        pos = np.ascontiguousarray(positions, dtype=np.int32).reshape(-1)
+        n = len(rows)
+        seq = (llama_cpp.llama_seq_id * 1)(seq_id)
+        seq_ptrs = (ctypes.POINTER(llama_cpp.llama_seq_id) * n)(*[seq] * n)
+        n_seq = (ctypes.c_int32 * n)(*[1] * n)
+        wants = (ctypes.c_int8 * n)()
+        batch = llama_cpp.llama_batch(
+            n_tokens=n,
+            token=None,
+            embd=rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+            pos=pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            n_seq_id=n_seq,
+            seq_id=seq_ptrs,
+            logits=wants,
+        )
+        return llama_cpp.llama_decode(self._ctx, batch)
+
+    # LoRA adapters (freed with the model)
+    def load_lora(self, path: Path) -> object:
+        """Load a LoRA adapter GGUF for this model; EngineError with llama.cpp's reason when it refuses."""
+        adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
+        if not adapter:
+            last = recent_log().splitlines()[-1:] or ["no details"]
+            raise EngineError(f"llama.cpp could not load the LoRA adapter {path} ({last[0].strip()})")
+        return adapter
+
+    def set_loras(self, adapters: Sequence[object], scale: float = 1.0) -> None:
+        """The adapters every following decode applies (none: the base model); a no-op when unchanged."""
+        n = len(adapters)
+        array = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*adapters) if n else None
+        scales = (ctypes.c_float * n)(*[scale] * n) if n else None
+        llama_cpp.llama_set_adapters_lora(self._ctx, array, n, scales)
 
     @property
     def ctx(self) -> llama_cpp.llama_context_p:

@@ -6,7 +6,8 @@ entries go first; an entry larger than the whole budget is not kept). best(promp
 that saves the most prefill for a prompt and always leaves at least one prompt token to feed: exact=True
 (recurrent state, which cannot be cut back) only takes entries whose every token starts the prompt;
 exact=False (attention only, cut back after restoring) takes any shared prefix. use(hit) marks the entry
-chosen as recently used; put(..., recent=False) files a state as the first to evict.
+chosen as recently used; put(..., recent=False) files a state as the first to evict. `space` keeps
+apart states made under different LoRA adapters: best() only finds entries put in the same space.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class StateHit:
     tokens: tuple[int, ...]  # the entry's key
     length: int  # prompt tokens it covers (after cutting back, when not exact)
     data: bytes
+    space: str | None = None  # the LoRA adapter it was made under
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -43,7 +45,7 @@ class StateCache:
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self.bytes = 0
-        self._entries: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
+        self._entries: OrderedDict[tuple[str | None, tuple[int, ...]], bytes] = OrderedDict()
         self.hits = 0
         self.evictions = 0
 
@@ -51,46 +53,54 @@ class StateCache:
         return len(self._entries)
 
     def __contains__(self, tokens: tuple[int, ...]) -> bool:
-        return tokens in self._entries
+        return self.holds(tokens)
+
+    def holds(self, tokens: tuple[int, ...], space: str | None = None) -> bool:
+        return (space, tokens) in self._entries
 
     def keys(self) -> list[tuple[int, ...]]:
-        """Keys from least to most recently used."""
-        return list(self._entries)
+        """Keys (token tuples) from least to most recently used."""
+        return [tokens for _, tokens in self._entries]
 
     def fits(self, size: int) -> bool:
         return 0 < size <= self.budget
 
-    def put(self, tokens: tuple[int, ...], data: bytes, recent: bool = True) -> bool:
+    def put(
+        self, tokens: tuple[int, ...], data: bytes, recent: bool = True, space: str | None = None
+    ) -> bool:
         """Keep a state; False when it is larger than the whole budget (nothing is evicted then).
         recent=False files it as least recently used: the first to go when room is needed."""
         if not tokens or not self.fits(len(data)):
             return False
-        old = self._entries.pop(tokens, None)
+        key = (space, tokens)
+        old = self._entries.pop(key, None)
         if old is not None:
             self.bytes -= len(old)
         while self._entries and self.bytes + len(data) > self.budget:
             _, dropped = self._entries.popitem(last=False)
             self.bytes -= len(dropped)
             self.evictions += 1
-        self._entries[tokens] = data
+        self._entries[key] = data
         if not recent:
-            self._entries.move_to_end(tokens, last=False)
+            self._entries.move_to_end(key, last=False)
         self.bytes += len(data)
         return True
 
-    def best(self, prompt: tuple[int, ...], exact: bool) -> StateHit | None:
-        """The entry covering the longest prefix of prompt, leaving at least one token to feed."""
+    def best(self, prompt: tuple[int, ...], exact: bool, space: str | None = None) -> StateHit | None:
+        """The entry of `space` covering the longest prefix of prompt, leaving at least one token to feed."""
         best: StateHit | None = None
-        for tokens, data in self._entries.items():
+        for (entry_space, tokens), data in self._entries.items():
+            if entry_space != space:
+                continue
             if exact:
                 n = len(tokens) if len(tokens) < len(prompt) and prompt[: len(tokens)] == tokens else 0
             else:
                 n = min(common_prefix(tokens, prompt), len(prompt) - 1)
             if n > 0 and (best is None or n > best.length):
-                best = StateHit(tokens, n, data)
+                best = StateHit(tokens, n, data, space)
         return best
 
     def use(self, hit: StateHit) -> None:
-        if hit.tokens in self._entries:
-            self._entries.move_to_end(hit.tokens)
+        if (hit.space, hit.tokens) in self._entries:
+            self._entries.move_to_end((hit.space, hit.tokens))
         self.hits += 1

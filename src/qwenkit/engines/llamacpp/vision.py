@@ -7,15 +7,20 @@ them to the text model. tokenize() splits a prompt holding `marker` placeholders
 eval_chunks() evaluates them (text decoded, images encoded then decoded) into one sequence of the model's
 context and returns the next position. Chunks.cache_key() spells a prompt for prefix reuse: text ids and,
 per image, a sha256 of its decoded pixels (so a repeated image matches whatever its encoding). Bad images
-and mtmd failures raise VisionError with a one-line message. Not thread-safe: one thread (the engine's
-loop) uses an encoder at a time.
+and mtmd failures raise VisionError with a one-line message.
+For the engine: prepare() preprocesses one image into a PreparedImage (token count, positions it takes);
+encode_prepared() runs the vision tower on it; EncodeWorker runs those encodes on a thread of its own so the
+engine's loop keeps decoding meanwhile. Threads: prepare() may run on any thread (it only reads the
+context, as llama-server's HTTP threads do); encodes run on one thread at a time (the worker's).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +28,10 @@ import llama_cpp
 import numpy as np
 from llama_cpp import mtmd_cpp
 
-from qwenkit.engines.llamacpp.model import LlamaModel
+from qwenkit.engines.llamacpp.model import LlamaModel, _quiet_log
 from qwenkit.engines.request import EngineError
 
-__all__ = ["ImageChunk", "VisionEncoder", "VisionError"]
+__all__ = ["EncodeWorker", "ImageChunk", "PreparedImage", "VisionEncoder", "VisionError"]
 
 _TEXT, _IMAGE = 0, 1  # mtmd_input_chunk_type: MTMD_INPUT_CHUNK_TYPE_TEXT, _IMAGE
 
@@ -112,6 +117,33 @@ class Chunks:
             self._handle = None
 
 
+class PreparedImage:
+    """One preprocessed image, ready to encode: an owned mtmd image chunk (freed on close; idempotent)."""
+
+    def __init__(self, chunk: mtmd_cpp.mtmd_input_chunk_p) -> None:
+        self._chunk = chunk
+        tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_image(chunk)
+        self.n_tokens = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
+        self.n_pos = int(mtmd_cpp.mtmd_input_chunk_get_n_pos(chunk))
+        self.nx = int(mtmd_cpp.mtmd_image_tokens_get_nx(tokens))
+        self.ny = int(mtmd_cpp.mtmd_image_tokens_get_ny(tokens))
+
+    @property
+    def handle(self) -> mtmd_cpp.mtmd_input_chunk_p:
+        return self._chunk
+
+    def copy(self) -> PreparedImage:
+        """An independent copy (the encode thread frees its own while the engine may free the original)."""
+        return PreparedImage(mtmd_cpp.mtmd_input_chunk_copy(self._chunk))
+
+    def close(self) -> None:
+        if self._chunk:
+            mtmd_cpp.mtmd_input_chunk_free(self._chunk)
+            self._chunk = None
+
+    __del__ = close  # a request refused after preprocessing drops its images without closing them
+
+
 class VisionEncoder:
     """An mtmd context: the mmproj's vision tower bound to `model`'s text model."""
 
@@ -126,6 +158,8 @@ class VisionEncoder:
         mmproj = Path(mmproj)
         if not mmproj.is_file():
             raise VisionError(f"no mmproj file at {mmproj}: pass --mmproj FILE or convert the checkpoint")
+        # mtmd logs every image's preprocessing to stderr: keep it with llama.cpp's recent log instead.
+        mtmd_cpp.mtmd_helper_log_set(_quiet_log, ctypes.c_void_p(0))
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = False
         params.n_threads = threads
@@ -147,6 +181,13 @@ class VisionEncoder:
             raise VisionError(f"{mmproj} has no vision encoder: pass a vision mmproj")
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
         self.n_embd = int(llama_cpp.llama_model_n_embd_inp(model._model))
+        # A text model without M-RoPE takes an image's tokens at consecutive positions, one per token.
+        self.mrope = llama_cpp.llama_model_rope_type(model._model) in (
+            llama_cpp.LLAMA_ROPE_TYPE_MROPE,
+            llama_cpp.LLAMA_ROPE_TYPE_IMROPE,
+        )
+        self.encodes = 0  # vision-tower runs so far (prefix reuse shows as runs not made)
+        self._prepare_lock = threading.Lock()
 
     def _bitmap(self, image: np.ndarray | bytes) -> mtmd_cpp.mtmd_bitmap_p:
         if isinstance(image, bytes):
@@ -202,22 +243,49 @@ class VisionEncoder:
 
     def encode_image(self, image: np.ndarray | bytes) -> np.ndarray:
         """The vision tower's output for one image: (image tokens, n_embd) float32, a copy."""
-        chunks = self.tokenize(self.marker, [image])
+        prepared = self.prepare(image)
+        try:
+            return self.encode_prepared(prepared)
+        finally:
+            prepared.close()
+
+    def prepare(self, image: np.ndarray | bytes) -> PreparedImage:
+        """Preprocess (resize, patch) one image; the caller closes the result."""
+        with self._prepare_lock:
+            chunks = self.tokenize(self.marker, [image])
         try:
             for i in range(len(chunks)):
                 chunk = mtmd_cpp.mtmd_input_chunks_get(chunks.handle, i)
-                if mtmd_cpp.mtmd_input_chunk_get_type(chunk) != _IMAGE:
-                    continue
-                n_tokens = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
-                if mtmd_cpp.mtmd_encode_chunk(self._ctx, chunk) != 0:
-                    raise VisionError("llama.cpp failed to encode the image: see the log")
-                out = mtmd_cpp.mtmd_get_output_embd(self._ctx)
-                return (
-                    np.ctypeslib.as_array(out, shape=(n_tokens * self.n_embd,)).reshape(n_tokens, -1).copy()
-                )
+                if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == _IMAGE:
+                    return PreparedImage(mtmd_cpp.mtmd_input_chunk_copy(chunk))
         finally:
             chunks.close()
         raise VisionError("llama.cpp produced no image chunk for the image")
+
+    def encode_prepared(self, prepared: PreparedImage) -> np.ndarray:
+        """Run the vision tower: (prepared.n_tokens, n_embd) float32 rows, a copy."""
+        if mtmd_cpp.mtmd_encode_chunk(self._ctx, prepared.handle) != 0:
+            raise VisionError("llama.cpp failed to encode the image: see the log")
+        self.encodes += 1
+        out = mtmd_cpp.mtmd_get_output_embd(self._ctx)
+        n = prepared.n_tokens
+        return np.ctypeslib.as_array(out, shape=(n * self.n_embd,)).reshape(n, -1).copy()
+
+    def n_pos(self, prepared: PreparedImage) -> int:
+        """Positions the image advances the sequence by (M-RoPE: max(nx, ny); else one per token)."""
+        return prepared.n_pos if self.mrope else prepared.n_tokens
+
+    def positions(self, prepared: PreparedImage, pos_0: int) -> np.ndarray:
+        """llama_pos of each image token from pos_0, shape (sections, n_tokens): M-RoPE's four (t, y, x, z)
+        in the order mtmd's own decode lays them out; else one row of consecutive positions."""
+        n = prepared.n_tokens
+        if not self.mrope:
+            return np.arange(pos_0, pos_0 + n, dtype=np.int32).reshape(1, n)
+        out = (mtmd_cpp.mtmd_decoder_pos * n)()
+        tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_image(prepared.handle)
+        mtmd_cpp.mtmd_helper_image_get_decoder_pos(tokens, pos_0, out)
+        grid = np.frombuffer(out, dtype=np.uint32).reshape(n, 4)  # fields t, x, y, z
+        return np.ascontiguousarray(grid[:, [0, 2, 1, 3]].T.astype(np.int32))
 
     def eval_chunks(
         self, chunks: Chunks, n_past: int, seq_id: int, n_batch: int, logits_last: bool = True
@@ -244,3 +312,44 @@ class VisionEncoder:
         if getattr(self, "_ctx", None):
             mtmd_cpp.mtmd_free(self._ctx)
             self._ctx = None
+
+
+EncodeDone = Callable[[object, "np.ndarray | BaseException"], None]
+
+
+class EncodeWorker:
+    """Runs vision-tower encodes one at a time on its own thread; done(tag, rows or error) is called there.
+
+    submit() hands over a PreparedImage the worker owns (and frees); the engine keeps decoding other
+    sequences while an image encodes, so an encode stalls no stream. close() finishes the job in hand and
+    drops the queued ones (their done is not called)."""
+
+    def __init__(self, encoder: VisionEncoder, done: EncodeDone) -> None:
+        self._encoder = encoder
+        self._done = done
+        self._jobs: queue.SimpleQueue[tuple[object, PreparedImage] | None] = queue.SimpleQueue()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="qwenkit-vision", daemon=True)
+        self._thread.start()
+
+    def submit(self, tag: object, prepared: PreparedImage) -> None:
+        self._jobs.put((tag, prepared))
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            tag, prepared = job
+            if self._closing:
+                prepared.close()
+                continue
+            try:
+                result: np.ndarray | BaseException = self._encoder.encode_prepared(prepared)
+            except Exception as exc:  # reported to the engine, which fails that one request
+                result = exc
+            finally:
+                prepared.close()
+            self._done(tag, result)
+
+    def close(self) -> None:
+        self._closing = True
+        self._jobs.put(None)
+        self._thread.join()

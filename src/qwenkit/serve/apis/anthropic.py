@@ -11,8 +11,9 @@ thinking blocks empty. output_config.format (a JSON schema) → the answer's gra
 back as content blocks (thinking, text, tool_use), streamed with Anthropic's event names (message_start,
 ping, content_block_start/delta/stop, message_delta with stop_reason and usage, message_stop); the
 non-stream message is the same blocks added up. Errors use Anthropic's shape (serve/errors.py wire_of).
-count_tokens answers the rendered prompt's token count. Images, documents and server tools are refused with
-a 400 that says so.
+count_tokens answers the rendered prompt's token count. Image blocks (base64 or url source) become native
+image parts, read and capped by qwenkit.media like OpenAI's; documents and server tools are refused with a
+400 that says so.
 """
 
 from __future__ import annotations
@@ -120,8 +121,24 @@ def _text(block: dict[str, Any], where: str) -> str:
     return text
 
 
+def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
+    """An image block as the native image_url part (base64 → a data: URL; url → the URL, under the
+    server's remote-media rules); qwenkit.media reads and checks it like any other image."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64" and isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str):  # type: ignore[union-attr]
+        url = f"data:{source['media_type']};base64,{source['data']}"  # type: ignore[index]
+    elif kind == "url" and isinstance(source.get("url"), str):  # type: ignore[union-attr]
+        url = source["url"]  # type: ignore[index]
+    else:
+        raise APIError(
+            400, f"{where}: an image block needs a source {{'type': 'base64', 'media_type', 'data'}} or a url"
+        )
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
 def _refuse_block(kind: str, where: str) -> APIError:
-    if kind in ("image", "document", "search_result"):
+    if kind in ("document", "search_result"):
         return APIError(400, f"{where}: {kind} blocks are not supported; this server reads text only")
     return APIError(400, f"{where}: unknown content block type {kind!r}")
 
@@ -140,10 +157,14 @@ def _user_messages(blocks: list[dict[str, Any]], where: str) -> list[dict[str, A
     """A user turn: its tool_result blocks become tool messages, its text one user message after them."""
     out: list[dict[str, Any]] = []
     texts: list[str] = []
+    parts: list[dict[str, Any]] = []  # text and images in order, used when the turn has an image
     for i, block in enumerate(blocks):
         at = f"{where}.content[{i}]"
         if block["type"] == "text":
             texts.append(_text(block, at))
+            parts.append({"type": "text", "text": texts[-1]})
+        elif block["type"] == "image":
+            parts.append(_image_part(block, at))
         elif block["type"] == "tool_result":
             call_id = block.get("tool_use_id")
             if not isinstance(call_id, str) or not call_id:
@@ -151,7 +172,9 @@ def _user_messages(blocks: list[dict[str, Any]], where: str) -> list[dict[str, A
             out.append({"role": "tool", "tool_call_id": call_id, "content": _tool_result_text(block, at)})
         else:
             raise _refuse_block(block["type"], at)
-    if texts:
+    if len(parts) > len(texts):
+        out.append({"role": "user", "content": parts})
+    elif texts:
         out.append({"role": "user", "content": "\n\n".join(texts)})
     if not out:
         raise APIError(400, f"{where}: the message has no content; give text or tool_result blocks")

@@ -11,7 +11,8 @@ thinking_budget (a qwenkit extra);
 num_ctx above the server's context is refused; load-time options are ignored (named in x-qwenkit-warning).
 Streams are NDJSON (Ollama's default is to stream), each line a chunk, the last with done, done_reason and
 the counts; errors are {"error": message} (serve/errors.py wire_of). pull/push/create/copy/delete are refused
-with the qwenkit command that does the job.
+with the qwenkit command that does the job. `images` (base64) become native image parts before the text,
+read and capped by qwenkit.media like OpenAI's.
 """
 
 from __future__ import annotations
@@ -94,6 +95,22 @@ class Line(BaseModel):
 # ---- request → native request ------------------------------------------------------------------------
 
 
+def _with_images(content: Any, images: Any, where: str) -> Any:
+    """Ollama's `images` (base64 strings, no data: prefix) as native image_url parts before the text, as
+    Ollama places them; qwenkit.media reads and checks them like any other image."""
+    if not images:
+        return content
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise APIError(400, f"{where}: images must be a list of base64 strings")
+    # Ollama sends bare base64; the media code sniffs the real format from the bytes.
+    parts: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": f"data:image/*;base64,{data}"}} for data in images
+    ]
+    if isinstance(content, str) and content:
+        parts.append({"type": "text", "text": content})
+    return parts
+
+
 def _messages(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Ollama messages → native ones: thinking → reasoning_content, tool_calls get ids, and a tool
     message answers the latest call of its tool_name (else the latest call)."""
@@ -103,10 +120,11 @@ def _messages(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise APIError(400, f"{where}: each message is an object with a role and content")
-        if message.get("images"):
-            raise APIError(400, f"{where}: images are not supported; this server reads text only")
         role = message.get("role")
-        native = {"role": role, "content": message.get("content", "")}
+        native = {
+            "role": role,
+            "content": _with_images(message.get("content", ""), message.get("images"), where),
+        }
         if role == "assistant":
             if message.get("thinking") is not None:
                 native["reasoning_content"] = message["thinking"]
@@ -204,10 +222,11 @@ def plan_ollama(
             )
         if body.suffix:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported")
-        if body.images:
-            raise APIError(400, "images are not supported; this server reads text only")
         system = [{"role": "system", "content": body.system}] if body.system else []
-        messages = [*system, {"role": "user", "content": body.prompt or ""}]
+        messages = [
+            *system,
+            {"role": "user", "content": _with_images(body.prompt or "", body.images, "images")},
+        ]
     else:
         messages = _messages(body.messages)
     kind: Literal["chat", "generate"] = "chat" if isinstance(body, OllamaChatRequest) else "generate"

@@ -59,6 +59,7 @@ class _Envelope:
     """The id, creation time and model name every response object and chunk of one request shares."""
 
     media_type = "text/event-stream"
+    model: str | None = None  # the name asked for when it is not the served one ("model:adapter")
 
     def __init__(self, ctx: ServeContext, response_id: str) -> None:
         self.ctx = ctx
@@ -66,7 +67,8 @@ class _Envelope:
         self.created = int(time.time())
 
     def wrap(self, kind: type[_R], choices: list[Any], usage: Usage | None = None) -> _R:
-        return kind(id=self.id, created=self.created, model=self.ctx.model_name, choices=choices, usage=usage)
+        model = self.model or self.ctx.model_name
+        return kind(id=self.id, created=self.created, model=model, choices=choices, usage=usage)
 
     def frame(self, item: BaseModel, include_usage: bool) -> str:
         return sse(item, include_usage)

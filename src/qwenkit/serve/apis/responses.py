@@ -12,7 +12,8 @@ function_call), streamed with the SDK's event names (response.created ... respon
 with its sequence_number); a max_output_tokens cut-off answers status "incomplete" (streamed in the final
 response.completed event, which the SDK needs). previous_response_id reads a bounded in-memory LRU store
 of finished conversations (ResponseStore), kept per API key and off unless `qwenkit serve
---responses-store N`. Errors use OpenAI's shape.
+--responses-store N`; GET /v1/responses/{id} returns a stored response object and DELETE forgets it (per
+key: another key's id is 404, as an unknown one). Errors use OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qwenkit.chat.parse import ParseDelta
@@ -116,6 +117,7 @@ class ResponseObject(BaseModel):
 class Stored:
     key: str
     messages: list[dict[str, Any]]  # the conversation (input and output, no instructions) as native messages
+    response: dict[str, Any] | None = None  # the response object, for GET /v1/responses/{id}
 
 
 class ResponseStore:
@@ -135,12 +137,30 @@ class ResponseStore:
 
     def get(self, response_id: str, key: str) -> list[dict[str, Any]] | None:
         """The conversation, or None when unknown, evicted or stored under another key."""
+        stored = self._find(response_id, key)
+        return None if stored is None else stored.messages
+
+    def response(self, response_id: str, key: str) -> dict[str, Any] | None:
+        """The stored response object, or None (unknown, evicted, deleted or another key's)."""
+        stored = self._find(response_id, key)
+        return None if stored is None else stored.response
+
+    def delete(self, response_id: str, key: str) -> bool:
+        """Forget a response of this key; False when there is none to forget."""
+        with self._lock:
+            stored = self._items.get(response_id)
+            if stored is None or stored.key != key:
+                return False
+            del self._items[response_id]
+            return True
+
+    def _find(self, response_id: str, key: str) -> Stored | None:
         with self._lock:
             stored = self._items.get(response_id)
             if stored is None or stored.key != key:
                 return None
             self._items.move_to_end(response_id)
-            return stored.messages
+            return stored
 
 
 # ---- request → native request ------------------------------------------------------------------------
@@ -337,9 +357,10 @@ class ResponsesJob:
         parts: ChatParts,
         body: ResponsesRequest,
         history: list[dict[str, Any]],
-        on_done: Callable[[str, list[dict[str, Any]]], None] | None,
+        on_done: Callable[[str, list[dict[str, Any]], dict[str, Any]], None] | None,
     ) -> None:
-        """history: the conversation before this input; on_done(id, conversation) stores a finished one."""
+        """history: the conversation before this input; on_done(id, conversation, response object) stores a
+        finished one."""
         self.ctx = parts.ctx
         self.suffix = parts.response_id.removeprefix("chatcmpl-")
         self.id = "resp_" + self.suffix
@@ -556,19 +577,21 @@ class ResponsesJob:
             "total_tokens": usage.total_tokens,
         }
 
-    def _finish(self) -> None:
-        """Store the finished conversation once (the store is on and the client did not say store false)."""
+    def _finish(self, usage: dict[str, Any]) -> None:
+        """Store the finished conversation and response once (the store is on and the client did not say
+        store false)."""
         if self.on_done is None or self.stored or self.body.store is False:
             return
         self.stored = True
-        self.on_done(self.id, self.history + input_messages(self.body.input) + output_messages(self.items))
+        conversation = self.history + input_messages(self.body.input) + output_messages(self.items)
+        self.on_done(self.id, conversation, self._response(usage))
 
     def response(self, usage: Usage) -> BaseModel:
-        self._finish()
+        self._finish(self._usage(usage))
         return ResponseObject(**self._response(self._usage(usage)))
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
-        self._finish()
+        self._finish(self._usage(usage))
         # Always response.completed (its response says "incomplete" for a cut-off), as vLLM does: the SDK's
         # stream.get_final_response() only accepts a response.completed event.
         return self._event("response.completed", response=self._response(self._usage(usage)))
@@ -635,7 +658,7 @@ def plan_responses(
             )
         history = found
     key = info.rate_key
-    on_done = None if store is None else (lambda rid, msgs: store.put(rid, Stored(key, msgs)))
+    on_done = None if store is None else (lambda rid, msgs, resp: store.put(rid, Stored(key, msgs, resp)))
     plan = plan_chat(
         ctx,
         to_native(body, history),
@@ -646,9 +669,19 @@ def plan_responses(
     return replace(plan, include_usage=True)
 
 
+def _not_found(response_id: str, store: ResponseStore | None) -> APIError:
+    where = (
+        "the server keeps no responses: start it with `qwenkit serve --responses-store N`"
+        if store is None
+        else f"unknown, deleted, another key's, or evicted (the store keeps the last {store.capacity})"
+    )
+    return APIError(404, f"response {response_id[:MAX_ID_CHARS]!r} not found: {where}", code="not_found")
+
+
 def install(app: FastAPI, ctx: ServeContext) -> None:
-    """Add POST /v1/responses to an app made by create_app (the store when config.responses_store > 0)."""
-    from qwenkit.serve.app import run_planned  # app.py installs this module: import it late
+    """Add POST /v1/responses and GET / DELETE /v1/responses/{id} to an app made by create_app (the store
+    when config.responses_store > 0)."""
+    from qwenkit.serve.app import _info, run_planned  # app.py installs this module: import it late
 
     capacity = ctx.config.responses_store
     store = ResponseStore(capacity) if capacity else None
@@ -656,3 +689,16 @@ def install(app: FastAPI, ctx: ServeContext) -> None:
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
         return await run_planned(request, ctx, ResponsesRequest, plan_responses, store)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve(response_id: str, request: Request) -> JSONResponse:
+        found = store.response(response_id, _info(request).rate_key) if store is not None else None
+        if found is None:
+            raise _not_found(response_id, store)
+        return JSONResponse(found)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete(response_id: str, request: Request) -> JSONResponse:
+        if store is None or not store.delete(response_id, _info(request).rate_key):
+            raise _not_found(response_id, store)
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})

@@ -7,6 +7,7 @@ const STATUS_EVERY_MS = 2000;
 const $ = (id) => document.getElementById(id);
 
 let conversation = [];        // the conversation as OpenAI messages
+let attachments = [];    // data: URLs of the images for the next user message
 let controller = null;   // AbortController of the generation in flight
 let statusTimer = null;
 let lastTokens = null;   // {tokens, at} of the previous /metrics read, for tokens/s
@@ -70,6 +71,9 @@ async function loadModel() {
     const body = await response.json();
     modelId = body.data.length ? body.data[0].id : null;
     $("model-name").textContent = modelId || "";
+    // The image picker shows only for a model served with its vision projector.
+    const modalities = (body.data.length && body.data[0].input_modalities) || ["text"];
+    $("image-label").hidden = !modalities.includes("image");
   } catch (error) {
     if (!(error instanceof NeedKey)) $("chat-error").textContent = String(error.message || error);
   }
@@ -97,9 +101,19 @@ for (const tab of document.querySelectorAll(".tab")) {
 }
 
 // ---- chat ----------------------------------------------------------------------------------------------
-function addMessage(role, text) {
+function addMessage(role, text, images) {
   const box = el("div", "msg " + role);
   box.appendChild(el("div", "role", role));
+  if (images && images.length) {
+    const strip = el("div", "images");
+    for (const url of images) {
+      const img = el("img");
+      img.src = url;  // a data: URL the user picked (CSP img-src allows data:)
+      img.alt = "attached image";
+      strip.appendChild(img);
+    }
+    box.appendChild(strip);
+  }
   const reasoning = el("details", "reasoning");
   reasoning.appendChild(el("summary", "", "Reasoning"));
   const reasoningText = el("div", "reasoning-text");
@@ -296,12 +310,60 @@ function showToolCalls(view, calls) {
   }
 }
 
+// ---- images --------------------------------------------------------------------------------------------
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function showAttachments() {
+  const thumbs = attachments.map((url, i) => {
+    const thumb = el("span", "thumb");
+    const img = el("img");
+    img.src = url;
+    img.alt = "image " + (i + 1);
+    thumb.appendChild(img);
+    const remove = el("button", "", "×");
+    remove.type = "button";
+    remove.title = "Remove this image";
+    remove.addEventListener("click", () => { attachments.splice(i, 1); showAttachments(); });
+    thumb.appendChild(remove);
+    return thumb;
+  });
+  $("attachments").replaceChildren(...thumbs);
+}
+
+$("image-input").addEventListener("change", async () => {
+  const files = Array.from($("image-input").files || []);
+  $("image-input").value = "";  // the same file can be picked again
+  try {
+    for (const file of files) attachments.push(await readAsDataURL(file));
+  } catch (error) {
+    $("chat-error").textContent = "Could not read the image: " + String(error && error.message || error);
+  }
+  showAttachments();
+});
+
+// A user message: its text, or (with images) image_url parts then the text, as OpenAI's API takes them.
+function userContent(text, images) {
+  if (!images.length) return text;
+  const parts = images.map((url) => ({ type: "image_url", image_url: { url } }));
+  if (text.trim()) parts.push({ type: "text", text });
+  return parts;
+}
+
 $("chat-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("prompt").value;
-  if (!text.trim() || controller) return;
-  conversation.push({ role: "user", content: text });
-  addMessage("user", text);
+  if ((!text.trim() && !attachments.length) || controller) return;
+  conversation.push({ role: "user", content: userContent(text, attachments) });
+  addMessage("user", text, attachments);
+  attachments = [];
+  showAttachments();
   $("prompt").value = "";
   generate();
 });
@@ -318,6 +380,8 @@ $("stop").addEventListener("click", () => { if (controller) controller.abort(); 
 $("clear").addEventListener("click", () => {
   if (controller) controller.abort();
   conversation = [];
+  attachments = [];
+  showAttachments();
   $("messages").replaceChildren();
   $("chat-error").textContent = "";
 });

@@ -1,0 +1,157 @@
+"""Embeddings on llama.cpp: its own model and context (embeddings on, last-token pooling), never the
+generation engine's.
+
+Contract: LlamaEmbedder(gguf, config) loads the GGUF into a context with embeddings=True and pooling LAST,
+config.threads threads and a unified KV pool of n_ctx = config.n_ctx // config.max_seqs cells (of
+config.kv_type; flash attention as config.flash_attn): the most tokens one input, and one call, may hold.
+embed(inputs) runs token-id lists in as few llama_decode calls as fit (up to max_seqs sequences and n_ctx
+tokens per call, each its own seq id, the memory cleared before each call; llama.cpp splits a call into
+ubatches of config.n_ubatch tokens, and causal attention over the KV cache keeps a split sequence exact)
+and returns each input's pooled hidden state
+(after the final norm; not normalised: the caller truncates and normalises). It is thread-safe (one call
+at a time). It also satisfies the Engine protocol so the server runs it like any engine: generate() raises
+EngineError, stats() reports calls in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from qwenkit.engines.llamacpp.config import EngineConfig
+from qwenkit.engines.llamacpp.model import context_params, load_model
+from qwenkit.engines.request import EngineError, EngineStats, GenerationRequest, RequestTooLong, TokenEvent
+
+
+class LlamaEmbedder:
+    """A llama.cpp embedding context for one GGUF (see the module docstring)."""
+
+    def __init__(self, gguf_path: Path, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self._model = load_model(gguf_path)
+        # One call carries at most one input's worth of tokens (the memory is cleared between calls), so
+        # the KV pool and llama.cpp's per-call output buffers are sized by that, not by config.n_ctx.
+        self.n_ctx = config.n_ctx // config.max_seqs  # the most tokens one input may hold
+        cparams = context_params(config, self.n_ctx, self.n_ctx)
+        cparams.embeddings = True
+        cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_LAST
+        cparams.kv_unified = True  # inputs of any length share the cells
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise EngineError(f"llama.cpp could not create an embedding context of {self.n_ctx} tokens")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model)))
+        self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
+        self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._in_flight = 0
+        self._calls = 0
+        self._closed = False
+
+    # ---- embedding --------------------------------------------------------------------------------
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Each input's last-token hidden state (float32, n_embd values), in order."""
+        for i, tokens in enumerate(inputs):
+            if not tokens:
+                raise EngineError(f"input {i} is empty: give at least one token")
+            if len(tokens) > self.n_ctx:
+                raise RequestTooLong(
+                    f"input {i} has {len(tokens)} tokens; at most {self.n_ctx} fit (raise --ctx or split it)"
+                )
+            if min(tokens) < 0 or max(tokens) >= self.n_vocab:
+                raise EngineError(f"input {i} has token ids outside the vocabulary (0..{self.n_vocab - 1})")
+        with self._count_lock:
+            self._in_flight += 1
+        try:
+            with self._lock:
+                if self._closed:
+                    raise EngineError("the embedding engine is shut down")
+                out: list[np.ndarray] = []
+                for group in self._groups(inputs):
+                    out += self._decode(group)
+                return out
+        finally:
+            with self._count_lock:
+                self._in_flight -= 1
+
+    def _groups(self, inputs: Sequence[Sequence[int]]) -> list[list[Sequence[int]]]:
+        """Consecutive inputs packed into calls of at most max_seqs sequences and n_ctx tokens in all."""
+        groups: list[list[Sequence[int]]] = []
+        cells = 0
+        for tokens in inputs:
+            if not groups or len(groups[-1]) == self.config.max_seqs or cells + len(tokens) > self.n_ctx:
+                groups.append([])
+                cells = 0
+            groups[-1].append(tokens)
+            cells += len(tokens)
+        return groups
+
+    def _decode(self, group: list[Sequence[int]]) -> list[np.ndarray]:
+        llama_cpp.llama_memory_clear(self._mem, True)  # each call starts from empty sequences
+        b, n = self._batch, 0
+        for seq_id, tokens in enumerate(group):
+            for pos, token in enumerate(tokens):
+                b.token[n] = token
+                b.pos[n] = pos
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq_id
+                b.logits[n] = True
+                n += 1
+        b.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, b)
+        if status != 0:
+            raise EngineError(f"llama_decode failed ({status}) while embedding")
+        self._calls += 1
+        vectors = []
+        for seq_id in range(len(group)):
+            ptr = llama_cpp.llama_get_embeddings_seq(self._ctx, seq_id)
+            if not ptr:
+                raise EngineError(f"llama.cpp returned no pooled embedding for sequence {seq_id}")
+            vectors.append(np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy())
+        return vectors
+
+    # ---- the Engine protocol ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Nothing to start: embed() runs on the caller's thread."""
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        raise EngineError("this is an embedding model: it answers /v1/embeddings only")
+        yield  # pragma: no cover  (makes this an async generator, as the protocol wants)
+
+    def abort(self, request_id: str) -> None:
+        """Embedding calls are short and not abortable; there is nothing to abort."""
+
+    def stats(self) -> EngineStats:
+        with self._count_lock:
+            busy = self._in_flight
+        running = min(busy, 1)
+        return EngineStats(
+            running=running,
+            waiting=busy - running,
+            kv_used=0,
+            kv_total=self.n_ctx,
+            steps=self._calls,
+            preemptions=0,
+        )
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Free the context and model once the call in progress (if any) has finished."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+
+    def close(self) -> None:
+        self.shutdown()
+
+
+__all__ = ["LlamaEmbedder"]

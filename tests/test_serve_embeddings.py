@@ -1,0 +1,309 @@
+"""Embeddings: the Qwen3-Embedding-shaped demo, its GGUF, parity with transformers, and /v1/embeddings.
+
+Parity: the demo converted to an f32 GGUF and embedded by llama.cpp (its own context, last-token pooling)
+against transformers' fp32 AutoModel (Qwen3Model) on the checkpoint's own tokenizer (which appends
+<|endoftext|>): the last token's final hidden state, L2-normalised. With an f32 KV cache and no flash
+attention both sides compute in f32 and only summation order differs: measured <= 1e-7 per component
+(unit vectors, components ~0.1), so the bound is F32_BOUND = 1e-6 (a few float32 ulps of 1). The server's
+default f16 KV cache rounds K and V to 11-bit mantissas: measured <= 9e-5, bound F16_BOUND = 2e-4.
+Negative controls: the second-to-last token's state, the mean over tokens, and another input's vector
+each differ by more than 100x F16_BOUND, so the bounds tell pooling and input apart. The server half runs
+the official `openai` client against the live server on the embedding demo.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+import requests
+import torch
+import transformers
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from qwenkit.checkpoints.demo import DemoError, create_demo
+from qwenkit.checkpoints.embedding import QUERY_PROMPT, EmbeddingSpec, embedding_spec_from_dir
+from qwenkit.checkpoints.resolve import resolve_model
+from qwenkit.engines.llamacpp.config import EngineConfig
+from qwenkit.engines.llamacpp.embedder import LlamaEmbedder
+from qwenkit.engines.loader import open_engine, prepare_files
+from qwenkit.gguf.convert import ConversionError, convert_to_gguf
+from qwenkit.gguf.reader import read_gguf_info
+from qwenkit.serve.config import ServeConfig
+from qwenkit.tokenizer.tokenizer import QwenTokenizer
+from serve_fixtures import API_KEY, MODEL, FakeEngine, LiveServer, fake_app, in_process, live_server
+
+F32_BOUND = 1e-6
+F16_BOUND = 2e-4
+END = 151643  # <|endoftext|>, which Qwen3-Embedding's tokenizer appends
+TEXTS = [
+    "The capital of China is Beijing.",
+    "Gravity is a force that attracts two bodies towards each other.",
+    "你好, s'il vous plaît!",
+    "long " * 700,  # past the 512-token ubatch: llama.cpp splits the sequence, the KV cache joins it
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_demo(tmp_path_factory.mktemp("emb") / "qwen3-embedding-tiny", embedding=True)
+
+
+@pytest.fixture(scope="module")
+def gguf(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert_to_gguf(checkpoint, tmp_path_factory.mktemp("emb-gguf") / "emb-f32.gguf", "f32")
+
+
+@pytest.fixture(scope="module")
+def spec(checkpoint: Path) -> EmbeddingSpec:
+    found = embedding_spec_from_dir(checkpoint, json.loads((checkpoint / "config.json").read_text()))
+    assert found is not None
+    return found
+
+
+# ---- the demo checkpoint and its GGUF ----------------------------------------------------------------
+
+
+def test_demo_is_shaped_like_qwen3_embedding(checkpoint: Path, spec: EmbeddingSpec) -> None:
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
+    assert config["vocab_size"] == 151669 and config["qwenkit_demo"]["embedding"] is True
+    with safe_open(str(checkpoint / "model.safetensors"), framework="numpy") as weights:
+        names = list(weights.keys())
+    assert "embed_tokens.weight" in names and "norm.weight" in names
+    assert not [n for n in names if n.startswith("model.") or n.startswith("lm_head")]
+    assert spec == EmbeddingSpec(dims=64, prompts={"query": QUERY_PROMPT, "document": ""})
+    hf = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    assert hf("Hello world")["input_ids"][-1] == END and hf.padding_side == "left"
+    with pytest.raises(DemoError, match="--arch qwen3"):
+        create_demo(checkpoint.parent / "x", arch="qwen2", embedding=True)
+
+
+def test_demo_cli_writes_the_embedding_demo(tmp_path: Path) -> None:
+    from qwenkit.cli.app import app
+
+    result = CliRunner().invoke(app, ["demo", "create", "--embedding", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "e" / "1_Pooling" / "config.json").read_text())["pooling_mode_lasttoken"]
+
+
+def test_gguf_records_last_token_pooling(gguf: Path, checkpoint: Path, tmp_path: Path) -> None:
+    info = read_gguf_info(gguf)
+    assert info.metadata["qwen3.pooling_type"] == 3  # llama.cpp's LLAMA_POOLING_TYPE_LAST
+    files = prepare_files(resolve_model(str(gguf)))
+    assert files.embedding is not None and files.embedding.dims == 64 and files.embedding.end_token
+    # Another pooling mode is refused with its name, at conversion.
+    other = create_demo(tmp_path / "mean", embedding=True)
+    pooling = json.loads((other / "1_Pooling" / "config.json").read_text())
+    pooling |= {"pooling_mode_lasttoken": False, "pooling_mode_mean_tokens": True}
+    (other / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    with pytest.raises(ConversionError, match="mean_tokens pooling"):
+        convert_to_gguf(other, tmp_path / "mean.gguf", "f32")
+
+
+def test_a_chat_gguf_is_not_an_embedding_model(demo_gguf: Any) -> None:
+    info = read_gguf_info(demo_gguf("qwen3", "tiny", "f32"))
+    assert "qwen3.pooling_type" not in info.metadata
+    assert prepare_files(resolve_model(str(info.path))).embedding is None
+
+
+# ---- parity with transformers -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> tuple[list[list[int]], list[np.ndarray]]:
+    """transformers' token ids (its tokenizer appends <|endoftext|>) and fp32 final hidden states."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    model = transformers.AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = [tokenizer(text)["input_ids"] for text in TEXTS]
+    with torch.no_grad():
+        states = [model(torch.tensor([row])).last_hidden_state[0].numpy() for row in ids]
+    return ids, states
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def test_llamacpp_embeddings_match_transformers(
+    gguf: Path, checkpoint: Path, spec: EmbeddingSpec, reference: tuple[list[list[int]], list[np.ndarray]]
+) -> None:
+    ids, states = reference
+    ours = QwenTokenizer.from_dir(checkpoint)
+    end = [ours.special_id(spec.end_token)] if spec.end_token else []
+    assert [ours.encode_text(t) + end for t in TEXTS] == ids  # the server's tokens are transformers'
+    config = EngineConfig(n_ctx=4096, max_seqs=4, threads=2, n_ubatch=512, kv_type="f32")
+    embedder = LlamaEmbedder(gguf, config)
+    try:
+        together = embedder.embed(ids)  # one llama_decode for all four sequences
+        alone = [embedder.embed([row])[0] for row in ids]
+    finally:
+        embedder.shutdown()
+    for i, state in enumerate(states):
+        want = unit(state[-1])
+        for got in (together[i], alone[i]):
+            assert np.abs(spec.finish(got) - want).max() <= F32_BOUND, TEXTS[i][:20]
+        # Negative controls: another token's state, mean pooling and another input are all far off.
+        assert np.abs(unit(state[-2]) - spec.finish(together[i])).max() > 100 * F16_BOUND
+        assert np.abs(unit(state.mean(axis=0)) - spec.finish(together[i])).max() > 100 * F16_BOUND
+        other = spec.finish(together[(i + 1) % len(ids)])
+        assert np.abs(other - spec.finish(together[i])).max() > 100 * F16_BOUND
+
+
+def test_matryoshka_truncates_then_normalises(spec: EmbeddingSpec) -> None:
+    full = np.arange(1, 65, dtype=np.float32)
+    short = spec.finish(full, 32)
+    assert short.shape == (32,) and abs(float(np.linalg.norm(short)) - 1) < 1e-6
+    assert np.allclose(short, full[:32] / np.linalg.norm(full[:32]))
+
+
+# ---- the server ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(gguf: Path, checkpoint: Path, spec: EmbeddingSpec) -> Iterator[LiveServer]:
+    config = ServeConfig(api_keys=(API_KEY,))  # type: ignore[arg-type]
+    with live_server(gguf, checkpoint, config, n_ctx=1024, max_seqs=4, embedding=spec) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def post(server: LiveServer, path: str, body: dict[str, Any], key: str | None = API_KEY) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(server.base_url + path, json=body, headers=headers, timeout=120)
+
+
+def test_openai_client_embeds_text_batches_and_token_ids(
+    client: openai.OpenAI, checkpoint: Path, reference: tuple[list[list[int]], list[np.ndarray]]
+) -> None:
+    ids, states = reference
+    texts = TEXTS[:3]
+    # The SDK asks for base64 by default and decodes it; float lists must give the same vectors.
+    packed = client.embeddings.create(model=MODEL, input=texts)
+    floats = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    assert [d.index for d in packed.data] == [0, 1, 2] and packed.model == MODEL
+    assert packed.usage.prompt_tokens == packed.usage.total_tokens == sum(len(r) for r in ids[:3])
+    for i in range(3):
+        want = unit(states[i][-1])
+        for data in (packed.data[i], floats.data[i]):
+            assert np.abs(np.array(data.embedding) - want).max() <= F16_BOUND
+    one = client.embeddings.create(model=MODEL, input=texts[1], encoding_format="float")
+    assert np.abs(np.array(one.data[0].embedding) - np.array(floats.data[1].embedding)).max() <= F16_BOUND
+    by_ids = client.embeddings.create(model=MODEL, input=ids[:2], encoding_format="float")
+    flat = client.embeddings.create(model=MODEL, input=ids[0], encoding_format="float")
+    for got, want in (
+        (by_ids.data[0], floats.data[0]),
+        (by_ids.data[1], floats.data[1]),
+        (flat.data[0], floats.data[0]),
+    ):
+        assert np.abs(np.array(got.embedding) - np.array(want.embedding)).max() <= F16_BOUND
+    # Token ids are embedded as given: without the end token the vector changes.
+    bare = client.embeddings.create(model=MODEL, input=ids[0][:-1], encoding_format="float")
+    assert np.abs(np.array(bare.data[0].embedding) - np.array(floats.data[0].embedding)).max() > 0.01
+
+
+def test_dimensions_base64_and_query_prompt(client: openai.OpenAI, server: LiveServer) -> None:
+    full = np.array(
+        client.embeddings.create(model=MODEL, input="hi", encoding_format="float").data[0].embedding
+    )
+    short = client.embeddings.create(model=MODEL, input="hi", dimensions=32, encoding_format="float")
+    vector = np.array(short.data[0].embedding)
+    assert vector.shape == (32,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-5
+    assert np.abs(vector - unit(full[:32])).max() <= F16_BOUND
+    raw = post(server, "/v1/embeddings", {"model": MODEL, "input": "hi", "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    assert np.array_equal(decoded, full.astype(np.float32))
+    # prompt_name "query" embeds the model's instruction prefix before the text.
+    query = post(server, "/v1/embeddings", {"model": MODEL, "input": "hi", "prompt_name": "query"}).json()
+    prefixed = client.embeddings.create(model=MODEL, input=QUERY_PROMPT + "hi", encoding_format="float")
+    assert np.abs(np.array(query["data"][0]["embedding"]) - np.array(prefixed.data[0].embedding)).max() < 1e-6
+    assert query["usage"]["prompt_tokens"] == prefixed.usage.prompt_tokens
+
+
+def test_chat_routes_answer_400_naming_why(client: openai.OpenAI, server: LiveServer) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert "embedding model" in err.value.message and "/v1/embeddings" in err.value.message
+    messages = post(server, "/v1/messages", {"model": MODEL, "max_tokens": 4, "messages": []})
+    assert messages.status_code == 400 and messages.json()["type"] == "error"  # Anthropic's shape
+    ollama = post(server, "/api/chat", {"model": MODEL, "messages": []})
+    assert ollama.status_code == 400 and "embedding model" in ollama.json()["error"]  # Ollama's shape
+    assert post(server, "/v1/embeddings", {"model": MODEL, "input": "x"}, key=None).status_code == 401
+
+
+BAD: list[tuple[str, dict[str, Any], int]] = [
+    ("no input", {}, 400),
+    ("input number", {"input": 3}, 400),
+    ("input null", {"input": None}, 400),
+    ("input object", {"input": {"text": "x"}}, 400),
+    ("empty list", {"input": []}, 400),
+    ("empty string", {"input": ""}, 400),
+    ("empty token list", {"input": [[1, 2], []]}, 400),
+    ("mixed list", {"input": ["a", 1]}, 400),
+    ("float ids", {"input": [1.5, 2.0]}, 400),
+    ("bool ids", {"input": [True]}, 400),
+    ("negative id", {"input": [-1]}, 400),
+    ("id past vocab", {"input": [151669]}, 400),
+    ("nested too deep", {"input": [[[1]]]}, 400),
+    ("too many inputs", {"input": ["a"] * 2049}, 400),
+    ("too long", {"input": "word " * 1500}, 400),
+    ("dimensions too small", {"input": "a", "dimensions": 8}, 400),
+    ("dimensions too big", {"input": "a", "dimensions": 65}, 400),
+    ("dimensions zero", {"input": "a", "dimensions": 0}, 400),
+    ("dimensions string", {"input": "a", "dimensions": "32"}, 400),
+    ("bad encoding", {"input": "a", "encoding_format": "int8"}, 400),
+    ("unknown prompt", {"input": "a", "prompt_name": "passage"}, 400),
+    ("user number", {"input": "a", "user": 5}, 400),
+    ("unknown model", {"model": "gpt-4", "input": "a"}, 404),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_4xx(server: LiveServer, case: str, body: dict[str, Any], status: int) -> None:
+    reply = post(server, "/v1/embeddings", {"model": MODEL, **body})
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    assert post(server, "/v1/embeddings", {"model": MODEL, "input": "still serving"}).status_code == 200
+
+
+def test_rate_limit_and_metrics_apply(gguf: Path, checkpoint: Path, spec: EmbeddingSpec) -> None:
+    config = ServeConfig(api_keys=(API_KEY,), rate_limit_tpm=20)  # type: ignore[arg-type]
+    with live_server(gguf, checkpoint, config, n_ctx=256, max_seqs=2, embedding=spec) as live:
+        assert post(live, "/v1/embeddings", {"model": MODEL, "input": "one two three"}).status_code == 200
+        limited = post(live, "/v1/embeddings", {"model": MODEL, "input": "word " * 30})
+        assert limited.status_code == 429, limited.text
+        metrics = requests.get(
+            live.base_url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}
+        ).text
+    assert 'qwenkit_requests_total{route="/v1/embeddings",status="200"} 1.0' in metrics
+    assert 'qwenkit_requests_total{route="/v1/embeddings",status="429"} 1.0' in metrics
+
+
+def test_a_chat_model_answers_embeddings_with_the_fix(demo_checkpoint: Any) -> None:
+    engine = FakeEngine(QwenTokenizer.from_dir(demo_checkpoint("qwen3", "tiny")))
+    with in_process(fake_app(engine)) as http:
+        reply = http.post("/v1/embeddings", json={"model": MODEL, "input": "x"})
+    assert reply.status_code == 400
+    assert "qwenkit serve --model Qwen/Qwen3-Embedding-0.6B" in reply.json()["error"]["message"]
+    assert engine.requests == []
+
+
+def test_open_engine_picks_the_embedder(checkpoint: Path) -> None:
+    files = prepare_files(resolve_model(str(checkpoint)), "f32")
+    engine = open_engine(files, EngineConfig(n_ctx=512, max_seqs=2, threads=2))
+    try:
+        assert isinstance(engine, LlamaEmbedder) and engine.n_ctx == 256 and engine.n_embd == 64
+    finally:
+        engine.shutdown()
