@@ -314,7 +314,7 @@ def _check_supported(config: Mapping[str, Any], directory: Path) -> None:
         if bool(config.get("norm_topk_prob", wants_norm)) != wants_norm:
             raise ConversionError(
                 f"{directory} sets norm_topk_prob={config.get('norm_topk_prob')}, which llama.cpp's "
-                f"{model_type} graph does not support: use the transformers engine for this model"
+                f"{model_type} graph does not support: serve this checkpoint with --engine vllm instead"
             )
 
 
@@ -730,7 +730,7 @@ def _encode(planned: _Planned, located: Mapping[str, Path], handles: Mapping[Pat
 
 def _skipped_note(skipped: list[str]) -> str:
     vision = sum(1 for k in skipped if not k.startswith(("mtp.", "model.mtp.")))
-    parts = [f"{vision} vision-tower tensor(s) (images need the transformers engine)"] if vision else []
+    parts = [f"{vision} vision-tower tensor(s) (in the projector: --mmproj auto)"] if vision else []
     if len(skipped) > vision:
         parts.append(f"{len(skipped) - vision} MTP draft-head tensor(s)")
     return f"converting the text model only: skipped {' and '.join(parts)}"
