@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,30 +17,16 @@ import pytest
 from qwenkit.chat.families import QWEN3_5
 from qwenkit.media import VisionSpec, smart_resize
 from qwenkit.serve.app import create_app
-from qwenkit.serve.server import bind_socket, make_server
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
-from serve_fixtures import MODEL, FakeEngine, in_process
+from serve_fixtures import MODEL, FakeEngine, in_process, serve_app
 
 CHROMIUM = "/usr/bin/chromium"
 SPEC = VisionSpec(patch_size=16, merge_size=2, min_pixels=65536, max_pixels=16777216)
 
 
-@contextlib.contextmanager
-def _server(engine: FakeEngine, vision: VisionSpec | None) -> Iterator[str]:
+def _server(engine: FakeEngine, vision: VisionSpec | None) -> contextlib.AbstractContextManager[str]:
     app = create_app(engine, engine.tokenizer, QWEN3_5, MODEL, vision=vision)  # type: ignore[arg-type]
-    sock = bind_socket("127.0.0.1", 0)
-    server = make_server(app, shutdown_timeout=5)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    return serve_app(app)
 
 
 @pytest.fixture(scope="module")
