@@ -375,26 +375,44 @@ def serve_command(
         vision=vision_spec(files),
         adapters=tuple(loras),
     )
-    bound_host, bound_port = sock.getsockname()[:2]
-    shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-    name = config.served_model_name or files.name
     auth = f"on ({len(keys)} key{'s' if len(keys) != 1 else ''})" if keys else "off"
+    extra = (" — an embedding model: POST /v1/embeddings only" if files.embedding else "") + (
+        f" — images on ({files.mmproj_path.name})" if files.mmproj_path else ""
+    )
+    name = config.served_model_name or files.name
+    announce_and_run(app, sock, config, name, engine.n_ctx, max_seqs, auth, files.is_demo, extra=extra)
+
+
+def announce_and_run(
+    app: object,
+    sock: object,
+    config: ServeConfig,
+    name: str,
+    n_ctx: int,
+    max_seqs: int,
+    auth: str,
+    is_demo: bool,
+    label: str = "",
+    extra: str = "",
+) -> None:
+    """Print the startup line (and the open-host and demo warnings), then serve until stopped; every engine's
+    `qwenkit serve` ends here."""
+    bound_host, bound_port = sock.getsockname()[:2]  # type: ignore[attr-defined]
+    shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     err_console.print(
-        f"qwenkit serve: [bold]{name}[/] at [bold]http://{shown_host}:{bound_port}/v1[/] "
-        f"(context {engine.n_ctx} tokens per request, {max_seqs} at once, API key: {auth})"
-        + (" — an embedding model: POST /v1/embeddings only" if files.embedding else "")
-        + (f" — images on ({files.mmproj_path.name})" if files.mmproj_path else ""),
+        f"qwenkit serve{label}: [bold]{name}[/] at [bold]http://{shown_host}:{bound_port}/v1[/] "
+        f"(context {n_ctx} tokens per request, {max_seqs} at once, API key: {auth}){extra}",
         soft_wrap=True,
         highlight=False,
     )
-    if not keys and host not in LOOPBACK:
+    if auth == "off" and config.host not in LOOPBACK:
         err_console.print(
-            f"[yellow]warning:[/] listening on {host} without an API key: anyone who can reach it can use it "
-            f"(set {API_KEY_ENV} or --api-key-file)",
+            f"[yellow]warning:[/] listening on {config.host} without an API key: anyone who can reach it can "
+            f"use it (set {API_KEY_ENV} or --api-key-file)",
             soft_wrap=True,
         )
-    if files.is_demo:
+    if is_demo:
         err_console.print(f"[yellow]{DEMO_NOTICE}[/]", soft_wrap=True)  # again, next to the URL
     _setup_logging()
-    run_server(app, sock, shutdown_timeout)
+    run_server(app, sock, config.shutdown_timeout)  # type: ignore[arg-type]
     err_console.print("qwenkit serve: stopped")

@@ -173,34 +173,24 @@ def serve_vllm(
     keys: list[str],
 ) -> None:
     """`qwenkit serve --engine vllm`: the same app and server as llama.cpp's, on the vLLM engine."""
-    from qwenkit.checkpoints.demo import DEMO_NOTICE
-    from qwenkit.cli.errors import err_console
-    from qwenkit.cli.serve import API_KEY_ENV, LOOPBACK, _setup_logging
+    from qwenkit.cli.serve import announce_and_run
     from qwenkit.serve.app import create_app
-    from qwenkit.serve.server import run_server
 
     opened = open_vllm(model, allow_pickle, max_seqs, ctx, o)
     # Before the server: a model vLLM cannot load fails in one line (AsyncLLM may be built off the loop).
     opened.engine.start()
     app = create_app(opened.engine, opened.tokenizer, opened.family, opened.name, config)
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
     layout = f"tensor {o.tensor_parallel} x pipeline {o.pipeline_parallel} x data {o.data_parallel}"
-    err_console.print(
-        f"qwenkit serve (vLLM, {layout}): [bold]{config.served_model_name or opened.name}[/] at "
-        f"[bold]http://{shown}:{port}/v1[/] (context {opened.engine.n_ctx} tokens per request, "
-        f"{max_seqs} at once, API key: {'on' if keys else 'off'})",
-        soft_wrap=True,
-        highlight=False,
+    name = config.served_model_name or opened.name
+    auth = "on" if keys else "off"
+    announce_and_run(
+        app,
+        sock,
+        config,
+        name,
+        opened.engine.n_ctx,
+        max_seqs,
+        auth,
+        opened.is_demo,
+        label=f" (vLLM, {layout})",
     )
-    if not keys and config.host not in LOOPBACK:
-        err_console.print(
-            f"[yellow]warning:[/] listening on {config.host} without an API key: anyone who can reach it "
-            f"can use it (set {API_KEY_ENV} or --api-key-file)",
-            soft_wrap=True,
-        )
-    if opened.is_demo:
-        err_console.print(f"[yellow]{DEMO_NOTICE}[/]", soft_wrap=True)
-    _setup_logging()
-    run_server(app, sock, config.shutdown_timeout)
-    err_console.print("qwenkit serve: stopped")
