@@ -208,7 +208,7 @@ def test_private_addresses_are_refused_even_with_remote_media_on(serve: Callable
         assert response.json()["error"]["code"] == "media_fetch_refused", response.text
 
 
-def test_anthropic_and_ollama_images_take_the_same_path(serve: Callable[..., Any]) -> None:
+def test_anthropic_ollama_and_responses_images_take_the_same_path(serve: Callable[..., Any]) -> None:
     engine, http = serve()
     data = base64.b64encode(_png(64, 64)).decode()
     anthropic = {
@@ -231,8 +231,22 @@ def test_anthropic_and_ollama_images_take_the_same_path(serve: Callable[..., Any
         "messages": [{"role": "user", "content": "What?", "images": [data]}],
     }
     assert http.post("/api/chat", json=ollama).status_code == 200
-    assert [len(r.images) for r in engine.requests] == [1, 1]
-    assert engine.requests[0].images[0].sha256 == engine.requests[1].images[0].sha256
+    image = {"type": "input_image", "image_url": f"data:image/png;base64,{data}", "detail": "low"}
+    responses = {
+        "model": MODEL,
+        "max_output_tokens": 8,
+        "input": [{"role": "user", "content": [image, {"type": "input_text", "text": "What is this?"}]}],
+    }
+    assert http.post("/v1/responses", json=responses).status_code == 200
+    assert [len(r.images) for r in engine.requests] == [1, 1, 1]
+    assert len({r.images[0].sha256 for r in engine.requests}) == 1
+    # Only user turns carry images, as in the chat API.
+    misplaced = {
+        **responses,
+        "input": [{"role": "assistant", "content": [image]}, {"role": "user", "content": "x"}],
+    }
+    response = http.post("/v1/responses", json=misplaced)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "input"
     bad = {
         **ollama,
         "messages": [{"role": "user", "content": "x", "images": [base64.b64encode(SVG).decode()]}],

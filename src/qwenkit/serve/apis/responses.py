@@ -1,7 +1,8 @@
 """The OpenAI Responses API (`POST /v1/responses`) over the native path.
 
 Contract: a Responses request becomes a native chat request (instructions → a system message; `input` as
-text or items: message items with input_text/output_text parts, function_call and function_call_output
+text or items: message items with input_text/output_text parts (input_image in user messages → image_url
+parts, read by qwenkit.media like chat images), function_call and function_call_output
 items → assistant tool calls and tool messages, reasoning items → the next assistant turn's reasoning;
 function tools → tools; tool_choice; text.format json_schema/json_object → the answer's grammar;
 reasoning.effort → reasoning_effort, which the native path maps to thinking and its budget;
@@ -166,19 +167,39 @@ class ResponseStore:
 # ---- request → native request ------------------------------------------------------------------------
 
 
-def _text_of(content: Any, where: str, kinds: tuple[str, ...]) -> str:
-    """A message's text: a string, or parts of the given kinds (input_text, output_text) joined."""
+def _text_of(content: Any, where: str, kinds: tuple[str, ...], images: bool = False) -> Any:
+    """A message's text: a string, or parts of the given kinds (input_text, output_text) joined. With
+    `images`, input_image parts are taken too, and content holding one becomes chat parts in order (text and
+    image_url), which the chat layer reads and checks like any other image."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise APIError(400, f"{where}.content must be a string or a list of content parts", param="input")
-    texts = []
+    parts: list[dict[str, Any]] = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "input_image" and images:
+            url = part.get("image_url")
+            if not isinstance(url, str) or not url:
+                raise APIError(
+                    400,
+                    f"{where}.content[{i}]: input_image needs an 'image_url' (a data: URL); file_id is not "
+                    "supported",
+                    param="input",
+                )
+            parts.append(
+                {"type": "image_url", "image_url": {"url": url, "detail": part.get("detail") or "auto"}}
+            )
+            continue
         if kind in ("input_image", "input_file", "input_audio"):
             raise APIError(
                 400,
-                f"{where}.content[{i}]: {kind} is not supported; this server reads text only",
+                f"{where}.content[{i}]: {kind} is not supported here; "
+                + (
+                    "images go in user messages"
+                    if kind == "input_image"
+                    else "this server reads text and images"
+                ),
                 param="input",
             )
         if kind not in kinds or not isinstance(part.get("text"), str):
@@ -187,8 +208,10 @@ def _text_of(content: Any, where: str, kinds: tuple[str, ...]) -> str:
                 f"{where}.content[{i}]: expected a part of type {' or '.join(kinds)} with 'text'",
                 param="input",
             )
-        texts.append(part["text"])
-    return "".join(texts)
+        parts.append({"type": "text", "text": part["text"]})
+    if any(p["type"] == "image_url" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
 
 
 def _string(item: dict[str, Any], name: str, where: str) -> str:
@@ -216,7 +239,7 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                     400, f"{where}: role must be user, system, developer or assistant", param="input"
                 )
             kinds = ("output_text", "refusal") if role == "assistant" else ("input_text",)
-            text = _text_of(item.get("content"), where, kinds)
+            text = _text_of(item.get("content"), where, kinds, images=role == "user")
             if role == "assistant":
                 message: dict[str, Any] = {"role": "assistant", "content": text}
                 if reasoning:
@@ -659,12 +682,17 @@ def plan_responses(
         history = found
     key = info.rate_key
     on_done = None if store is None else (lambda rid, msgs, resp: store.put(rid, Stored(key, msgs, resp)))
-    plan = plan_chat(
-        ctx,
-        to_native(body, history),
-        info,
-        job_factory=lambda parts: ResponsesJob(parts, body, history, on_done),
-    )
+    try:
+        plan = plan_chat(
+            ctx,
+            to_native(body, history),
+            info,
+            job_factory=lambda parts: ResponsesJob(parts, body, history, on_done),
+        )
+    except APIError as exc:
+        if exc.param == "messages":  # the native request's messages are this API's input items
+            exc.param = "input"
+        raise
     # response.completed carries the usage, so the job always gets it.
     return replace(plan, include_usage=True)
 
