@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,8 +169,11 @@ def test_matryoshka_truncates_then_normalises(spec: EmbeddingSpec) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(gguf: Path, checkpoint: Path, spec: EmbeddingSpec) -> Iterator[LiveServer]:
-    config = ServeConfig(api_keys=(API_KEY,))  # type: ignore[arg-type]
+def server(
+    gguf: Path, checkpoint: Path, spec: EmbeddingSpec, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    batches = str(tmp_path_factory.mktemp("emb-batches"))
+    config = ServeConfig(api_keys=(API_KEY,), batch_dir=batches)  # type: ignore[arg-type]
     with live_server(gguf, checkpoint, config, n_ctx=1024, max_seqs=4, embedding=spec) as live:
         yield live
 
@@ -307,3 +311,52 @@ def test_open_engine_picks_the_embedder(checkpoint: Path) -> None:
         assert isinstance(engine, LlamaEmbedder) and engine.n_ctx == 256 and engine.n_embd == 64
     finally:
         engine.shutdown()
+
+
+def test_batches_of_embeddings_in_process_and_through_the_server(
+    gguf: Path, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    def line(custom_id: str, url: str, body: dict[str, Any]) -> str:
+        return json.dumps(
+            {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": MODEL, **body}}
+        )
+
+    one = line("one", "/v1/embeddings", {"input": TEXTS[0]})
+    two = line("two", "/v1/embeddings", {"input": TEXTS[1:3], "encoding_format": "float"})
+    chat = line("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    want = [np.array(d.embedding) for d in client.embeddings.create(model=MODEL, input=TEXTS[:3]).data]
+
+    def vectors(records: dict[str, Any]) -> list[np.ndarray]:
+        data = [*records["one"]["response"]["body"]["data"], *records["two"]["response"]["body"]["data"]]
+        return [np.array(d["embedding"]) for d in data]
+
+    # qwenkit batch in process: the loader opens the embedder; a chat line is that line's 400.
+    from qwenkit.cli.app import app
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join([one, two, chat]) + "\n")
+    flags = ["--threads", "2", "--max-seqs", "2", "--ctx", "2048", "--poll", "0"]
+    result = CliRunner().invoke(app, ["batch", str(src), str(out), "--model", str(gguf), *flags])
+    assert result.exit_code == 0, result.stderr
+    got = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert got["chat"]["response"]["status_code"] == 400
+    assert got["chat"]["response"]["body"]["error"]["code"] == "embedding_model"
+    for have, expected in zip(vectors(got), want, strict=True):
+        assert np.abs(have - expected).max() <= F16_BOUND
+
+    # /v1/batches on the embedding server: embeddings only.
+    upload = client.files.create(file=("in.jsonl", ("\n".join([one, two]) + "\n").encode()), purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="/v1/embeddings"):
+        client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+    deadline = time.monotonic() + 120
+    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.1)
+    assert batch.status == "completed" and batch.output_file_id
+    lines = client.files.content(batch.output_file_id).read().decode().splitlines()
+    served = {r["custom_id"]: r for r in map(json.loads, lines)}
+    for have, expected in zip(vectors(served), want, strict=True):
+        assert np.abs(have - expected).max() <= F16_BOUND

@@ -1,14 +1,14 @@
 """Running batch lines: through the server's native path in this process, or against a server over HTTP.
 
 Contract: NativeExecutor(ctx) answers one BatchLine exactly as `qwenkit serve` answers the same body at
-that url (parse_request → plan_chat / plan_completion / plan_responses → respond; streaming is refused per
-line), as an output record; 429/503 are waited out (Retry-After), and a draining server raises
-BatchInterrupted instead of recording a failure. HTTPExecutor POSTs the line to a server the same way,
-giving up on the run (BatchInterrupted) when it stays unavailable, cannot be reached or refuses the API
-key, so no line is recorded as failed for the server's sake. run_lines() runs the lines not done yet with
-at most `concurrency` in flight (the engine's scheduler batches whatever is in flight), hands each record
-to `sink` as it completes, and reports (done, total, tokens); setting `stop` ends it early, the in-flight
-lines aborted and not recorded.
+that url (parse_request → plan_chat / plan_completion / plan_responses → respond, or the embeddings
+route's own answer; streaming is refused per line), as an output record; 429/503 are waited out
+(Retry-After), and a draining server raises BatchInterrupted instead of recording a failure. HTTPExecutor
+POSTs the line to a server the same way, giving up on the run (BatchInterrupted) when it stays
+unavailable, cannot be reached or refuses the API key, so no line is recorded as failed for the server's
+sake. run_lines() runs the lines not done yet with at most `concurrency` in flight (the engine's scheduler
+batches whatever is in flight), hands each record to `sink` as it completes, and reports (done, total,
+tokens); setting `stop` ends it early, the in-flight lines aborted and not recorded.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import httpx
 from pydantic import BaseModel
 
 from qwenkit.batch.format import BatchLine, answered, refused, succeeded, usage_of
+from qwenkit.serve.apis.embeddings import EmbeddingsRequest, answer_embeddings
 from qwenkit.serve.apis.responses import ResponsesRequest, plan_responses
 from qwenkit.serve.errors import APIError
 from qwenkit.serve.handlers import Plan, ServeContext, plan_chat, plan_completion, respond
@@ -44,8 +45,9 @@ class BatchInterrupted(Exception):
 @dataclass(frozen=True)
 class Endpoint:
     body_type: type[BaseModel]
-    planner: Callable[..., Plan]
+    planner: Callable[..., Plan] | None  # planned, then answered by handlers.respond
     extra: tuple[object, ...] = ()
+    answer: Callable[..., Awaitable[Any]] | None = None  # or answered whole by the route's own function
 
 
 # The urls a batch line may target, each planned exactly as its server route plans it.
@@ -53,7 +55,10 @@ NATIVE_ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint(ChatCompletionRequest, plan_chat),
     "/v1/completions": Endpoint(CompletionRequest, plan_completion),
     "/v1/responses": Endpoint(ResponsesRequest, plan_responses, (None,)),  # no previous_response_id store
+    "/v1/embeddings": Endpoint(EmbeddingsRequest, None, answer=answer_embeddings),
 }
+# What an embedding model's server or engine answers (every other url generates).
+EMBEDDING_ENDPOINTS = ("/v1/embeddings",)
 
 Executor = Callable[[BatchLine], Awaitable[dict[str, Any]]]
 
@@ -91,8 +96,11 @@ class NativeExecutor:
                     raise APIError(400, "stream: a batch request cannot stream; drop stream", param="stream")
                 raw = json.dumps(body).encode("utf-8")
                 parsed = await asyncio.to_thread(parse_request, raw, endpoint.body_type)
-                plan = await asyncio.to_thread(endpoint.planner, self.ctx, parsed, info, *endpoint.extra)
-                response = await respond(self.ctx, plan, info, None)
+                if endpoint.answer is not None:
+                    response = await endpoint.answer(self.ctx, parsed, info)
+                else:
+                    plan = await asyncio.to_thread(endpoint.planner, self.ctx, parsed, info, *endpoint.extra)
+                    response = await respond(self.ctx, plan, info, None)
                 if self.ctx.draining:  # the answer may have been cut off by the shutdown: run it again later
                     raise BatchInterrupted("the server is shutting down")
                 return answered(line, response.status_code, json.loads(response.body), info.id)

@@ -114,7 +114,8 @@ async def native_engine(
         poll=level,
     )
     engine = open_engine(files, config)
-    ctx = serve_context(create_app(engine, files.tokenizer, files.family, files.name))
+    app = create_app(engine, files.tokenizer, files.family, files.name, embedding=files.embedding)
+    ctx = serve_context(app)
     engine.start()
     try:
         yield NativeRun(NativeExecutor(ctx, override_model=True), in_flight, files.name, files.is_demo)

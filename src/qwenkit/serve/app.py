@@ -45,6 +45,7 @@ from qwenkit.serve.handlers import (
     ServeContext,
     plan_chat,
     plan_completion,
+    refuse_if_embedding_model,
     respond,
     served_models,
 )
@@ -90,13 +91,7 @@ async def run_planned(
 ) -> Response:
     """What every generating route does: parse the body, plan it off the event loop (rendering, tokenizing
     and grammar compiles can take seconds), then answer with the engine's events."""
-    if ctx.embedding is not None:
-        raise APIError(
-            400,
-            f"{ctx.model_name} is an embedding model: it answers POST /v1/embeddings only; serve a chat "
-            "model (e.g. `qwenkit serve --model Qwen/Qwen3-0.6B`) for this route",
-            code="embedding_model",
-        )
+    refuse_if_embedding_model(ctx)  # before the body: its shape does not matter then
     body = await parse_body(request, body_type)
     info = _info(request)
     plan = await run_in_threadpool(planner, ctx, body, info, *extra)

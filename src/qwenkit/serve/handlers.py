@@ -189,12 +189,24 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
 
+def refuse_if_embedding_model(ctx: ServeContext) -> None:
+    """An embedding model generates nothing: every generating route (and batch line) answers 400."""
+    if ctx.embedding is not None:
+        raise APIError(
+            400,
+            f"{ctx.model_name} is an embedding model: it answers POST /v1/embeddings only; serve a chat "
+            "model (e.g. `qwenkit serve --model Qwen/Qwen3-0.6B`) for this route",
+            code="embedding_model",
+        )
+
+
 def _check_common(
     ctx: ServeContext, body: ChatCompletionRequest | CompletionRequest, info: RequestInfo
 ) -> list[str]:
     """Checks both endpoints share; returns the warnings they produce (ignored unknown fields)."""
     if ctx.draining:
         raise shutting_down()
+    refuse_if_embedding_model(ctx)
     adapter_of(ctx, body.model)  # 404 for a model not served
     cfg = ctx.config
     stops = [body.stop] if isinstance(body.stop, str) else body.stop or []

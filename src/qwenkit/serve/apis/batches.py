@@ -447,13 +447,20 @@ def install(app: FastAPI, ctx: ServeContext) -> BatchRunner:
     async def create_batch(request: Request) -> JSONResponse:
         owner = _owner(request)
         body = await parse_body(request, BatchCreate)
-        if ctx.embedding is not None:  # the batch endpoints all generate; an embedding model cannot
+        if (body.endpoint in batch_run.EMBEDDING_ENDPOINTS) != (ctx.embedding is not None):
+            kind = "an embedding" if ctx.embedding is not None else "a chat"
             raise APIError(
                 400,
-                f"{ctx.model_name} is an embedding model; batches here run chat, completions and responses "
-                "requests: serve a chat model for them",
+                f"{ctx.model_name} is {kind} model; its batches use "
+                + (
+                    ", ".join(batch_run.EMBEDDING_ENDPOINTS)
+                    if ctx.embedding is not None
+                    else ", ".join(
+                        u for u in batch_run.NATIVE_ENDPOINTS if u not in batch_run.EMBEDDING_ENDPOINTS
+                    )
+                ),
                 param="endpoint",
-                code="embedding_model",
+                code="embedding_model" if ctx.embedding is not None else "invalid_endpoint",
             )
         if body.endpoint not in batch_run.NATIVE_ENDPOINTS:
             raise APIError(

@@ -171,31 +171,35 @@ def install(app: FastAPI, ctx: ServeContext) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
         body = await parse_body(request, EmbeddingsRequest)
-        info = _info(request)
-        plan = await run_in_threadpool(plan_embeddings, ctx, body, info)
-        engine, spec = ctx.engine, ctx.embedding
-        assert isinstance(engine, EmbeddingEngine) and spec is not None  # plan_embeddings checked both
-        info.prompt_tokens = plan.tokens
-        info.warnings = plan.warnings
-        reservation = ctx.limiter.reserve_tokens(info.rate_key, plan.tokens)
-        try:
-            pooled = await run_in_threadpool(engine.embed, plan.inputs)
-        except EngineError as exc:
-            raise from_engine_error(exc) from None
-        finally:
-            reservation.settle(plan.tokens)
-        ctx.metrics.prompt_tokens.inc(plan.tokens)
-        data = [
-            {
-                "object": "embedding",
-                "index": i,
-                "embedding": _encode(spec.finish(v, plan.dims), body.encoding_format),
-            }
-            for i, v in enumerate(pooled)
-        ]
-        usage = {"prompt_tokens": plan.tokens, "total_tokens": plan.tokens}
-        warning = header_safe(" | ".join(plan.warnings))
-        return JSONResponse(
-            {"object": "list", "data": data, "model": ctx.model_name, "usage": usage},
-            headers={"x-qwenkit-warning": warning} if warning else {},
-        )
+        return await answer_embeddings(ctx, body, _info(request))
+
+
+async def answer_embeddings(ctx: ServeContext, body: EmbeddingsRequest, info: RequestInfo) -> JSONResponse:
+    """The whole answer to one embeddings request (the route's, and a batch line's)."""
+    plan = await run_in_threadpool(plan_embeddings, ctx, body, info)
+    engine, spec = ctx.engine, ctx.embedding
+    assert isinstance(engine, EmbeddingEngine) and spec is not None  # plan_embeddings checked both
+    info.prompt_tokens = plan.tokens
+    info.warnings = plan.warnings
+    reservation = ctx.limiter.reserve_tokens(info.rate_key, plan.tokens)
+    try:
+        pooled = await run_in_threadpool(engine.embed, plan.inputs)
+    except EngineError as exc:
+        raise from_engine_error(exc) from None
+    finally:
+        reservation.settle(plan.tokens)
+    ctx.metrics.prompt_tokens.inc(plan.tokens)
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": _encode(spec.finish(v, plan.dims), body.encoding_format),
+        }
+        for i, v in enumerate(pooled)
+    ]
+    usage = {"prompt_tokens": plan.tokens, "total_tokens": plan.tokens}
+    warning = header_safe(" | ".join(plan.warnings))
+    return JSONResponse(
+        {"object": "list", "data": data, "model": ctx.model_name, "usage": usage},
+        headers={"x-qwenkit-warning": warning} if warning else {},
+    )
