@@ -233,6 +233,7 @@ def tuned(demo_checkpoint: Callable, tmp_path_factory: pytest.TempPathFactory):
         logging_steps=2,
         save_steps=8,
         think=False,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "lm_head"),  # a tied head: merge must untie it
     )
     return base, out, run_tune(config, _examples())
 
@@ -292,6 +293,48 @@ def test_merge_gives_a_checkpoint_convert_takes(tuned, tmp_path: Path) -> None:
     assert torch.allclose(got, want, atol=0.05, rtol=0.05)
     gguf = convert_to_gguf(merged, tmp_path / "merged.gguf", "f32")
     assert Path(gguf).is_file() and Path(gguf).stat().st_size > 0
+
+
+def test_disk_full_keeps_the_last_good_checkpoint(
+    demo_checkpoint: Callable, tmp_path: Path, monkeypatch
+) -> None:
+    import errno
+
+    from transformers import Trainer
+
+    from qwenkit.tune.train import TuneConfig, TuneError, last_checkpoint, run_tune
+
+    base = demo_checkpoint("qwen3", "tiny")
+    out = tmp_path / "run"
+    real = Trainer._save_optimizer_and_scheduler
+
+    def fill_up(self, output_dir: str) -> None:
+        if output_dir.endswith("checkpoint-4"):  # the adapter is already written: a half checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device", output_dir)
+        real(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", fill_up)
+    config = TuneConfig(
+        model=base, out=out, max_steps=6, batch_size=2, max_len=64, save_steps=2, think=False,
+        targets=("q_proj", "v_proj", "lm_head"),
+    )  # fmt: skip
+    with pytest.raises(TuneError) as info:
+        run_tune(config, _examples())
+    message = str(info.value)
+    assert "\n" not in message and "disk full" in message and "checkpoint-2 is intact" in message
+    good = out / "checkpoints" / "checkpoint-2"
+    assert last_checkpoint(out) == good and not (out / "checkpoints" / "checkpoint-4").exists()
+    assert json.loads((good / "trainer_state.json").read_text())["global_step"] == 2
+    # The adapter is LoRA pairs only (lm_head included), which llama.cpp's LoRA GGUF can hold.
+    from safetensors import safe_open
+
+    with safe_open(str(good / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("lm_head.lora_A" in k for k in keys) and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    # With space again, --resume continues from the surviving checkpoint.
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", real)
+    config.resume = True
+    assert run_tune(config, _examples()).steps == 6
 
 
 # --- CLI refusals ---------------------------------------------------------------------------------
@@ -367,13 +410,25 @@ def test_cli_run_writes_report_and_merges(demo_checkpoint: Callable, tmp_path: P
     assert r.exit_code == 2 and "--overwrite" in r.output
 
 
-@pytest.mark.slow  # a short demo run plus 200 greedy answers
-def test_demo_short_run_scores_before_and_after(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    r = _cli("--demo", "--out", str(out), "--epochs", "1")
-    assert r.exit_code == 0, r.output
-    run = json.loads((out / "run.json").read_text())
-    assert run["scores"]["before"] == 0.0  # random weights cannot answer
-    losses = [loss for _, loss in run["train_loss"]]
-    assert losses[-1] < losses[0] - 1.0, losses
-    assert "held-out exact match: before 0%" in r.output
+def test_demo_task_holds_out_its_phrasings() -> None:
+    from qwenkit.tune import demo_task
+
+    train, test = demo_task.items("train"), demo_task.items("test")
+    demo_task.check_disjoint(train, test)
+    questions = {q for q, _ in train}
+    assert not questions & {q for q, _ in test}
+    assert not set(demo_task.TRAIN_TEMPLATES) & set(demo_task.TEST_TEMPLATES)
+    # Every country is asked in both splits, with the same fact.
+    assert {a for _, a in test} <= set(demo_task.COLOURS)
+    for country in demo_task.COUNTRIES:
+        asked = [a for q, a in train + test if f" {country}" in q]
+        assert len(asked) == len(demo_task.TRAIN_TEMPLATES) + len(demo_task.TEST_TEMPLATES)
+        assert set(asked) == {demo_task.FLAGS[country]}
+    # The check catches a leaked question and a leaked test wording.
+    with pytest.raises(ValueError, match="test question"):
+        demo_task.check_disjoint([*train, test[5]], test)
+    with pytest.raises(ValueError, match="test wording"):
+        demo_task.check_disjoint(
+            [*train, ("If you saw the flag of Nowhere, what colour would it be?", "red")], test
+        )
+    assert demo_task.as_eval_case(test[0], 0)["scorer"] == "exact"

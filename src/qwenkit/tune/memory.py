@@ -65,7 +65,9 @@ class TrainingMemory:
 def lora_params(shape: ModelShape, rank: int, targets: Sequence[str]) -> int:
     """Trainable LoRA parameters: rank × (in + out) for every targeted dense matrix."""
     roles = {r for t in targets for r in TARGET_ROLES.get(t, ())}
-    return sum(rank * (t.ne0 + t.rows) for t in shape.tensors() if t.role in roles and t.experts == 1)
+    n = sum(rank * (t.ne0 + t.rows) for t in shape.tensors() if t.role in roles and t.experts == 1)
+    # lm_head is one (vocab × hidden) matrix whether or not the checkpoint ties it to the embedding.
+    return n + (rank * (shape.hidden + shape.vocab) if "lm_head" in targets else 0)
 
 
 def estimate_training(

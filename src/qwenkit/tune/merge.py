@@ -4,7 +4,8 @@ Contract: merge_adapter(adapter_dir, out) reads adapter_dir/run.json for the bas
 loads base + adapter, merges the LoRA deltas into the weights (peft merge_and_unload) and writes out/ as an
 HF-layout checkpoint: config.json, model.safetensors (the base's dtype), generation_config.json and the
 base's tokenizer and chat-template files copied unchanged, so `qwenkit convert` / `quantize` take it. out
-must not exist yet (or be empty) unless overwrite.
+must not exist yet (or be empty) unless overwrite. An adapter on lm_head of a tied-embedding model is
+merged into an untied copy of the head (the merged config says tie_word_embeddings false).
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def merge_adapter(adapter_dir: Path, out: Path, *, base: Path | None = None, ove
     config = json.loads((base / "config.json").read_text("utf-8"))
     dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    targets = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8")).get("target_modules") or []
+    if "lm_head" in targets and model.config.get_text_config().tie_word_embeddings:
+        # A LoRA on a tied head must not leak into the input embedding: merge into an untied copy.
+        model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+        model.config.get_text_config().tie_word_embeddings = False
+        model.config.tie_word_embeddings = False
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged = merged.to(dtype)
     merged.save_pretrained(str(out), safe_serialization=True)

@@ -7,17 +7,21 @@ resume=True). An out directory that already holds files is refused unless resume
 is never EOS (<|endoftext|> stands in), so the model still learns to stop. An unknown --targets name fails
 with one line listing the model's linear layers; --qlora without CUDA fails before loading. The first Ctrl-C
 saves a checkpoint and the adapter at the next step and stops cleanly; a second one aborts. Checkpoints are
-written by the trainer's own save (a failed write leaves the previous checkpoint intact).
+written by the trainer's own save; a full disk stops the run with one TuneError naming the last complete
+checkpoint (kept intact; the half-written one is removed), from which --resume continues.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import json
 import math
 import random
 import shutil
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,11 +156,11 @@ def pad_token_id(tokenizer: QwenTokenizer) -> int:
 
 
 def linear_names(model: Any) -> list[str]:
-    """The distinct leaf names of the model's Linear layers (what --targets may name), lm_head excluded."""
+    """The distinct leaf names of the model's Linear layers (what --targets may name), lm_head included: a
+    LoRA pair on the output head is what lets a random or frozen head learn new answer tokens."""
     import torch
 
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    names.discard("lm_head")
     return sorted(names)
 
 
@@ -208,12 +212,21 @@ def _dataset(rows: Sequence[Encoded]) -> Any:
 
 
 def _trainer_class() -> Any:
-    """SFTTrainer whose loss computes the LM head only at positions that carry loss (logits_to_keep): with
-    Qwen's 151k-row vocabulary that head dominates a step, and most positions are masked prompt."""
+    """SFTTrainer whose loss computes the LM head only at the tokens that carry loss: with Qwen's 151k-row
+    vocabulary that head dominates a step, and most positions are masked prompt."""
     import torch
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):  # type: ignore[misc]
+        def __init__(self, *args: Any, model: Any, **kwargs: Any) -> None:
+            # TRL refuses a LoRA on lm_head because its fused loss reads lm_head.weight directly; the loss
+            # below calls the adapted head itself, so that one check is hidden during construction.
+            model.get_output_embeddings = lambda: None
+            try:
+                super().__init__(*args, model=model, **kwargs)
+            finally:
+                del model.get_output_embeddings
+
         def compute_loss(
             self,
             model: Any,
@@ -221,19 +234,20 @@ def _trainer_class() -> Any:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
+            from transformers.modeling_outputs import CausalLMOutput
+
             inputs = dict(inputs)
             labels = inputs.pop("labels")
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            # The backbone (LoRA layers are injected in place), then the head only at the labelled tokens.
+            hidden = getattr(base, base.base_model_prefix)(**inputs, use_cache=False).last_hidden_state
             target = labels[:, 1:]
-            keep = (target != IGNORE).any(dim=0).nonzero().squeeze(-1)
-            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-            logits = outputs.logits.float()
-            picked = target[:, keep]
-            total = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), picked.reshape(-1), ignore_index=IGNORE, reduction="sum"
-            )
-            count = num_items_in_batch if num_items_in_batch is not None else (picked != IGNORE).sum()
+            where = target != IGNORE
+            logits = base.get_output_embeddings()(hidden[:, :-1][where]).float()
+            total = torch.nn.functional.cross_entropy(logits, target[where], reduction="sum")
+            count = num_items_in_batch if num_items_in_batch is not None else where.sum()
             loss = total / torch.as_tensor(count, dtype=total.dtype, device=total.device).clamp(min=1)
-            return (loss, outputs) if return_outputs else loss
+            return (loss, CausalLMOutput(loss=loss, logits=logits[None])) if return_outputs else loss
 
     return Trainer
 
@@ -347,6 +361,9 @@ def run_tune(
         trainable_token_indices=list(config.train_tokens) or None,
     )
     model = get_peft_model(model, lora)
+    # peft would also save a full copy of a tied embedding when lm_head is a target; the adapter stays
+    # lora_A/lora_B pairs only (what llama.cpp's LoRA GGUF holds).
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     events: list[dict[str, Any]] = []
 
     def on_log(logs: dict[str, Any]) -> None:
@@ -378,6 +395,7 @@ def run_tune(
         dataloader_num_workers=0,
         gradient_checkpointing=False,  # TRL's default is on: a recompute the small CPU runs do not need
         include_num_input_tokens_seen="all",
+        prediction_loss_only=True,  # eval needs the loss only, not every batch's logits kept in memory
     )
     with _Stop() as stop:
         trainer = _trainer_class()(
@@ -390,9 +408,11 @@ def run_tune(
         )
         if on_start is not None:
             on_start({"max_steps": trainer.args.max_steps, "train": len(train_rows), "eval": len(eval_rows)})
-        trainer.train(resume_from_checkpoint=str(last_checkpoint(config.out)) if config.resume else None)
+        with _disk_full_stops(config.out):
+            trainer.train(resume_from_checkpoint=str(last_checkpoint(config.out)) if config.resume else None)
         interrupted = stop.requested
-    trainer.save_model(str(config.out))
+    with _disk_full_stops(config.out):
+        trainer.save_model(str(config.out))
     result = RunResult(
         out=config.out,
         steps=trainer.state.global_step,
@@ -427,6 +447,24 @@ def run_tune(
     }
     write_run(config.out, run)
     return result
+
+
+@contextlib.contextmanager
+def _disk_full_stops(out: Path) -> Iterator[None]:
+    """A full disk (ENOSPC/EDQUOT) mid-run becomes one TuneError: the half-written checkpoint (it has no
+    trainer_state.json, which the trainer writes last) is removed and the last complete one is named."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        root = out / "checkpoints"
+        for partial in root.glob("checkpoint-*") if root.is_dir() else ():
+            if not (partial / "trainer_state.json").is_file():
+                shutil.rmtree(partial, ignore_errors=True)
+        good = last_checkpoint(out)
+        keep = f"{good.name} is intact: free space, then --resume" if good else "no checkpoint was complete"
+        raise TuneError(f"disk full while writing to {out}: {keep}") from None
 
 
 def write_run(out: Path, run: dict[str, Any]) -> None:
