@@ -28,6 +28,7 @@ from typing import Any
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
+from children import start, stop
 from common import bench_model, machine, write_results
 
 GOAL = 0.4
@@ -87,28 +88,17 @@ def hog(model: Path, threads: int) -> None:
 
 
 def start_load(kind: str, args: argparse.Namespace) -> list[subprocess.Popen[bytes]]:
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     if kind == "cpu":
         n = os.cpu_count() or 1
-        procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], **quiet) for _ in range(n)]
+        procs = [start([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
     else:
         cmd = [sys.executable, __file__, "--hog", "--model", str(args.model), "--threads", str(args.threads)]
-        procs = [subprocess.Popen(cmd, **quiet)]
+        procs = [start(cmd)]
     time.sleep(args.settle)
     for p in procs:
         if p.poll() is not None:
             raise RuntimeError(f"the {kind} load exited early ({p.returncode})")
     return procs
-
-
-def stop_load(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def measure(poll: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -166,7 +156,7 @@ def main() -> None:
                 for s in order:
                     runs[kind][s].append(measure(s, args))
             finally:
-                stop_load(procs)
+                stop(*procs, timeout=10)
 
     best = {c: {s: max(v, key=lambda x: x["tok_s"]) for s, v in per.items()} for c, per in runs.items()}
     rows = []

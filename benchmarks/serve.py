@@ -27,6 +27,7 @@ import httpx
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
+from children import start, stop  # the other benchmarks import them from here
 from common import bench_model, machine, median, pct, write_results
 from engine import MAX_SEQS, NEW_TOKENS, Recorder
 
@@ -116,24 +117,6 @@ def in_process(engine: LlamaCppEngine, prompts: list[tuple[int, ...]], tag: str)
         "ttft_p50_s": median(ttft),
         "ttft_p95_s": pct(ttft, 95),
     }
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
-    """A server in its own session; its output is appended to log, or dropped."""
-    if log is None:
-        return subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
-        )
-    with log.open("ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def best(runs: list[dict[str, float]]) -> dict[str, float]:

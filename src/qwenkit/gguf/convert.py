@@ -43,7 +43,8 @@ from qwenkit.checkpoints.embedding import (
     EmbeddingSpecError,
     embedding_spec_from_dir,
 )
-from qwenkit.paths import cache_root, replaced_on_success
+from qwenkit.gguf.files import gguf_file, read_json, write_gguf
+from qwenkit.paths import cache_root
 from qwenkit.tokenizer.specials import ENDOFTEXT
 
 __all__ = [
@@ -185,26 +186,23 @@ def convert_to_gguf(
         plan = _plan(located, handles, config, arch, qtype)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         _check_disk_space(out_path.parent, sum(p.nbytes for p in plan))
-        with replaced_on_success(out_path) as tmp:
-            writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-            try:
-                _add_metadata(writer, config, ftype, name or checkpoint_name(checkpoint_dir))
-                if embedding:  # llama.cpp reads {arch}.pooling_type; Qwen3-Embedding pools the last token
-                    writer.add_pooling_type(gguf.PoolingType.LAST)
-                _add_vocab(writer, checkpoint_dir, config)
-                for planned in plan:
-                    writer.add_tensor_info(
-                        planned.name, planned.shape, np.dtype(np.float32), planned.nbytes, planned.qtype
-                    )
-                writer.write_header_to_file()
-                writer.write_kv_data_to_file()
-                writer.write_ti_data_to_file()
-                for done, planned in enumerate(plan, start=1):
-                    writer.write_tensor_data(_encode(planned, located, handles))
-                    if progress is not None:
-                        progress(done, len(plan))
-            finally:
-                writer.close()
+
+        def encoded() -> Iterator[np.ndarray]:
+            for done, planned in enumerate(plan, start=1):
+                yield _encode(planned, located, handles)
+                if progress is not None:  # runs once the array is written
+                    progress(done, len(plan))
+
+        with gguf_file(out_path, gguf.MODEL_ARCH_NAMES[arch]) as writer:
+            _add_metadata(writer, config, ftype, name or checkpoint_name(checkpoint_dir))
+            if embedding:  # llama.cpp reads {arch}.pooling_type; Qwen3-Embedding pools the last token
+                writer.add_pooling_type(gguf.PoolingType.LAST)
+            _add_vocab(writer, checkpoint_dir, config)
+            for planned in plan:
+                writer.add_tensor_info(
+                    planned.name, planned.shape, np.dtype(np.float32), planned.nbytes, planned.qtype
+                )
+            write_gguf(writer, encoded())
     return out_path
 
 
@@ -254,15 +252,12 @@ def _outtype(outtype: str) -> tuple[gguf.GGMLQuantizationType, gguf.LlamaFileTyp
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise ConversionError(
-            f"no config.json in {directory}: pass a Hugging Face-layout checkpoint directory"
-        )
-    try:
-        config = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"{path} is not valid JSON ({exc}): re-download the checkpoint") from None
+    config = read_json(
+        directory / "config.json",
+        ConversionError,
+        "re-download the checkpoint",
+        missing=f"no config.json in {directory}: pass a Hugging Face-layout checkpoint directory",
+    )
     config = flat_text_config(config) if isinstance(config, dict) else {}
     model_type = config.get("model_type")
     if model_type not in ARCHES:

@@ -31,8 +31,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from qwenkit.gguf.convert import ConversionError, gguf_tensor_namer
+from qwenkit.gguf.files import gguf_file, read_json, write_gguf
 from qwenkit.gguf.reader import GGUFReadError, MetadataReader, check_gguf_magic
-from qwenkit.paths import cache_root, replaced_on_success
+from qwenkit.paths import cache_root
 
 __all__ = [
     "LORA_VERSION",
@@ -129,14 +130,13 @@ def _field(reader: gguf.GGUFReader, key: str) -> Any:
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     """adapter_config.json, checked to be a plain LoRA that llama.cpp can apply (else LoraError)."""
     path = adapter_dir / _CONFIG
-    if not path.is_file():
-        raise LoraError(
-            f"{adapter_dir} holds no adapter ({_CONFIG}): pass a `qwenkit tune` --out dir or a LoRA .gguf"
-        )
-    try:
-        config = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoraError(f"{path} is not valid JSON ({exc.__class__.__name__}): re-save the adapter") from None
+    config = read_json(
+        path,
+        LoraError,
+        "re-save the adapter",
+        missing=f"{adapter_dir} holds no adapter ({_CONFIG}): "
+        "pass a `qwenkit tune` --out dir or a LoRA .gguf",
+    )
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise LoraError(
@@ -262,20 +262,14 @@ def convert_lora(adapter_dir: Path, base_gguf: Path, out_path: Path, outtype: Lo
     if config.get("use_rslora") and isinstance(config.get("r"), int):
         file_alpha *= math.sqrt(config["r"])
     tensors = _plan_tensors(adapter_dir, config, base, file_alpha)
-    with replaced_on_success(out_path) as tmp:
-        writer = gguf.GGUFWriter(tmp, base.arch_name)
-        try:
-            writer.add_type(gguf.GGUFType.ADAPTER)
-            writer.add_name(adapter_dir.resolve().name)
-            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, file_alpha)
-            for name, array in tensors:
-                writer.add_tensor(name, np.ascontiguousarray(array, dtype=_DTYPES[outtype]))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+    with gguf_file(out_path, base.arch_name) as writer:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_name(adapter_dir.resolve().name)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, file_alpha)
+        for name, array in tensors:
+            writer.add_tensor(name, np.ascontiguousarray(array, dtype=_DTYPES[outtype]))
+        write_gguf(writer)
     return out_path
 
 
@@ -368,28 +362,20 @@ def untied_gguf(base_gguf: Path, env: Mapping[str, str] | None = None) -> Path:
         return target
     reader = gguf.GGUFReader(base_gguf)
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
-    with replaced_on_success(target) as tmp:
-        writer = gguf.GGUFWriter(tmp, str(arch.contents()) if arch else "", endianess=reader.endianess)
+    with gguf_file(target, str(arch.contents()) if arch else "", endianess=reader.endianess) as writer:
         if (alignment := reader.get_field(gguf.Keys.General.ALIGNMENT)) is not None:
             writer.data_alignment = int(alignment.contents())  # the tensor data must start where it says
-        try:
-            for field in reader.fields.values():
-                if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-                    continue  # the writer adds these itself
-                kind = field.types[0]
-                sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-                writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
-            tensors = [(t.name, t) for t in reader.tensors]
-            tensors += [("output.weight", t) for t in reader.tensors if t.name == "token_embd.weight"]
-            for name, t in tensors:
-                writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for _, t in tensors:
-                writer.write_tensor_data(t.data)
-        finally:
-            writer.close()
+        for field in reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue  # the writer adds these itself
+            kind = field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+        tensors = [(t.name, t) for t in reader.tensors]
+        tensors += [("output.weight", t) for t in reader.tensors if t.name == "token_embd.weight"]
+        for name, t in tensors:
+            writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        write_gguf(writer, (t.data for _, t in tensors))
     return target
 
 

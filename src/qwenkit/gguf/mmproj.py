@@ -26,8 +26,9 @@ from safetensors import SafetensorError, safe_open
 
 from qwenkit.checkpoints.resolve import ResolvedModel
 from qwenkit.gguf.convert import ConversionError, checkpoint_name, gguf_cache_key
+from qwenkit.gguf.files import gguf_file, read_json, write_gguf
 from qwenkit.gguf.reader import GGUFReadError, MetadataReader, check_gguf_magic
-from qwenkit.paths import cache_root, replaced_on_success
+from qwenkit.paths import cache_root
 
 __all__ = [
     "MMPROJ_VERSION",
@@ -76,13 +77,12 @@ def vision_family(config: Mapping[str, Any]) -> str | None:
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / "config.json"
-    try:
-        config = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise MmprojError(f"no config.json in {directory}: pass a Hugging Face-layout checkpoint") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MmprojError(f"{path} is not valid JSON ({exc}): re-download the checkpoint") from None
+    config = read_json(
+        directory / "config.json",
+        MmprojError,
+        "re-download the checkpoint",
+        missing=f"no config.json in {directory}: pass a Hugging Face-layout checkpoint",
+    )
     if not isinstance(config, dict) or vision_family(config) is None:
         model_type = config.get("model_type") if isinstance(config, dict) else None
         raise MmprojError(
@@ -99,10 +99,7 @@ def _preprocessor(directory: Path, family: str) -> tuple[list[float], list[float
     for name in ("preprocessor_config.json", "processor_config.json"):
         path = directory / name
         if path.is_file():
-            try:
-                data = json.loads(path.read_text("utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise MmprojError(f"{path} is not valid JSON ({exc}): re-download the checkpoint") from None
+            data = read_json(path, MmprojError, "re-download the checkpoint")
             if isinstance(data, dict):
                 merged |= data | (data.get("image_processor") or {})
     mean, std = merged.get("image_mean", default[0]), merged.get("image_std", default[1])
@@ -197,50 +194,44 @@ def convert_mmproj(
         raise MmprojError(f"{checkpoint_dir} has no vision-tower tensors (model.visual.*): re-download it")
     mean, std = _preprocessor(checkpoint_dir, family)
 
-    with replaced_on_success(out_path) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-        try:
-            writer.add_type(gguf.GGUFType.MMPROJ)
-            writer.add_name(name or checkpoint_name(checkpoint_dir))
-            writer.add_file_type(_FTYPES[outtype])
-            writer.add_clip_has_vision_encoder(True)
-            writer.add_clip_projector_type(_PROJECTORS[family])
-            writer.add_vision_projection_dim(int(vision.get("out_hidden_size") or text["hidden_size"]))
-            if family == "qwen2_5_vl":
-                image_size = int(vision.get("image_size", 560))
-            else:
-                # The learned position grid is sqrt(num_position_embeddings) patches per side.
-                image_size = int(round(int(vision["num_position_embeddings"]) ** 0.5) * patch)
-            writer.add_vision_image_size(image_size)
-            writer.add_vision_patch_size(patch)
-            writer.add_vision_embedding_length(int(vision["hidden_size"]))
-            writer.add_vision_feed_forward_length(int(vision["intermediate_size"]))
-            writer.add_vision_block_count(depth)
-            writer.add_vision_head_count(int(vision["num_heads"]))
-            writer.add_vision_image_mean(mean)
-            writer.add_vision_image_std(std)
-            writer.add_vision_spatial_merge_size(int(vision.get("spatial_merge_size", 2)))
-            # transformers' vision norms use eps 1e-6, as does every Qwen text config's rms_norm_eps.
-            writer.add_vision_attention_layernorm_eps(float(text.get("rms_norm_eps", 1e-6)))
-            if family == "qwen2_5_vl":
-                writer.add_vision_use_silu(True)
-                writer.add_vision_n_wa_pattern(_window_pattern(vision))
-                writer.add_vision_window_size(int(vision.get("window_size", 112)))
-            else:
-                writer.add_vision_use_gelu(True)
-                deepstack = set(vision.get("deepstack_visual_indexes") or [])
-                writer.add_vision_is_deepstack_layers([i in deepstack for i in range(depth)])
-            for tensor_name, value in tensors:
-                # Vectors (norms, biases) stay f32, and so does the position grid: ggml_interpolate, which
-                # resizes it to the image, takes only f32. Matrices and kernels take the outtype.
-                keep_f32 = value.ndim < 2 or tensor_name.startswith("v.position_embd.")
-                dtype = np.float32 if keep_f32 else _OUTTYPES[outtype]
-                writer.add_tensor(tensor_name, np.ascontiguousarray(value.astype(dtype)))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+    with gguf_file(out_path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ]) as writer:
+        writer.add_type(gguf.GGUFType.MMPROJ)
+        writer.add_name(name or checkpoint_name(checkpoint_dir))
+        writer.add_file_type(_FTYPES[outtype])
+        writer.add_clip_has_vision_encoder(True)
+        writer.add_clip_projector_type(_PROJECTORS[family])
+        writer.add_vision_projection_dim(int(vision.get("out_hidden_size") or text["hidden_size"]))
+        if family == "qwen2_5_vl":
+            image_size = int(vision.get("image_size", 560))
+        else:
+            # The learned position grid is sqrt(num_position_embeddings) patches per side.
+            image_size = int(round(int(vision["num_position_embeddings"]) ** 0.5) * patch)
+        writer.add_vision_image_size(image_size)
+        writer.add_vision_patch_size(patch)
+        writer.add_vision_embedding_length(int(vision["hidden_size"]))
+        writer.add_vision_feed_forward_length(int(vision["intermediate_size"]))
+        writer.add_vision_block_count(depth)
+        writer.add_vision_head_count(int(vision["num_heads"]))
+        writer.add_vision_image_mean(mean)
+        writer.add_vision_image_std(std)
+        writer.add_vision_spatial_merge_size(int(vision.get("spatial_merge_size", 2)))
+        # transformers' vision norms use eps 1e-6, as does every Qwen text config's rms_norm_eps.
+        writer.add_vision_attention_layernorm_eps(float(text.get("rms_norm_eps", 1e-6)))
+        if family == "qwen2_5_vl":
+            writer.add_vision_use_silu(True)
+            writer.add_vision_n_wa_pattern(_window_pattern(vision))
+            writer.add_vision_window_size(int(vision.get("window_size", 112)))
+        else:
+            writer.add_vision_use_gelu(True)
+            deepstack = set(vision.get("deepstack_visual_indexes") or [])
+            writer.add_vision_is_deepstack_layers([i in deepstack for i in range(depth)])
+        for tensor_name, value in tensors:
+            # Vectors (norms, biases) stay f32, and so does the position grid: ggml_interpolate, which
+            # resizes it to the image, takes only f32. Matrices and kernels take the outtype.
+            keep_f32 = value.ndim < 2 or tensor_name.startswith("v.position_embd.")
+            dtype = np.float32 if keep_f32 else _OUTTYPES[outtype]
+            writer.add_tensor(tensor_name, np.ascontiguousarray(value.astype(dtype)))
+        write_gguf(writer)
     return out_path
 
 
