@@ -8,19 +8,27 @@ attention both sides compute in f32 and only summation order differs: measured <
 default f16 KV cache rounds K and V to 11-bit mantissas: measured <= 9e-5, bound F16_BOUND = 2e-4.
 Negative controls: the second-to-last token's state, the mean over tokens, and another input's vector
 each differ by more than 100x F16_BOUND, so the bounds tell pooling and input apart. The server half runs
-the official `openai` client against the live server on the embedding demo.
+the official `openai` and `ollama` clients against the live server on the embedding demo.
+
+Batching across requests: decoder_busy() holds the embedder's decoder seat (as a long batch would) while
+callers queue, so the batch they share is certain rather than a race. Measured on the demo: a short input's
+vector packed with other requests' is bit-identical to it alone; a 700-token one (split over ubatches)
+differs by <= 3e-8 relative (f32 KV), 4e-7 (f16), so the checks use the parity bounds above.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ollama
 import openai
 import pytest
 import requests
@@ -35,6 +43,7 @@ from qwenkit.checkpoints.resolve import resolve_model
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.embedder import LlamaEmbedder
 from qwenkit.engines.loader import open_engine, prepare_files
+from qwenkit.engines.request import EngineError, RequestTooLong
 from qwenkit.gguf.convert import ConversionError, convert_to_gguf
 from qwenkit.gguf.reader import read_gguf_info
 from qwenkit.serve.config import ServeConfig
@@ -360,3 +369,181 @@ def test_batches_of_embeddings_in_process_and_through_the_server(
     served = {r["custom_id"]: r for r in map(json.loads, lines)}
     for have, expected in zip(vectors(served), want, strict=True):
         assert np.abs(have - expected).max() <= F16_BOUND
+
+
+# ---- batching across requests ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def decoder_busy(embedder: LlamaEmbedder) -> Iterator[None]:
+    """Hold the embedder's decoder seat, as a batch in progress does: embed() callers queue behind it."""
+    with embedder._cond:
+        assert not embedder._decoding
+        embedder._decoding = True
+    try:
+        yield
+    finally:
+        with embedder._cond:
+            embedder._decoding = False
+            embedder._cond.notify_all()
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_concurrent_callers_share_decode_calls(
+    gguf: Path, spec: EmbeddingSpec, reference: tuple[list[list[int]], list[np.ndarray]]
+) -> None:
+    ids, _ = reference
+    embedder = LlamaEmbedder(gguf, EngineConfig(n_ctx=4096, max_seqs=4, threads=2, kv_type="f32"))
+    try:
+        ids = ids[:3]  # short inputs keep this quick; the long one's packing is checked above
+        alone = [embedder.embed([row])[0] for row in ids]
+        good = [[ids[0]], [ids[1], ids[2]], [ids[2]], [ids[0], ids[1]], [ids[1]]]
+        bad: list[tuple[list[list[int]], type[EngineError], str]] = [
+            ([[5] * (embedder.n_ctx + 1)], RequestTooLong, "at most 1024"),
+            ([[embedder.n_vocab]], EngineError, "outside the vocabulary"),
+        ]
+        steps = embedder.stats().steps
+        with ThreadPoolExecutor(len(good) + len(bad)) as pool, decoder_busy(embedder):
+            futures = [pool.submit(embedder.embed, rows) for rows in good]
+            # A bad caller fails at once, on its own: it never waits in (or fails) the shared batch.
+            for rows, error, match in bad:
+                with pytest.raises(error, match=match):
+                    pool.submit(embedder.embed, rows).result(timeout=60)
+            wait_for(lambda: embedder.stats().waiting == len(good), "the callers to queue")
+            assert not any(f.done() for f in futures)
+        results = [f.result(timeout=120) for f in futures]
+        calls = embedder.stats().steps - steps
+        assert calls == 2  # 7 inputs of 5 callers, at most 4 sequences per call
+        assert embedder.stats().running == embedder.stats().waiting == 0
+        for rows, got in zip(good, results, strict=True):
+            assert len(got) == len(rows)
+            for row, vector in zip(rows, got, strict=True):
+                want = alone[ids.index(row)]
+                assert np.abs(spec.finish(vector) - spec.finish(want)).max() <= F32_BOUND
+    finally:
+        embedder.shutdown()
+    with pytest.raises(EngineError, match="shut down"):
+        embedder.embed([ids[0]])
+
+
+def test_concurrent_requests_share_decode_calls(server: LiveServer, client: openai.OpenAI) -> None:
+    embedder = server.engine
+    assert isinstance(embedder, LlamaEmbedder)
+    bodies: list[dict[str, Any]] = [
+        {"input": TEXTS[0]},
+        {"input": TEXTS[1:3]},
+        {"input": "another text", "dimensions": 32},
+        {"input": TEXTS[2]},
+        {"input": [TEXTS[1], "short"]},
+        {"input": TEXTS[0], "prompt_name": "query"},
+    ]
+
+    def vectors(body: dict[str, Any]) -> list[np.ndarray]:
+        reply = post(server, "/v1/embeddings", {"model": MODEL, "encoding_format": "float", **body})
+        assert reply.status_code == 200, reply.text
+        return [np.array(d["embedding"]) for d in reply.json()["data"]]
+
+    alone = [vectors(body) for body in bodies]
+    steps = embedder.stats().steps
+    with ThreadPoolExecutor(len(bodies) + 1) as pool:
+        with decoder_busy(embedder):
+            futures = [pool.submit(vectors, body) for body in bodies]
+            # A client that gives up while queued: its request is embedded and dropped, nobody else fails.
+            gone = pool.submit(
+                requests.post,
+                server.base_url + "/v1/embeddings",
+                json={"model": MODEL, "input": "I will not wait"},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=1,
+            )
+            # A too-long input gets its own 400 at once, not held behind (or failing) the queued batch.
+            too_long = post(server, "/v1/embeddings", {"model": MODEL, "input": "word " * 1500})
+            assert too_long.status_code == 400
+            assert f"at most {embedder.n_ctx} " in too_long.json()["error"]["message"]
+            wait_for(lambda: embedder.stats().waiting == len(bodies) + 1, "the requests to queue")
+            with pytest.raises(requests.exceptions.ReadTimeout):
+                gone.result(timeout=60)
+        together = [f.result(timeout=120) for f in futures]
+    calls = embedder.stats().steps - steps
+    assert calls < len(bodies), calls  # 10 inputs of 7 requests, 4 sequences per call: 3 calls
+    for want, got in zip(alone, together, strict=True):
+        assert len(got) == len(want)
+        for a, b in zip(want, got, strict=True):
+            assert a.shape == b.shape and np.abs(a - b).max() <= F16_BOUND
+    assert vectors({"input": "still serving"})
+
+
+# ---- the Ollama API on an embedding model ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ollama_client(server: LiveServer) -> ollama.Client:
+    return ollama.Client(host=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+
+
+def test_ollama_client_embeds_and_shows_an_embedding_model(
+    ollama_client: ollama.Client, client: openai.OpenAI, server: LiveServer
+) -> None:
+    shown = ollama_client.show(MODEL)
+    assert shown.capabilities == ["embedding"]  # what Ollama reports for an embedding model
+    assert shown.modelinfo is not None and shown.modelinfo["qwen3.embedding_length"] == 64
+    want = client.embeddings.create(model=MODEL, input=TEXTS[:3], encoding_format="float")
+    got = ollama_client.embed(model=MODEL, input=TEXTS[:3])
+    assert got.model == MODEL and got.prompt_eval_count == want.usage.prompt_tokens
+    assert len(got.embeddings) == 3
+    for mine, theirs in zip(got.embeddings, want.data, strict=True):
+        assert np.abs(np.array(mine) - np.array(theirs.embedding)).max() <= F16_BOUND
+    one = ollama_client.embed(model=MODEL, input=TEXTS[1], dimensions=32).embeddings
+    assert len(one) == 1 and len(one[0]) == 32 and abs(float(np.linalg.norm(one[0])) - 1) < 1e-5
+    assert len(ollama_client.embed(model=MODEL, input=TEXTS[1], dimensions=64).embeddings[0]) == 64
+    assert ollama_client.embed(model=MODEL, input="").embeddings == []  # Ollama: empty input, no vectors
+    legacy = ollama_client.embeddings(model=MODEL, prompt=TEXTS[0]).embedding
+    assert np.abs(np.array(legacy) - np.array(got.embeddings[0])).max() <= F16_BOUND
+    # Ollama truncates a too-long input unless told not to; the end token stays last.
+    long = ollama_client.embed(model=MODEL, input="word " * 1500)
+    assert long.prompt_eval_count == server.engine.n_ctx and len(long.embeddings) == 1
+    with pytest.raises(ollama.ResponseError) as refused:
+        ollama_client.embed(model=MODEL, input="word " * 1500, truncate=False)
+    assert refused.value.status_code == 400 and f"at most {server.engine.n_ctx} " in refused.value.error
+
+
+OLLAMA_BAD: list[tuple[str, str, dict[str, Any], int]] = [
+    ("input number", "/api/embed", {"input": 3}, 400),
+    ("input ids", "/api/embed", {"input": [1, 2]}, 400),
+    ("input mixed", "/api/embed", {"input": ["a", 1]}, 400),
+    ("empty string in a list", "/api/embed", {"input": ["a", ""]}, 400),
+    ("truncate a string", "/api/embed", {"input": "a", "truncate": "yes"}, 400),
+    ("dimensions too small", "/api/embed", {"input": "a", "dimensions": 8}, 400),
+    ("dimensions negative", "/api/embed", {"input": "a", "dimensions": -1}, 400),
+    ("num_ctx too large", "/api/embed", {"input": "a", "options": {"num_ctx": 10**6}}, 400),
+    ("options a list", "/api/embed", {"input": "a", "options": [1]}, 400),
+    ("input object", "/api/embed", {"input": {"text": "a"}}, 400),
+    ("dimensions a float", "/api/embed", {"input": "a", "dimensions": 32.0}, 400),
+    ("num_ctx a string", "/api/embed", {"input": "a", "options": {"num_ctx": "big"}}, 400),
+    ("keep_alive a list", "/api/embed", {"input": "a", "keep_alive": [5]}, 400),
+    ("model empty", "/api/embed", {"model": "", "input": "a"}, 400),
+    ("model a number", "/api/embed", {"model": 7, "input": "a"}, 400),
+    ("too many inputs", "/api/embed", {"input": ["a"] * 2049}, 400),
+    ("unknown model", "/api/embed", {"model": "llama3:8b", "input": "a"}, 404),
+    ("prompt a list", "/api/embeddings", {"prompt": ["a"]}, 400),
+    ("prompt too long", "/api/embeddings", {"prompt": "word " * 1500}, 400),
+    ("prompt a number", "/api/embeddings", {"prompt": 5}, 400),
+    ("legacy unknown model", "/api/embeddings", {"model": "x", "prompt": "a"}, 404),
+]
+
+
+@pytest.mark.parametrize(("case", "path", "body", "status"), OLLAMA_BAD, ids=[b[0] for b in OLLAMA_BAD])
+def test_ollama_embed_bad_input_in_ollamas_shape(
+    server: LiveServer, case: str, path: str, body: dict[str, Any], status: int
+) -> None:
+    reply = post(server, path, {"model": MODEL, **body})
+    assert reply.status_code == status, reply.text
+    error = reply.json()
+    assert set(error) == {"error"} and isinstance(error["error"], str) and error["error"]
+    assert post(server, "/api/embed", {"model": MODEL, "input": "still serving"}).status_code == 200

@@ -1,7 +1,8 @@
 """The official `ollama` client against a real server (uvicorn on 127.0.0.1, llama.cpp, the tiny demo model)
 on /api/*: tags, show, version, chat and generate (NDJSON streams that add up to the whole answer), think
 on/off with message.thinking, format (JSON schema), options, tool-call history in and (scripted) tool calls
-out, and bad input answered as {"error": ...} while the server keeps serving."""
+out, embeddings refused (a chat model), and bad input answered as {"error": ...} while the server keeps
+serving. Embeddings on an embedding model: tests/test_serve_embeddings.py."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def user(text: str = "Hello there") -> list[dict[str, Any]]:
 def test_tags_show_version(client: ollama.Client, server: LiveServer) -> None:
     assert [m.model for m in client.list().models] == [MODEL]
     shown = client.show(MODEL)
-    assert shown.capabilities and "tools" in shown.capabilities and "thinking" in shown.capabilities
+    assert shown.capabilities == ["completion", "tools", "thinking"]  # no vision projector, no embedding
     assert shown.modelinfo is not None and server.engine.n_ctx in shown.modelinfo.values()
     version = httpx.get(server.base_url + "/api/version", headers=BEARER).json()["version"]
     assert isinstance(version, str) and version
@@ -138,6 +139,22 @@ def test_tool_calls_come_back_whole(demo_checkpoint: Callable[..., Path]) -> Non
     ]
     streamed = [c for line in lines for c in line.message.tool_calls or []]
     assert streamed == calls and lines[-1].done and whole.done_reason == "stop"
+
+
+def test_a_chat_model_refuses_embeddings_in_ollamas_shape(client: ollama.Client) -> None:
+    calls: list[Callable[[], object]] = [
+        lambda: client.embed(model=MODEL, input="hi"),
+        lambda: client.embed(model=MODEL, input=""),
+        lambda: client.embeddings(model=MODEL, prompt="hi"),
+    ]
+    for call in calls:
+        with pytest.raises(ollama.ResponseError) as err:
+            call()
+        assert err.value.status_code == 400
+        assert (
+            "chat model" in err.value.error
+            and "qwenkit serve --model Qwen/Qwen3-Embedding" in err.value.error
+        )
 
 
 BAD: list[tuple[str, str, dict[str, Any]]] = [

@@ -171,6 +171,7 @@ class ChatParts:
     parser: Callable[[], OutputParser]
     prompt_tokens: int
     request: GenerationRequest
+    model: str  # the request's model: the served name, or "name:adapter" (each API's answers name it)
     max_calls: int | None = None
     echo: str | None = None
 
@@ -628,6 +629,7 @@ def plan_chat(
         parser=lambda: prepared.parser(call_names=tool_plan.names),
         prompt_tokens=prompt_tokens,
         request=request,
+        model=body.model,
         max_calls=max_calls,
         echo=echo,
     )

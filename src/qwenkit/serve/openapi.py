@@ -22,7 +22,13 @@ from pydantic import BaseModel
 from qwenkit.serve.apis.anthropic import CountTokensRequest, MessagesRequest
 from qwenkit.serve.apis.batches import BatchCreate
 from qwenkit.serve.apis.embeddings import EmbeddingsRequest
-from qwenkit.serve.apis.ollama import OllamaChatRequest, OllamaGenerateRequest, ShowRequest
+from qwenkit.serve.apis.ollama import (
+    OllamaChatRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
+    OllamaGenerateRequest,
+    ShowRequest,
+)
 from qwenkit.serve.apis.responses import ResponsesRequest
 from qwenkit.serve.config import ServeConfig
 from qwenkit.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -36,6 +42,8 @@ BODY_MODELS: dict[str, type[BaseModel]] = {
     "/api/chat": OllamaChatRequest,
     "/api/generate": OllamaGenerateRequest,
     "/api/show": ShowRequest,
+    "/api/embed": OllamaEmbedRequest,
+    "/api/embeddings": OllamaEmbeddingsRequest,
     "/v1/batches": BatchCreate,
     "/v1/embeddings": EmbeddingsRequest,
 }

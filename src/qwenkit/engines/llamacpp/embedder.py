@@ -4,19 +4,25 @@ generation engine's.
 Contract: LlamaEmbedder(gguf, config) loads the GGUF into a context with embeddings=True and pooling LAST,
 config.threads threads and a unified KV pool of n_ctx = config.n_ctx // config.max_seqs cells (of
 config.kv_type; flash attention as config.flash_attn): the most tokens one input, and one call, may hold.
-embed(inputs) runs token-id lists in as few llama_decode calls as fit (up to max_seqs sequences and n_ctx
-tokens per call, each its own seq id, the memory cleared before each call; llama.cpp splits a call into
-ubatches of config.n_ubatch tokens, and causal attention over the KV cache keeps a split sequence exact)
-and returns each input's pooled hidden state
-(after the final norm; not normalised: the caller truncates and normalises). It is thread-safe (one call
-at a time). It also satisfies the Engine protocol so the server runs it like any engine: generate() raises
-EngineError, stats() reports calls in flight.
+embed(inputs) checks its inputs (empty, too long or out-of-vocabulary: EngineError/RequestTooLong for
+that caller alone), then queues them. Concurrent callers are batched together: one thread at a time
+decodes, for every caller queued when it starts, all their inputs in arrival order, in as few llama_decode
+calls as fit (up to max_seqs sequences and n_ctx tokens per call, each its own seq id, the memory cleared
+before each call; llama.cpp splits a call into ubatches of config.n_ubatch tokens, and causal attention
+over the KV cache keeps a split sequence exact), and hands each caller its own vectors in order; a caller
+that arrives while a batch runs waits for the next one. It returns each input's pooled hidden state (after
+the final norm; not normalised: the caller truncates and normalises). A caller that gives up (a
+disconnected HTTP request) costs the others nothing: its inputs are embedded and dropped. A failed
+llama_decode fails every caller of that batch. It also satisfies the Engine protocol so the server runs it
+like any engine: generate() raises EngineError, stats() reports callers being embedded (running) and
+queued (waiting), and steps counts llama_decode calls (fewer than callers: batched across requests).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp
@@ -25,6 +31,16 @@ import numpy as np
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.model import context_params, load_model
 from qwenkit.engines.request import EngineError, EngineStats, GenerationRequest, RequestTooLong, TokenEvent
+
+
+@dataclass
+class _Caller:
+    """One embed() call waiting in the queue; the thread that decodes it fills vectors or error."""
+
+    inputs: Sequence[Sequence[int]]
+    vectors: list[np.ndarray] = field(default_factory=list)
+    error: EngineError | None = None
+    done: bool = False
 
 
 class LlamaEmbedder:
@@ -48,15 +64,18 @@ class LlamaEmbedder:
         self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model)))
         self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
-        self._lock = threading.Lock()
-        self._count_lock = threading.Lock()
+        self._cond = threading.Condition()  # guards the queue, the counters and _decoding
+        self._decoding = False  # one thread decodes at a time, for every queued caller
+        self._queue: list[_Caller] = []
         self._in_flight = 0
+        self._running = 0
         self._calls = 0
         self._closed = False
 
     # ---- embedding --------------------------------------------------------------------------------
     def embed(self, inputs: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Each input's last-token hidden state (float32, n_embd values), in order."""
+        """Each input's last-token hidden state (float32, n_embd values), in order; batched with the inputs
+        of concurrent callers (see the module docstring)."""
         for i, tokens in enumerate(inputs):
             if not tokens:
                 raise EngineError(f"input {i} is empty: give at least one token")
@@ -66,19 +85,53 @@ class LlamaEmbedder:
                 )
             if min(tokens) < 0 or max(tokens) >= self.n_vocab:
                 raise EngineError(f"input {i} has token ids outside the vocabulary (0..{self.n_vocab - 1})")
-        with self._count_lock:
+        caller = _Caller(inputs)
+        with self._cond:
             self._in_flight += 1
+            self._queue.append(caller)
+            # Wait until another thread's batch has embedded ours, or the decoder's seat is free.
+            while not caller.done and self._decoding:
+                self._cond.wait()
+            decoder = not caller.done
+            self._decoding = self._decoding or decoder
         try:
-            with self._lock:
-                if self._closed:
-                    raise EngineError("the embedding engine is shut down")
-                out: list[np.ndarray] = []
-                for group in self._groups(inputs):
-                    out += self._decode(group)
-                return out
+            if decoder:
+                self._run_queue()
         finally:
-            with self._count_lock:
+            with self._cond:
                 self._in_flight -= 1
+                if decoder:
+                    self._decoding = False
+                    self._cond.notify_all()  # wakes the callers served, and the next decoder
+        if caller.error is not None:
+            raise caller.error
+        return caller.vectors
+
+    def _run_queue(self) -> None:
+        """Embed every queued caller's inputs together (only the thread holding the decoder's seat)."""
+        with self._cond:
+            callers, self._queue = self._queue, []
+            self._running = len(callers)
+        try:
+            if self._closed:
+                raise EngineError("the embedding engine is shut down")
+            flat = [tokens for caller in callers for tokens in caller.inputs]
+            vectors: list[np.ndarray] = []
+            for group in self._groups(flat):
+                vectors += self._decode(group)
+            for caller in callers:
+                caller.vectors, vectors = vectors[: len(caller.inputs)], vectors[len(caller.inputs) :]
+        except Exception as exc:  # every caller of this batch gets the failure, none waits forever
+            error = exc if isinstance(exc, EngineError) else EngineError(f"embedding failed: {exc}")
+            for caller in callers:
+                caller.error = error
+        finally:
+            with self._cond:
+                for caller in callers:
+                    if caller.error is None and len(caller.vectors) != len(caller.inputs):
+                        caller.error = EngineError("embedding was interrupted")
+                    caller.done = True
+                self._running = 0
 
     def _groups(self, inputs: Sequence[Sequence[int]]) -> list[list[Sequence[int]]]:
         """Consecutive inputs packed into calls of at most max_seqs sequences and n_ctx tokens in all."""
@@ -128,12 +181,11 @@ class LlamaEmbedder:
         """Embedding calls are short and not abortable; there is nothing to abort."""
 
     def stats(self) -> EngineStats:
-        with self._count_lock:
-            busy = self._in_flight
-        running = min(busy, 1)
+        with self._cond:
+            busy, running = self._in_flight, self._running
         return EngineStats(
             running=running,
-            waiting=busy - running,
+            waiting=max(busy - running, 0),
             kv_used=0,
             kv_total=self.n_ctx,
             steps=self._calls,
@@ -141,8 +193,11 @@ class LlamaEmbedder:
         )
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Free the context and model once the call in progress (if any) has finished."""
-        with self._lock:
+        """Free the context and model once the batch in progress (if any) has finished; callers still
+        queued then get EngineError."""
+        with self._cond:
+            while self._decoding:
+                self._cond.wait()
             if self._closed:
                 return
             self._closed = True

@@ -363,6 +363,7 @@ class MessagesJob:
     def __init__(self, parts: ChatParts, stops: list[str], omit_thinking: bool = False) -> None:
         """stops: the stop_sequences; omit_thinking: thinking blocks come back empty (display omitted)."""
         self.ctx = parts.ctx
+        self.model = parts.model  # "name:adapter" for a LoRA adapter
         self.id = "msg_" + parts.response_id.removeprefix("chatcmpl-")
         self.parser = parts.parser()
         self.prompt_tokens = parts.prompt_tokens
@@ -381,7 +382,7 @@ class MessagesJob:
             type="message",
             id=self.id,
             role="assistant",
-            model=self.ctx.model_name,
+            model=self.model,
             content=content,
             stop_reason=self.stop_reason,
             stop_sequence=self.stop_sequence,

@@ -5,12 +5,14 @@ MAX_INPUTS inputs). A text is tokenized as plain text (special-token text stays 
 end token (<|endoftext|> for Qwen3-Embedding, as its own tokenizer does); `prompt_name` (a qwenkit
 extension: "query" for Qwen3-Embedding) puts the model's instruction prefix before each text; token ids are
 embedded exactly as given. Each input must fit the engine's n_ctx. The engine returns last-token pooled
-hidden states, batched in as few calls as fit; `dimensions` (Matryoshka: the model's min_dims up to its
+hidden states, batched in as few calls as fit with the inputs of every other request in flight
+(engines/llamacpp/embedder.py); `dimensions` (Matryoshka: the model's min_dims up to its
 hidden size) keeps the first values, then the vector is L2-normalised (EmbeddingSpec.finish);
 `encoding_format` float gives lists, base64 little-endian float32 bytes (what the openai SDK asks for by
 default). usage counts the tokens embedded, which also go through the tokens/minute limit, the access log
 and the prompt-token metric. A chat model answers 400 naming the fix; an embedding model answers the chat
-routes 400 (serve/app.py). Errors use OpenAI's shape.
+routes 400 (serve/app.py). Errors use OpenAI's shape. embed_request() is the native path other APIs
+translate onto (Ollama's /api/embed: `truncate` cuts a too-long text to n_ctx tokens, end token kept).
 """
 
 from __future__ import annotations
@@ -74,8 +76,11 @@ def _texts_and_ids(value: str | list[str] | list[int] | list[list[int]]) -> list
     return list(value)  # type: ignore[arg-type]
 
 
-def plan_embeddings(ctx: ServeContext, body: EmbeddingsRequest, info: RequestInfo) -> EmbeddingPlan:
-    """Validate and tokenize an embeddings request (blocking: run it in a worker thread)."""
+def plan_embeddings(
+    ctx: ServeContext, body: EmbeddingsRequest, info: RequestInfo, truncate: bool = False
+) -> EmbeddingPlan:
+    """Validate and tokenize an embeddings request (blocking: run it in a worker thread); truncate: a text
+    over n_ctx tokens keeps its first ones (and the end token) instead of a 400."""
     if ctx.draining:
         raise shutting_down()
     spec, engine = ctx.embedding, ctx.engine
@@ -83,7 +88,7 @@ def plan_embeddings(ctx: ServeContext, body: EmbeddingsRequest, info: RequestInf
         raise APIError(
             400,
             f"{ctx.model_name} is a chat model and makes no embeddings; serve an embedding model for "
-            f"/v1/embeddings, e.g. `qwenkit serve --model {EMBEDDING_MODEL_HINT}`",
+            f"embeddings, e.g. `qwenkit serve --model {EMBEDDING_MODEL_HINT}`",
             param="model",
             code="not_an_embedding_model",
         )
@@ -110,7 +115,10 @@ def plan_embeddings(ctx: ServeContext, body: EmbeddingsRequest, info: RequestInf
         if isinstance(item, str):
             if not item:
                 raise APIError(400, f"input[{i}] is an empty string; give some text", param="input")
-            tokens = ctx.tokenizer.encode_text(prefix + item) + end
+            tokens = ctx.tokenizer.encode_text(prefix + item)
+            if truncate and len(tokens) + len(end) > engine.n_ctx:
+                tokens = tokens[: engine.n_ctx - len(end)]
+            tokens += end
         else:
             tokens = item
             if not tokens:
@@ -174,9 +182,20 @@ def install(app: FastAPI, ctx: ServeContext) -> None:
         return await answer_embeddings(ctx, body, _info(request))
 
 
-async def answer_embeddings(ctx: ServeContext, body: EmbeddingsRequest, info: RequestInfo) -> JSONResponse:
-    """The whole answer to one embeddings request (the route's, and a batch line's)."""
-    plan = await run_in_threadpool(plan_embeddings, ctx, body, info)
+@dataclass
+class Embedded:
+    """What the native path hands an API: each input's finished vector, in order, and the counts."""
+
+    vectors: list[np.ndarray]
+    tokens: int
+    warnings: list[str]
+
+
+async def embed_request(
+    ctx: ServeContext, body: EmbeddingsRequest, info: RequestInfo, truncate: bool = False
+) -> Embedded:
+    """Plan, rate-limit, embed (batched with concurrent requests) and finish one request's vectors."""
+    plan = await run_in_threadpool(plan_embeddings, ctx, body, info, truncate)
     engine, spec = ctx.engine, ctx.embedding
     assert isinstance(engine, EmbeddingEngine) and spec is not None  # plan_embeddings checked both
     info.prompt_tokens = plan.tokens
@@ -189,16 +208,18 @@ async def answer_embeddings(ctx: ServeContext, body: EmbeddingsRequest, info: Re
     finally:
         reservation.settle(plan.tokens)
     ctx.metrics.prompt_tokens.inc(plan.tokens)
+    return Embedded([spec.finish(v, plan.dims) for v in pooled], plan.tokens, plan.warnings)
+
+
+async def answer_embeddings(ctx: ServeContext, body: EmbeddingsRequest, info: RequestInfo) -> JSONResponse:
+    """The whole answer to one embeddings request (the route's, and a batch line's)."""
+    done = await embed_request(ctx, body, info)
     data = [
-        {
-            "object": "embedding",
-            "index": i,
-            "embedding": _encode(spec.finish(v, plan.dims), body.encoding_format),
-        }
-        for i, v in enumerate(pooled)
+        {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+        for i, v in enumerate(done.vectors)
     ]
-    usage = {"prompt_tokens": plan.tokens, "total_tokens": plan.tokens}
-    warning = header_safe(" | ".join(plan.warnings))
+    usage = {"prompt_tokens": done.tokens, "total_tokens": done.tokens}
+    warning = header_safe(" | ".join(done.warnings))
     return JSONResponse(
         {"object": "list", "data": data, "model": ctx.model_name, "usage": usage},
         headers={"x-qwenkit-warning": warning} if warning else {},

@@ -1,4 +1,5 @@
-"""The Ollama API (/api/chat, /api/generate, /api/tags, /api/show, /api/version) over the native path.
+"""The Ollama API (/api/chat, /api/generate, /api/embed, /api/embeddings, /api/tags, /api/show, /api/version)
+over the native path.
 
 Contract: a chat or generate request becomes a native chat request (generate: `system` + `prompt` as one
 user turn, rendered with the model's template; `raw` and `suffix` are refused) and runs on serve/handlers.py
@@ -12,7 +13,13 @@ num_ctx above the server's context is refused; load-time options are ignored (na
 Streams are NDJSON (Ollama's default is to stream), each line a chunk, the last with done, done_reason and
 the counts; errors are {"error": message} (serve/errors.py wire_of). pull/push/create/copy/delete are refused
 with the qwenkit command that does the job. `images` (base64) become native image parts before the text,
-read and capped by qwenkit.media like OpenAI's.
+read and capped by qwenkit.media like OpenAI's. A LoRA adapter is the model "name:adapter" (as on
+/v1/models; handlers.adapter_of), listed by /api/tags with its base as parent_model, and named in answers.
+/api/embed (`input` text or texts, `truncate` default true: a text over the context keeps its first tokens,
+`dimensions`) and the legacy /api/embeddings (`prompt`, one vector) run on the native embedding path
+(serve/apis/embeddings.py embed_request: batched with concurrent requests, L2-normalised); an empty input
+answers no vectors, as Ollama's does; a chat model answers 400. /api/show reports the capabilities Ollama
+reports: ["embedding"] for an embedding model, else completion, tools, thinking (and vision).
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import qwenkit
 from qwenkit.engines.request import TokenEvent
-from qwenkit.serve.errors import APIError
+from qwenkit.serve.apis.embeddings import EmbeddingsRequest, embed_request
+from qwenkit.serve.errors import APIError, header_safe
 from qwenkit.serve.events import finish_reason
-from qwenkit.serve.handlers import ChatParts, Plan, ServeContext, plan_chat
+from qwenkit.serve.handlers import ChatParts, Plan, ServeContext, adapter_of, plan_chat, served_models
 from qwenkit.serve.logs import RequestInfo
 from qwenkit.serve.protocol import MAX_NAME_CHARS, ChatCompletionRequest, Usage, first_error
 
@@ -84,6 +92,30 @@ class OllamaGenerateRequest(_Body):
 class ShowRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+
+
+class OllamaEmbedRequest(BaseModel):
+    """/api/embed; unknown fields and load-time options are ignored (named in x-qwenkit-warning)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    input: str | list[str] | None = None
+    truncate: bool | None = None  # Ollama truncates unless told not to
+    dimensions: int | None = Field(default=None, ge=0)  # 0 or the full size: the whole vector
+    options: dict[str, Any] | None = None
+    keep_alive: float | int | str | None = None
+
+
+class OllamaEmbeddingsRequest(BaseModel):
+    """The legacy /api/embeddings: one `prompt`, one vector."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    prompt: str | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: float | int | str | None = None
 
 
 class Line(BaseModel):
@@ -174,15 +206,19 @@ def _options(body: _Body, ctx: ServeContext) -> dict[str, Any]:
             if value > 0:
                 native["max_tokens"] = value
         elif name == "num_ctx":
-            if not isinstance(value, int) or value > ctx.engine.n_ctx:
-                raise APIError(
-                    400,
-                    f"options.num_ctx: at most {ctx.engine.n_ctx} on this server "
-                    "(start it with a larger qwenkit serve --ctx)",
-                )
+            _check_num_ctx(ctx, value)
         else:  # load-time and unknown options: named in the warning header by the native path
             native[f"options.{name}"] = value
     return native
+
+
+def _check_num_ctx(ctx: ServeContext, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value > ctx.engine.n_ctx:
+        raise APIError(
+            400,
+            f"options.num_ctx: at most {ctx.engine.n_ctx} on this server "
+            "(start it with a larger qwenkit serve --ctx)",
+        )
 
 
 def _native(ctx: ServeContext, body: _Body, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
@@ -250,6 +286,7 @@ class OllamaJob:
 
     def __init__(self, parts: ChatParts, kind: Literal["chat", "generate"]) -> None:
         self.ctx = parts.ctx
+        self.model = parts.model  # "name:adapter" for a LoRA adapter, as asked
         self.parser = parts.parser()
         self.max_calls = parts.max_calls
         self.kind = kind
@@ -272,7 +309,7 @@ class OllamaJob:
             if calls:
                 message["tool_calls"] = calls
             fields = {"message": message}
-        return Line(model=self.ctx.model_name, created_at=_now(), **fields, **extra)
+        return Line(model=self.model, created_at=_now(), **fields, **extra)
 
     def _whole_calls(self) -> list[dict[str, Any]]:
         out = []
@@ -347,9 +384,10 @@ class OllamaJob:
 # ---- routes -------------------------------------------------------------------------------------------
 
 
-def _details(ctx: ServeContext) -> dict[str, Any]:
+def _details(ctx: ServeContext, model: str) -> dict[str, Any]:
     family = ctx.flavor.value if hasattr(ctx.flavor, "value") else str(ctx.flavor)
     return {
+        "parent_model": "" if model == ctx.model_name else ctx.model_name,
         "format": "gguf",
         "family": family,
         "families": [family],
@@ -358,20 +396,52 @@ def _details(ctx: ServeContext) -> dict[str, Any]:
     }
 
 
+def _capabilities(ctx: ServeContext) -> list[str]:
+    """What Ollama's /api/show reports: an embedding model only embeds."""
+    if ctx.embedding is not None:
+        return ["embedding"]
+    return ["completion", "tools", "thinking", *(["vision"] if ctx.vision is not None else [])]
+
+
+def check_model(ctx: ServeContext, name: str) -> None:
+    """A 404 in Ollama's words for a model not served (the base, or "name:adapter")."""
+    try:
+        adapter_of(ctx, name)
+    except APIError:
+        served = " or ".join(repr(m) for m in served_models(ctx))
+        raise APIError(
+            404, f"model {name!r} not found; this server serves {served} (GET /api/tags)"
+        ) from None
+
+
+def _native_embeddings(
+    ctx: ServeContext, model: str, texts: list[str], dimensions: int | None
+) -> EmbeddingsRequest:
+    if ctx.embedding is not None and dimensions is not None and dimensions >= ctx.embedding.dims:
+        dimensions = None  # as Ollama: a size at or past the model's is the whole vector
+    try:
+        return EmbeddingsRequest.model_validate(
+            {"model": model, "input": texts, "dimensions": dimensions or None}
+        )
+    except ValidationError as exc:
+        param, message = first_error(exc)
+        raise APIError(400, message, param=param or None) from None
+
+
+def _ignored(options: dict[str, Any] | None, extra: dict[str, Any] | None) -> list[str]:
+    names = sorted({*(f"options.{k}" for k in options or {} if k != "num_ctx"), *(extra or {})})
+    return [f"ignored field(s): {', '.join(names[:10])}"] if names else []
+
+
 def install(app: FastAPI, ctx: ServeContext) -> None:
     """Add the Ollama routes to an app made by create_app."""
-    from qwenkit.serve.app import parse_body, run_planned  # app.py installs this module: import it late
-
-    def check_model(name: str) -> None:
-        if name != ctx.model_name:
-            raise APIError(
-                404, f"model {name!r} not found; this server serves {ctx.model_name!r} (GET /api/tags)"
-            )
+    # app.py installs this module: import it late
+    from qwenkit.serve.app import _info, parse_body, run_planned
 
     def plan_served(
         ctx: ServeContext, body: OllamaChatRequest | OllamaGenerateRequest, info: RequestInfo
     ) -> Plan:
-        check_model(body.model)
+        check_model(ctx, body.model)
         return plan_ollama(ctx, body, info)
 
     @app.post("/api/chat")
@@ -382,34 +452,79 @@ def install(app: FastAPI, ctx: ServeContext) -> None:
     async def generate(request: Request) -> Response:
         return await run_planned(request, ctx, OllamaGenerateRequest, plan_served)
 
+    async def embed_texts(
+        request: Request,
+        body: OllamaEmbedRequest | OllamaEmbeddingsRequest,
+        texts: list[str],
+        truncate: bool = False,
+    ) -> tuple[list[list[float]], int, dict[str, str]]:
+        """The native path's vectors for texts, the tokens embedded and the warning header."""
+        check_model(ctx, body.model)
+        if body.options and "num_ctx" in body.options:
+            _check_num_ctx(ctx, body.options["num_ctx"])
+        if not texts and ctx.embedding is not None:
+            return [], 0, {}  # Ollama answers an empty input with no vectors (it loads the model)
+        dims = body.dimensions if isinstance(body, OllamaEmbedRequest) else None
+        native = _native_embeddings(ctx, body.model, texts, dims)
+        done = await embed_request(ctx, native, _info(request), truncate)
+        warning = header_safe(" | ".join([*done.warnings, *_ignored(body.options, body.model_extra)]))
+        headers = {"x-qwenkit-warning": warning} if warning else {}
+        return [v.tolist() for v in done.vectors], done.tokens, headers
+
+    @app.post("/api/embed")
+    async def embed(request: Request) -> JSONResponse:
+        started = time.perf_counter_ns()
+        body = await parse_body(request, OllamaEmbedRequest)
+        texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
+        texts = [] if texts == [""] else texts  # Ollama: an empty string is no input
+        truncate = body.truncate is not False
+        vectors, tokens, headers = await embed_texts(request, body, texts, truncate)
+        answer = {
+            "model": body.model,
+            "embeddings": vectors,
+            "total_duration": time.perf_counter_ns() - started,
+            "load_duration": 0,
+            "prompt_eval_count": tokens,
+        }
+        return JSONResponse(answer, headers=headers)
+
+    @app.post("/api/embeddings")
+    async def embeddings(request: Request) -> JSONResponse:
+        body = await parse_body(request, OllamaEmbeddingsRequest)
+        vectors, _, headers = await embed_texts(request, body, [body.prompt] if body.prompt else [])
+        return JSONResponse({"embedding": vectors[0] if vectors else []}, headers=headers)
+
     @app.get("/api/tags")
     async def tags() -> JSONResponse:
         modified = datetime.fromtimestamp(ctx.created, UTC).isoformat()
-        model = {
-            "name": ctx.model_name,
-            "model": ctx.model_name,
-            "modified_at": modified,
-            "size": 0,
-            "digest": "",
-            "details": _details(ctx),
-        }
-        return JSONResponse({"models": [model]})
+        models = [
+            {
+                "name": name,
+                "model": name,
+                "modified_at": modified,
+                "size": 0,
+                "digest": "",
+                "details": _details(ctx, name),
+            }
+            for name in served_models(ctx)
+        ]
+        return JSONResponse({"models": models})
 
     @app.post("/api/show")
     async def show(request: Request) -> JSONResponse:
         body = await parse_body(request, ShowRequest)
-        check_model(body.model)
-        details = _details(ctx)
-        info = {
-            "general.architecture": details["family"],
-            f"{details['family']}.context_length": ctx.engine.n_ctx,
-        }
+        check_model(ctx, body.model)
+        details = _details(ctx, body.model)
+        family = details["family"]
+        info: dict[str, Any] = {"general.architecture": family, f"{family}.context_length": ctx.engine.n_ctx}
+        if ctx.embedding is not None:
+            info[f"{family}.embedding_length"] = ctx.embedding.dims
         return JSONResponse(
             {
                 "modified_at": datetime.fromtimestamp(ctx.created, UTC).isoformat(),
                 "details": details,
                 "model_info": info,
-                "capabilities": ["completion", "tools", "thinking"],
+                "capabilities": _capabilities(ctx),
                 "template": "",
                 "parameters": "",
             }

@@ -385,6 +385,7 @@ class ResponsesJob:
         """history: the conversation before this input; on_done(id, conversation, response object) stores a
         finished one."""
         self.ctx = parts.ctx
+        self.model = parts.model  # "name:adapter" for a LoRA adapter
         self.suffix = parts.response_id.removeprefix("chatcmpl-")
         self.id = "resp_" + self.suffix
         self.parser = parts.parser()
@@ -419,7 +420,7 @@ class ResponsesJob:
             "id": self.id,
             "object": "response",
             "created_at": self.created,
-            "model": self.ctx.model_name,
+            "model": self.model,
             "status": self.status,
             "error": None,
             "incomplete_details": self.incomplete,
