@@ -5,26 +5,32 @@ Reference: llama.cpp's own multimodal path (VisionEncoder.tokenize + eval_chunks
 separate model; the engine must give the same next-token distribution and the same greedy tokens. Logprob
 tolerance 1e-4: the engine feeds the same rows at the same positions (measured difference 0.0, bit-equal),
 while another image moves the random demo's nearly flat distribution by ~1e-2 (the negative control).
-Reuse is checked through TokenEvent.cached_tokens and the engine's count of vision-tower runs.
+Reuse is checked through TokenEvent.cached_tokens and the engine's count of vision-tower runs (also in its
+stats and /metrics).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from qwenkit.catalog.shape import VisionTower
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
 from qwenkit.engines.llamacpp.image_tokens import image_boundary, image_keys, position_after
-from qwenkit.engines.llamacpp.model import LlamaModel
+from qwenkit.engines.llamacpp.model import LlamaModel, recent_log
 from qwenkit.engines.llamacpp.vision import VisionEncoder
 from qwenkit.engines.request import EngineError, GenerationRequest, ImageInput, RequestTooLong, TokenEvent
 from qwenkit.engines.sampling import SamplingParams
 from qwenkit.gguf.mmproj import convert_mmproj
+from qwenkit.media import VisionSpec, prepare_image
+from qwenkit.serve.metrics import ServeMetrics
 
 PAD = "<|vision_start|><|image_pad|><|vision_end|>"
 TURN = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -217,6 +223,9 @@ def test_follow_up_reuses_the_image_and_another_image_does_not(
     # The same follow-up about a different picture of the same size must not match past the picture.
     events = _run(eng, _request(eng, follow, (_image(seed=3),), rid="3"))
     assert events[-1].cached_tokens <= image_start and eng.image_encodes == 2
+    # The count reaches the engine's stats and /metrics (a counter of vision-tower runs).
+    assert eng.stats().image_encodes == 2
+    assert "qwenkit_image_encodes_total 2.0" in ServeMetrics(eng).render().decode()
     alone = engine(kind)
     assert _tokens(events) == _tokens(_run(alone, _request(alone, follow, (_image(seed=3),), rid="4")))
 
@@ -286,3 +295,67 @@ def test_image_errors_name_the_fix(
     with pytest.raises(RequestTooLong, match=r"prompt \(2\d\d tokens\)"):
         eng.submit(big, lambda e: None)
     assert _tokens(_run(eng, _request(eng, TURN.format(f"{PAD} ok"), (_image(),))))  # still serving
+
+
+# --- what images cost: tokens and the encoder's buffer --------------------------------------------------
+
+
+def test_small_images_take_the_processor_s_token_count_not_llama_cpp_s(
+    files: Callable[[str], tuple[Path, Path]], demo_checkpoint: Callable[..., Path]
+) -> None:
+    # Why a 224x224 picture is 64 prompt tokens here and 49 on llama-server (same template text otherwise):
+    # llama.cpp's own Qwen3.5 preprocessing keeps it at 7x7 tokens (its floor is 8 tokens), transformers'
+    # processor raises it to its 65536-pixel minimum (256x256, 8x8); the edge resizes as transformers does.
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    directory = demo_checkpoint("qwen3_5", "tiny")
+    pixels = _image(224, 224).pixels
+    grid = AutoImageProcessor.from_pretrained(directory)(images=Image.fromarray(pixels))["image_grid_thw"]
+    reference = int(np.prod(grid[0])) // 4  # 2x2 patches per token
+    text, mmproj = files("hybrid")
+    model = LlamaModel(text, EngineConfig(n_ctx=512, max_seqs=1, threads=2))
+    enc = VisionEncoder(mmproj, model, threads=2)
+    try:
+        raw = enc.prepare(pixels)
+        edge = enc.prepare(prepare_image(pixels, VisionSpec.from_checkpoint(directory)).pixels)
+        assert (reference, edge.n_tokens, raw.n_tokens) == (64, 64, 49)
+        raw.close()
+        edge.close()
+    finally:
+        enc.close()
+        model.close()
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "attention"])
+def test_the_planned_encoder_buffer_bounds_llama_cpp_s(
+    files: Callable[[str], tuple[Path, Path]], demo_checkpoint: Callable[..., Path], kind: str
+) -> None:
+    # llama.cpp logs the clip graph's compute buffer when it first sizes it (for the image at hand, with
+    # min = max tokens); VisionTower.compute_bytes must not be under it, nor far over (see shape.py's CLIP_*).
+    vl = MODELS[kind][1]
+    config = json.loads((demo_checkpoint(vl, "tiny") / "config.json").read_text())
+    tower = VisionTower.from_config(config["vision_config"], vl)
+    text, mmproj = files(kind)
+    model = LlamaModel(text, EngineConfig(n_ctx=512, max_seqs=1, threads=2))
+    measured = {}
+    try:
+        for tokens in (64, 1024):
+            enc = VisionEncoder(mmproj, model, threads=2, min_tokens=tokens, max_tokens=tokens)
+            try:
+                side = int(tokens**0.5) * tower.patch * tower.merge
+                prepared = enc.prepare(_image(side, side).pixels)
+                assert prepared.n_tokens == tokens
+                enc.encode_prepared(prepared)
+                prepared.close()
+                found = re.findall(r"compute buffer size =\s*([\d.]+) MiB", recent_log())
+                measured[tokens] = float(found[-1]) * 2**20
+            finally:
+                enc.close()
+    finally:
+        model.close()
+    for tokens, got in measured.items():
+        assert got <= tower.compute_bytes(tokens * tower.merge**2) <= 1.4 * got, (tokens, got)
+    # 16x the patches: 16x the buffer (Qwen3-VL layout), far more with Qwen2.5-VL's full window mask.
+    growth = measured[1024] / measured[64]
+    assert (15 < growth < 17) if kind == "hybrid" else growth > 30

@@ -138,19 +138,22 @@ def test_cli_plan_bad_layouts_are_one_line(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_select_on_a_gpu_offers_qwenkit_on_vllm() -> None:
     from qwenkit.catalog.select import SelectRequest, select_models
+    from qwenkit.catalog.shape import VISION_LAYOUTS
+
+    def served_by_qwenkit(r) -> bool:  # type: ignore[no-untyped-def]
+        shape = r.plan.request.shape  # text, or a vision tower qwenkit sizes; no fp8 KV cache
+        return (
+            not shape.encoder_params or shape.model_type in VISION_LAYOUTS
+        ) and r.plan.request.kv_type != "fp8"
 
     gpu = Device("cuda", 80 * GIB, None, 3350.0, None, "described")
     recs = select_models(load_catalog(), SelectRequest("chat", gpu, top=5))
     on_vllm = [r for r in recs if r.plan.engine is Engine.VLLM]
-    assert on_vllm, [r.command for r in recs]
-    text_only = [
-        r for r in on_vllm if not r.plan.request.shape.encoder_params and r.plan.request.kv_type != "fp8"
-    ]
-    assert text_only, [r.command for r in on_vllm]
-    for rec in on_vllm:
-        ours = rec in text_only  # a vision/audio tower or an fp8 KV cache: vLLM's own server
+    assert on_vllm and any(served_by_qwenkit(r) for r in on_vllm), [r.command for r in recs]
+    vision = select_models(load_catalog(), SelectRequest("vision", gpu, top=5))
+    for rec in on_vllm + vision:  # an audio tower, Qwen2-VL or an fp8 KV cache: vLLM's own server
+        ours = served_by_qwenkit(rec)
         assert rec.command.startswith("qwenkit serve --engine vllm --model " if ours else "vllm serve"), (
             rec.command
         )
-    vision = select_models(load_catalog(), SelectRequest("vision", gpu, top=3))
-    assert all(r.command.startswith("vllm serve") for r in vision)  # images: vLLM's own server
+    assert any(r.command.startswith("qwenkit") for r in vision)  # images on qwenkit's vLLM engine

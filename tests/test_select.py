@@ -13,6 +13,7 @@ from qwenkit.catalog import load_catalog
 from qwenkit.catalog.formats import WeightFormat
 from qwenkit.catalog.planner import GIB, MIB, SERVE_STATE_CACHE_MB, Device, Engine
 from qwenkit.catalog.select import SelectRequest, select_models
+from qwenkit.catalog.shape import VISION_LAYOUTS
 from qwenkit.cli import app as main_app
 from qwenkit.cli import plan as plan_cli
 
@@ -196,3 +197,121 @@ def test_cli_select_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(hardware, "gpus", lambda use_torch=True: [])
     nogpu = runner.invoke(_app(), ["select", "--device", "cuda"])
     assert nogpu.exit_code == 2 and "no CUDA GPU found" in nogpu.output
+
+
+# ---- several GPUs (and nodes): vLLM with a parallel layout ------------------------------------------------
+def _on_gpus(catalog, task: str, gpus: int, gib: float, nodes: int = 1, **kw):  # type: ignore[no-untyped-def]
+    gpu = Device("cuda", int(gib * GIB), None, 3350.0, None, "described")
+    return select_models(catalog, SelectRequest(task, gpu, gpus=gpus, nodes=nodes, **kw))
+
+
+def _serve_flags() -> str:
+    # Wide enough that rich prints every option name whole.
+    return CliRunner().invoke(main_app.app, ["serve", "--help"], env={"COLUMNS": "250"}).output
+
+
+def _check_gpu_recs(recs, gpus: int, nodes: int = 1) -> None:  # type: ignore[no-untyped-def]
+    serve_help = _serve_flags()
+    assert recs
+    for rec in recs:
+        g, shape = rec.gpu, rec.plan.request.shape
+        assert rec.engine is Engine.VLLM and g is not None and g.fits, rec.entry.name
+        assert shape.heads % g.layout.tp == 0 and gpus % g.layout.tp == 0  # TP divides the heads and a node
+        assert g.layout.gpus == gpus * nodes and g.required <= g.budget
+        assert g.weights * g.layout.tp * g.layout.pp >= rec.plan.memory.weights  # each GPU holds its share
+        if rec.command.startswith("qwenkit serve --engine vllm"):
+            assert f"--tensor-parallel {g.layout.tp}" in rec.command
+            for flag in (w for w in rec.command.split() if w.startswith("--")):
+                assert flag in serve_help, (rec.command, flag)
+        else:  # images / fp8 KV / a vision tower: vLLM's own server, with the same layout
+            assert (
+                rec.command.startswith("vllm serve ")
+                and f"--tensor-parallel-size {g.layout.tp}" in rec.command
+            )
+
+
+def test_eight_80gb_gpus_offer_a_large_moe_on_vllm(catalog) -> None:  # type: ignore[no-untyped-def]
+    recs = _on_gpus(catalog, "chat", 8, 80)
+    _check_gpu_recs(recs, 8)
+    top = recs[0]
+    assert top.entry.is_moe and top.entry.shape().params_total > 100e9, top.entry.name
+    assert top.gpu is not None and (top.gpu.layout.tp, top.gpu.layout.ep) == (8, True)
+    assert top.command.startswith(
+        f"qwenkit serve --engine vllm --model {top.entry.model.hf} --tensor-parallel 8"
+    )
+    assert top.setup == ()
+    # The same MoE does not fit one of those GPUs: the layout is what makes it an offer.
+    assert top.entry.name not in {r.entry.name for r in _on_gpus(catalog, "chat", 1, 80, top=50)}
+
+
+def test_one_24gb_gpu_offers_what_fits_it(catalog) -> None:  # type: ignore[no-untyped-def]
+    recs = _on_gpus(catalog, "chat", 1, 24)
+    _check_gpu_recs(recs, 1)
+    assert all(r.gpu.layout.tp == 1 and r.gpu.layout.dp == 1 for r in recs)
+    assert all(r.gpu.budget == int(24 * GIB * 0.9) for r in recs)
+    half = _on_gpus(catalog, "chat", 1, 24, gpu_memory_utilization=0.5)
+    _check_gpu_recs(half, 1)
+    assert all("--gpu-memory-utilization 0.5" in r.command for r in half)
+
+
+def test_gpus_no_tensor_size_fits_serve_copies(catalog) -> None:  # type: ignore[no-untyped-def]
+    recs = _on_gpus(catalog, "chat", 3, 24)  # no Qwen's heads split three ways: TP 1, three copies
+    _check_gpu_recs(recs, 3)
+    assert all((r.gpu.layout.tp, r.gpu.layout.dp) == (1, 3) for r in recs)
+    assert all("--data-parallel 3" in r.command for r in recs if r.command.startswith("qwenkit"))
+
+
+def test_two_nodes_start_ray_then_serve(catalog) -> None:  # type: ignore[no-untyped-def]
+    recs = _on_gpus(catalog, "chat", 8, 80, nodes=2)
+    _check_gpu_recs(recs, 8, nodes=2)
+    for rec in recs:
+        assert rec.gpu.layout.pp == 2 and rec.setup[0].startswith("# node 0 (head): ray start --head")
+        ours = rec.command.startswith("qwenkit")
+        assert ("--ray-address HEAD_IP:6379" if ours else "--distributed-executor-backend ray") in rec.command
+    vision = _on_gpus(catalog, "vision", 4, 24)
+    _check_gpu_recs(vision, 4)
+    # Images: qwenkit's server on vLLM for the vision towers it sizes, vLLM's own server for the others.
+    ours = [r.command.startswith("qwenkit") for r in vision]
+    assert ours == [r.plan.request.shape.model_type in VISION_LAYOUTS for r in vision] and any(ours)
+
+
+def test_gpus_need_a_cuda_device_and_at_least_one() -> None:
+    with pytest.raises(ValueError, match="add --device cuda"):
+        SelectRequest("chat", Device("cpu", 64 * GIB), gpus=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        SelectRequest("chat", Device("cuda", 80 * GIB), gpus=0)
+    with pytest.raises(ValueError, match=r"between 0\.05 and 1\.0"):
+        SelectRequest("chat", Device("cuda", 80 * GIB), gpus=1, gpu_memory_utilization=1.5)
+
+
+def test_cli_select_on_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    described = ["select", "--device", "cuda", "--memory", "80GB"]
+    data = json.loads(runner.invoke(_app(), [*described, "--gpus", "8", "--top", "2", "--json"]).output)
+    assert data[0]["engine"] == "vllm" and data[0]["gpu"]["layout"]["tensor_parallel"] == 8
+    assert data[0]["gpu"]["fits"] and data[0]["gpu"]["commands"][-1] == data[0]["command"]
+    table = runner.invoke(
+        _app(), [*described, "--gpus", "8", "--nodes", "2", "--top", "2"], terminal_width=250
+    )
+    assert table.exit_code == 0, table.output
+    assert "tensor 8 x pipeline 2" in table.output and "ray start --head" in table.output
+    assert "/GPU" in table.output and "run: " in table.output
+
+
+def test_cli_select_gpu_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    described = ["select", "--device", "cuda", "--memory", "80GB"]
+    # One line each: no GPUs, GPUs on a CPU, nothing fits the GPUs given, more GPUs than this machine has.
+    zero = runner.invoke(_app(), [*described, "--gpus", "0"])
+    assert zero.exit_code == 2 and "--gpus" in zero.output and "Traceback" not in zero.output
+    cpu = runner.invoke(_app(), ["select", "--memory", "80GB", "--gpus", "2"])
+    assert cpu.exit_code == 2 and "add --device cuda" in cpu.output
+    tiny = runner.invoke(_app(), ["select", "--device", "cuda", "--memory", "1GB", "--gpus", "1"])
+    assert tiny.exit_code == 2 and "on 1 node(s) × 1 GPU(s)" in tiny.output and "more --gpus" in tiny.output
+    four = [hardware.GPU("H100", 80 * GIB, 79 * GIB, "nvidia-smi", "9.0")] * 4
+    monkeypatch.setattr(hardware, "gpus", lambda use_torch=True: four)
+    more = runner.invoke(_app(), ["select", "--device", "cuda", "--gpus", "8"])
+    assert more.exit_code == 2 and "this machine has 4 GPU(s): use --gpus 4" in more.output
+    # A probed machine with several GPUs is planned on all of them.
+    probed = json.loads(runner.invoke(_app(), ["select", "--device", "cuda", "--top", "1", "--json"]).output)
+    assert probed[0]["gpu"]["layout"]["gpus_per_node"] == 4

@@ -9,6 +9,8 @@ with `pip install --no-deps vllm`) and skip elsewhere.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,14 +20,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
+from qwenkit.chat.families import QWEN3_5
 from qwenkit.engines.base import Engine
 from qwenkit.engines.request import (
     THINKING_EARLY_STOP,
     EngineError,
     GenerationRequest,
     Grammar,
+    ImageInput,
     RequestTooLong,
     ThinkingControl,
 )
@@ -40,6 +45,8 @@ from qwenkit.engines.vllm.translate import (
     reasoning_ended,
     sampling_kwargs,
 )
+from qwenkit.media.images import VisionSpec, image_tokens, prepare_image, smart_resize
+from qwenkit.tokenizer.specials import IMAGE_PAD
 from qwenkit.tokenizer.tokenizer import QwenTokenizer
 from serve_fixtures import MODEL, demo_app, in_process, serve_app
 
@@ -112,10 +119,12 @@ def test_sampling_translation_of_a_plain_request() -> None:
     assert "structured_outputs" not in kwargs and "thinking_token_budget" not in kwargs
 
 
-def test_a_gbnf_only_grammar_is_refused_naming_the_llamacpp_engine() -> None:
-    request = full_request(grammar=Grammar(gbnf='root ::= "a"'))
+def test_a_gbnf_only_grammar_goes_to_vllm_as_xgrammar_ebnf() -> None:
+    request = full_request(grammar=Grammar(gbnf='calls ::= <tool_call> "x"', root="calls"))
+    assert sampling_kwargs(request, 100)["structured_outputs"] == {"grammar": 'root ::= "<tool_call>" "x"'}
+    by_id = full_request(grammar=Grammar(gbnf='root ::= <[151657]> "x"'))
     with pytest.raises(EngineError, match="--engine llamacpp"):
-        sampling_kwargs(request, 100)
+        sampling_kwargs(by_id, 100)
 
 
 @pytest.mark.parametrize(
@@ -269,11 +278,10 @@ def tokenizer(demo_checkpoint: Callable[..., Path]) -> QwenTokenizer:
     return QwenTokenizer.from_dir(demo_checkpoint("qwen3", "tiny"))
 
 
-def adapter(llm: ScriptedAsyncLLM, n_ctx: int = 2048) -> VllmEngine:
+def adapter(llm: ScriptedAsyncLLM, n_ctx: int = 2048, **kw: Any) -> VllmEngine:
     tok = llm.tokenizer
-    return VllmEngine(
-        llm, n_ctx, tok.vocab_size, (tok.special_id("<think>"), tok.special_id("</think>")), make_params=dict
-    )
+    think = (tok.special_id("<think>"), tok.special_id("</think>"))
+    return VllmEngine(llm, n_ctx, tok.vocab_size, think, make_params=dict, **kw)
 
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Capital of France?"}], "max_tokens": 50}
@@ -311,6 +319,83 @@ def test_server_turns_a_schema_into_vllm_structured_outputs(tokenizer: QwenToken
     _, params, kw = llm.calls[0]
     assert json.loads(params["structured_outputs"]["json"])["required"] == ["a"]
     assert "reasoning_ended" not in kw or isinstance(kw["reasoning_ended"], bool)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_server_forces_a_tool_call_on_vllm(tokenizer: QwenTokenizer, choice: Any) -> None:
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    llm = ScriptedAsyncLLM(tokenizer, reply=call)
+    no_think = {"enable_thinking": False}  # the grammar then applies from the first token
+    body = {**CHAT, "tools": [WEATHER], "tool_choice": choice, "chat_template_kwargs": no_think}
+    with in_process(demo_app(adapter(llm), tokenizer)) as http:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    message = response.json()["choices"][0]["message"]
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"]
+    _, params, kw = llm.calls[0]
+    grammar = params["structured_outputs"]["grammar"]  # the forced-call GBNF, as xgrammar EBNF
+    assert "\nroot ::= " in grammar and '"<tool_call>"' in grammar and '"\\"get_weather\\""' in grammar
+    assert kw["reasoning_ended"] is True
+
+
+VISION = VisionSpec(patch_size=16, merge_size=2, min_pixels=65536, max_pixels=16777216)
+
+
+def _image_part(height: int, width: int, seed: int) -> dict[str, Any]:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_server_sends_images_to_vllm_with_one_marker_each(tokenizer: QwenTokenizer) -> None:
+    llm = ScriptedAsyncLLM(tokenizer, reply="a cat")
+    engine = adapter(llm, n_ctx=4096, vision=VISION, image_pad=tokenizer.special_id(IMAGE_PAD))
+    content = [_image_part(300, 200, 1), {"type": "text", "text": "and"}, _image_part(64, 500, 2)]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+    with in_process(demo_app(engine, tokenizer, family=QWEN3_5, vision=VISION)) as http:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    prompt, params, _ = llm.calls[0]
+    ids, images = prompt["prompt_token_ids"], prompt["multi_modal_data"]["image"]
+    assert ids.count(tokenizer.special_id(IMAGE_PAD)) == 2 and len(images) == 2  # vLLM expands each marker
+    grid = [smart_resize(300, 200, VISION), smart_resize(64, 500, VISION)]  # the processor's grid, in order
+    assert [im.shape[:2] for im in images] == grid and all(im.dtype == np.uint8 for im in images)
+    # Each image's sha256 (of its size and pixels) is its id in vLLM's multimodal and prefix caches.
+    assert prompt["multi_modal_uuids"]["image"] == [prepare_image(im, None).sha256 for im in images]
+    seen = len(ids) + sum(image_tokens(im, VISION) - 1 for im in images)  # the prompt as vLLM sees it
+    assert response.json()["usage"]["prompt_tokens"] == seen and params["max_tokens"] == 4096 - seen
+
+
+def test_images_vllm_cannot_take_are_refused_before_it(tokenizer: QwenTokenizer) -> None:
+    pad = tokenizer.special_id(IMAGE_PAD)
+    image = ImageInput(np.zeros((64, 64, 3), np.uint8), "0" * 64)
+    one = GenerationRequest("x", (1, pad, 2), images=(image,))
+    engine = adapter(ScriptedAsyncLLM(tokenizer), n_ctx=64, vision=VISION, image_pad=pad)
+    assert engine.check(one) == 3 + 3  # a 64x64 image is 2x2 tokens: three more than its marker
+    with pytest.raises(EngineError, match="no vision tower"):
+        adapter(ScriptedAsyncLLM(tokenizer)).check(one)
+    with pytest.raises(EngineError, match=r"1 image marker.*but 2 image"):
+        engine.check(GenerationRequest("x", (1, pad, 2), images=(image, image)))
+    big = ImageInput(np.zeros((320, 320, 3), np.uint8), "0" * 64)  # 100 tokens: past this context
+    with pytest.raises(RequestTooLong):
+        engine.check(GenerationRequest("x", (1, pad, 2), images=(big,)))
 
 
 def test_server_reports_a_failure_inside_vllm_and_goes_on(tokenizer: QwenTokenizer) -> None:
@@ -424,3 +509,19 @@ def test_a_model_vllm_cannot_load_is_one_line() -> None:
     with pytest.raises(EngineError, match=r"CUDA out of memory\. Tried") as info:
         engine.start()
     assert "\n" not in str(info.value) and "--engine llamacpp" in str(info.value)
+
+
+@pytest.mark.parametrize(("arch", "sees_images"), [("qwen2_5_vl", True), ("qwen3", False)])
+def test_open_vllm_gives_a_vision_checkpoint_its_image_grid(
+    demo_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, arch: str, sees_images: bool
+) -> None:
+    import qwenkit.engines.vllm as vllm_pkg
+    from qwenkit.cli.serve_engines import ScaleOptions, open_vllm
+
+    monkeypatch.setattr(vllm_pkg, "unavailable_reason", lambda gpus=1: None)  # as on a GPU machine
+    model = demo_checkpoint(arch, "tiny")
+    opened = open_vllm(str(model), False, 4, 4096, ScaleOptions(engine="vllm"))
+    assert (opened.vision is not None) is sees_images and opened.engine.vision == opened.vision
+    if sees_images:  # the server takes images and the engine expands them on the checkpoint's grid
+        assert opened.vision == VisionSpec.from_checkpoint(model)
+        assert opened.engine._image_pad == opened.tokenizer.special_id(IMAGE_PAD)

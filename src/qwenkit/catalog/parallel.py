@@ -8,17 +8,19 @@ parallel for MoE models, and data-parallel copies for GPUs left over; check_layo
 one line naming the fix (ParallelError). gpu_plan() splits weights, KV cache and buffers per GPU and
 compares them with gpu_memory_utilization x GPU memory, as vLLM does (it preallocates that share: weights,
 activations, CUDA graphs and non-torch memory first, the rest becomes KV blocks), and says how many
-sequences of the context the KV blocks hold. commands() prints the Ray cluster setup for several nodes,
-`qwenkit serve --engine vllm ...` and the equivalent raw `vllm serve ...`. Estimates, not checked on a GPU.
+sequences of the context the KV blocks hold. cluster() is the GPUs of all nodes as the one device a
+whole-model plan is checked against; split_plan() lays such a plan out and splits it per GPU. commands()
+prints the Ray cluster setup for several nodes, `qwenkit serve --engine vllm ...` and the equivalent raw
+`vllm serve ...`. Estimates, not checked on a GPU.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qwenkit.catalog.formats import KV_BYTES, WeightFormat
-from qwenkit.catalog.planner import GIB, MIB, Engine, Plan, PlanError
+from qwenkit.catalog.planner import GIB, MIB, Device, Engine, Plan, PlanError
 from qwenkit.catalog.shape import ModelShape
 
 CUDA_GRAPH_BYTES = 512 * MIB  # vLLM's captured decode graphs per GPU (its logs show 0.3-1 GiB)
@@ -127,6 +129,17 @@ class GpuPlan:
     def budget(self) -> int:
         return int(self.gpu_bytes * self.utilization)
 
+    @property
+    def required(self) -> int:
+        """What the workload takes of each GPU (KV for the plan's sequences, not every block vLLM makes)."""
+        return self.weights + self.activations + self.cuda_graphs + self.non_torch + self.kv_needed
+
+
+def check_utilization(utilization: float) -> None:
+    """ParallelError unless `utilization` is a share vLLM takes (its --gpu-memory-utilization)."""
+    if not 0.05 <= utilization <= 1.0:
+        raise ParallelError("--gpu-memory-utilization must be between 0.05 and 1.0 (vLLM's default: 0.9)")
+
 
 def gpu_plan(
     p: Plan, layout: Layout, utilization: float = DEFAULT_UTILIZATION, cuda_graphs: bool = True
@@ -136,8 +149,7 @@ def gpu_plan(
         raise ParallelError(
             "multi-GPU plans are for the vLLM engine: use --device cuda and a bf16/fp8/AWQ format"
         )
-    if not 0.05 <= utilization <= 1.0:
-        raise ParallelError("--gpu-memory-utilization must be between 0.05 and 1.0 (vLLM's default: 0.9)")
+    check_utilization(utilization)
     r, s, m = p.request, p.request.shape, p.memory
     shards = layout.tp * layout.pp
     weights = math.ceil(m.weights / shards)
@@ -168,6 +180,30 @@ def gpu_plan(
     )
 
 
+def cluster(gpu: Device, gpus: int, nodes: int = 1) -> Device:
+    """`gpus` x `nodes` GPUs like `gpu` as one device (memory summed): what a whole-model plan needs."""
+    if gpu.kind != "cuda":
+        raise ValueError("--gpus/--nodes plan vLLM on CUDA GPUs: add --device cuda (and --memory per GPU)")
+    if gpus < 1 or nodes < 1:
+        raise ParallelError("--gpus and --nodes must be at least 1")
+    return replace(gpu, total_bytes=gpu.total_bytes * gpus * nodes, available_bytes=None)
+
+
+def split_plan(
+    p: Plan,
+    gpu_bytes: int,
+    gpus: int,
+    nodes: int = 1,
+    tp: int | None = None,
+    pp: int | None = None,
+    utilization: float = DEFAULT_UTILIZATION,
+) -> GpuPlan:
+    """The per-GPU plan of `p` (a vLLM plan on the cluster of `gpus` x `nodes` GPUs of `gpu_bytes`)."""
+    layout = choose_layout(p.request.shape, gpus, nodes, tp, pp)
+    one_gpu = replace(p, request=replace(p.request, device=replace(p.request.device, total_bytes=gpu_bytes)))
+    return gpu_plan(one_gpu, layout, utilization)
+
+
 def _quant_flag(fmt: WeightFormat) -> str:
     # AWQ/GPTQ/fp8 repos say their method in config.json (vLLM reads it); bf16 weights quantized on load.
     return " --quantization fp8" if fmt is WeightFormat.FP8 and fmt.hf_dtype else ""
@@ -183,10 +219,13 @@ def commands(repo: str, p: Plan, g: GpuPlan, head: str = "HEAD_IP") -> list[str]
         parallel += f" --pipeline-parallel {lay.pp}"
         raw_parallel += f" --pipeline-parallel-size {lay.pp}"
     if lay.dp > 1:
+        parallel += f" --data-parallel {lay.dp}"
         raw_parallel += f" --data-parallel-size {lay.dp}"
     if lay.ep:
         raw_parallel += " --enable-expert-parallel"
     kv = " --kv-cache-dtype fp8" if r.kv_type == "fp8" else ""
+    if r.shape.model_type == "qwen":
+        kv += " --trust-remote-code"  # first-generation Qwen ships its modelling code
     util = f" --gpu-memory-utilization {g.utilization:g}" if g.utilization != DEFAULT_UTILIZATION else ""
     ray = ""
     if lay.nodes > 1:
@@ -197,7 +236,7 @@ def commands(repo: str, p: Plan, g: GpuPlan, head: str = "HEAD_IP") -> list[str]
         raw_parallel += " --distributed-executor-backend ray"
     out.append(
         f"qwenkit serve --engine vllm --model {repo} {parallel} --ctx {p.n_ctx} "
-        f"--max-seqs {r.concurrency}{ray}"
+        f"--max-seqs {r.concurrency}{util}{ray}"
     )
     out.append(
         f"vllm serve {repo} {raw_parallel} --max-model-len {p.n_ctx_seq} --max-num-seqs {r.concurrency}"
@@ -233,9 +272,12 @@ __all__ = [
     "Layout",
     "ParallelError",
     "check_layout",
+    "check_utilization",
     "choose_layout",
+    "cluster",
     "commands",
     "describe",
     "gpu_plan",
+    "split_plan",
     "tp_sizes",
 ]

@@ -13,8 +13,11 @@ a GPU plan notes it). It compares that with the device's budget and returns a Pl
 fits with the listed changes (flash attention, quantized KV, fewer slots, shorter context, a smaller
 state cache, smaller format), or does not fit, always with the numbers. With PlanRequest.images (llama.cpp
 with a vision projector, `--mmproj`) the projector's weights (encoder parameters x its type's bytes) are
-counted and the plan carries an ImageBudget: the image tokens of the processor's largest image and of a
-1024x1024 photo, and how many such photos one request's context holds. Decode speed is an estimate:
+counted, with the vision encoder's compute buffer at the largest image the engine takes (mtmd keeps that
+buffer once an image that large was encoded; VisionTower.compute_bytes, from measurements), and the plan
+carries an ImageBudget: the image tokens of the processor's largest image and of a 1024x1024 photo, and how
+many such photos one request's context holds. qwenkit's engine runs the projector on the CPU, so on a GPU
+both are host memory, outside the GPU budget (a note says so). Decode speed is an estimate:
 memory bandwidth divided by the bytes one step reads (active parameters for MoE). GPU figures are
 estimates not checked on a GPU here.
 """
@@ -215,6 +218,7 @@ class MemoryBreakdown:
     experts: int = 0  # MoE: the routed expert weights (part of `weights`), all resident
     state_cache: int = 0  # qwenkit serve on a hybrid: the saved-state cache at its bound (host memory)
     vision: int = 0  # the vision projector's weights (llama.cpp with --mmproj)
+    vision_compute: int = 0  # the vision encoder's compute buffer at the largest image (kept once reached)
 
     @property
     def required(self) -> int:
@@ -248,6 +252,17 @@ VISION_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen
 
 def _sees(shape: ModelShape) -> bool:
     return shape.encoder_params > 0 or shape.model_type.removesuffix("_text") in VISION_MODEL_TYPES
+
+
+def vision_compute_bytes(shape: ModelShape) -> int:
+    """The vision encoder's compute buffer for the largest image the engine takes (the processor's
+    max_pixels, held to ENGINE_MAX_IMAGE_TOKENS); 0 when the tower's sizes are not known."""
+    from qwenkit.media.images import VisionSpec
+
+    if shape.vision is None:
+        return 0
+    spec = VisionSpec.for_projector(shape.model_type)
+    return shape.vision.compute_bytes(spec.max_pixels // shape.vision.patch**2)
 
 
 def image_budget(shape: ModelShape, n_ctx_seq: int) -> ImageBudget:
@@ -439,6 +454,7 @@ def _memory(r: PlanRequest, cache: _Layouts) -> tuple[Engine, bool, int, MemoryB
     w = _weights(r, engine is Engine.LLAMACPP, cache)
     weights = w.total
     vision = int(s.encoder_params * MMPROJ_BYTES[r.mmproj_type]) if r.images else 0
+    vision_compute = vision_compute_bytes(s) if r.images else 0
     if engine is Engine.LLAMACPP:
         n_ctx_seq = _pad(r.context, N_CTX_PAD)
         cells = n_ctx_seq * r.concurrency
@@ -470,12 +486,15 @@ def _memory(r: PlanRequest, cache: _Layouts) -> tuple[Engine, bool, int, MemoryB
                 + s.vocab * LLAMA_TOKEN_DATA
                 + state_cache
                 + vision
+                + vision_compute
             )
             load = r.runtime.peak_bytes + weights + repacked + vision
             runtime = r.runtime.steady_bytes
         else:
+            # The projector and its encoder run on the CPU (mtmd without GPU): host memory, see _notes.
+            vision = vision_compute = 0
             runtime = CUDA_OVERHEAD["llamacpp"]
-            run = load = runtime + weights + kv + recurrent + output + compute + vision
+            run = load = runtime + weights + kv + recurrent + output + compute
         peak = max(run, load)
         # The file pages a repacked tensor was read from stay mapped but are never touched again.
         memory = MemoryBreakdown(
@@ -491,6 +510,7 @@ def _memory(r: PlanRequest, cache: _Layouts) -> tuple[Engine, bool, int, MemoryB
             w.experts,
             state_cache,
             vision=vision,
+            vision_compute=vision_compute,
         )
     else:
         tokens = min(VLLM_PROFILE_TOKENS, cells)
@@ -547,11 +567,31 @@ def _notes(r: PlanRequest, engine: Engine) -> list[str]:
                 f"images: the catalog has no vision-tower size for {s.name}: add its projector file's size "
                 "(mmproj-*.gguf) to the memory above"
             )
+        elif s.vision is None:
+            notes.append(
+                f"images: {s.name}'s vision tower ({s.encoder_params / 1e6:.0f}M parameters) is its "
+                "published total less the text tower, and its encoder's compute buffer is not counted (its "
+                "sizes are not catalogued)"
+            )
+        projector = s.encoder_params * MMPROJ_BYTES[r.mmproj_type]
+        where = (
+            "counted above"
+            if r.device.kind == "cpu"
+            else f"{projector / MIB:.0f} MiB of host memory outside the GPU budget (it runs on the CPU)"
+        )
+        encoder = ""
+        if s.vision is not None:
+            photo = s.vision.compute_bytes(b.photo_tokens * s.vision.merge**2)
+            encoder = (
+                f", and so is its encoder's compute buffer at the largest image, "
+                f"{vision_compute_bytes(s) / MIB:.0f} MiB (llama.cpp keeps the largest it needed; a photo "
+                f"needs {photo / MIB:.0f} MiB)"
+            )
         notes.append(
-            f"images: the vision projector ({r.mmproj_type}) is counted; a {PHOTO_SIDE}x{PHOTO_SIDE} photo "
-            f"is {b.photo_tokens} prompt tokens ({b.factor}x{b.factor} pixels each), the largest image "
-            f"{b.max_image_tokens}; one request's context holds {b.photos_per_request} such photos "
-            "beside its text; the vision encoder's compute buffer (per image, freed after) is not counted"
+            f"images: the vision projector ({r.mmproj_type}) is {where}{encoder}; a "
+            f"{PHOTO_SIDE}x{PHOTO_SIDE} photo is {b.photo_tokens} prompt tokens ({b.factor}x{b.factor} "
+            f"pixels each), the largest image {b.max_image_tokens}; one request's context holds "
+            f"{b.photos_per_request} such photos beside its text"
         )
     elif engine is Engine.LLAMACPP and s.encoder_params:
         notes.append(

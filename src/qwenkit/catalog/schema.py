@@ -8,7 +8,9 @@ CatalogError naming the entry. Catalog.find() accepts a catalog name, a Hugging 
 "not confirmed"; Entry merges a model with its family's defaults. Hybrid (Gated DeltaNet) models record
 which layers carry KV (full_attention_interval) and their linear-attention heads, head dims and conv
 kernel; a model may list `unverified` fields: numbers recorded from a secondary source (not the model's
-own config.json or card), which `qwenkit models` shows as such.
+own config.json or card), which `qwenkit models` shows as such. A VL model may record its vision tower
+(`vision`, the config.json's vision_config): its parameter count is then the shape's encoder_params (the
+projector the planner counts); without it, a published total less the text tower stands in.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qwenkit.catalog.formats import WeightFormat
-from qwenkit.catalog.shape import HYBRID_TYPES, ModelShape, ShapeError
+from qwenkit.catalog.shape import HYBRID_TYPES, VISION_LAYOUTS, ModelShape, ShapeError, VisionTower
 
 __all__ = [
     "TASKS",
@@ -93,6 +95,29 @@ class Arch(_Strict):
             raise ValueError("linear_k_heads does not divide linear_v_heads")
         if self.experts and self.experts_used and self.experts_used > self.experts:
             raise ValueError("experts_used exceeds experts")
+        return self
+
+
+class Vision(_Strict):
+    """A vision tower's sizes as its config.json's vision_config states them (depth, hidden_size,
+    intermediate_size, num_heads, out_hidden_size, patch_size, spatial_merge_size, temporal_patch_size,
+    num_position_embeddings, len(deepstack_visual_indexes))."""
+
+    depth: int = Field(ge=1)
+    hidden: int = Field(ge=1)
+    ffn: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    out_hidden: int = Field(ge=1)
+    patch: int = Field(ge=1)
+    merge: int = Field(default=2, ge=1)
+    temporal_patch: int = Field(default=2, ge=1)
+    positions: int = Field(default=0, ge=0)
+    deepstack: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _heads(self) -> Vision:
+        if self.hidden % self.heads:
+            raise ValueError(f"vision heads {self.heads} do not divide its width {self.hidden}")
         return self
 
 
@@ -180,6 +205,7 @@ class Model(_Strict):
     license: str | None = None
     modalities: list[Modality] | None = None
     capabilities: Capabilities | None = None
+    vision: Vision | None = None
     quantized: dict[QuantKey, str] = Field(default_factory=dict)
     notes: str | None = None
     unverified: list[str] = Field(default_factory=list)  # fields taken from a secondary source
@@ -213,7 +239,13 @@ class Model(_Strict):
     def _unverified(cls, value: list[str]) -> list[str]:
         for key in value:
             section, _, name = key.partition(".")
-            fields = {"arch": Arch, "params": Params, "context": Context, "capabilities": Capabilities}
+            fields = {
+                "arch": Arch,
+                "params": Params,
+                "context": Context,
+                "capabilities": Capabilities,
+                "vision": Vision,
+            }
             if section not in fields or name not in fields[section].model_fields:
                 raise ValueError(f"unverified entry {key!r} is not a field such as arch.layers")
         return value
@@ -224,6 +256,10 @@ class Model(_Strict):
             raise ValueError("an open-weights model needs its Hugging Face id")
         if not self.open_weights and (self.hf or self.quantized):
             raise ValueError("a model without open weights has no hub repos")
+        if self.vision and (self.arch is None or self.arch.type not in VISION_LAYOUTS):
+            raise ValueError("vision: only Qwen2.5-VL, Qwen3-VL and Qwen3.5 vision towers are described")
+        if self.vision and self.arch and self.arch.hidden and self.vision.out_hidden != self.arch.hidden:
+            raise ValueError("vision.out_hidden must be the text model's width (arch.hidden)")
         return self
 
 
@@ -317,6 +353,14 @@ class Entry:
             context_extended=self.model.context.extended,
             **hybrid,
         )
+        v = self.model.vision
+        if v is not None:
+            layout = VISION_LAYOUTS[a.type]
+            tower = VisionTower(layout=layout, **v.model_dump())
+            return ModelShape(
+                **{k: getattr(shape, k) for k in shape.__dataclass_fields__ if not k.startswith("_")}
+                | {"vision": tower, "encoder_params": tower.params}
+            )
         total = self.model.params.total
         if total and set(self.modalities) - {"text"}:
             # Vision/audio encoders are not in the text tensors: the published total minus the text part.

@@ -13,16 +13,30 @@ Each recommendation carries the planner's numbers, a one-line reason from the ca
 the plans describe that command's server, so a hybrid's saved-state cache (--state-cache-mb) is counted.
 Natively multimodal Qwen3.5+ models run their text tower on llama.cpp for text tasks (vision skipped);
 entries whose dimensions the catalog does not confirm are left out (they cannot be planned).
+With `gpus` (GPUs per node, `device` being one of them) and `nodes`, every configuration is vLLM: the
+whole-model plan is checked against the cluster (parallel.cluster), laid out with a valid tensor-parallel
+size (parallel.split_plan) and must fit each GPU at gpu_memory_utilization; the command is parallel.commands'
+(`qwenkit serve --engine vllm --tensor-parallel N ...`, after the `ray start` lines of several nodes).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from qwenkit.catalog.formats import WeightFormat
 from qwenkit.catalog.measure import RuntimeBaseline
+from qwenkit.catalog.parallel import (
+    DEFAULT_UTILIZATION,
+    GpuPlan,
+    ParallelError,
+    check_utilization,
+    cluster,
+    commands,
+    split_plan,
+)
 from qwenkit.catalog.planner import (
     FALLBACK_BASELINE,
     SERVE_STATE_CACHE_MB,
@@ -33,13 +47,15 @@ from qwenkit.catalog.planner import (
     plan,
 )
 from qwenkit.catalog.schema import TASKS, Catalog, Entry
-from qwenkit.catalog.shape import ShapeError
+from qwenkit.catalog.shape import VISION_LAYOUTS, ShapeError
 
 __all__ = [
     "TEXT_TOWER_TYPES",
     "Preference",
     "Recommendation",
     "SelectRequest",
+    "fitting_plan",
+    "qwenkit_serves",
     "run_command",
     "select_models",
 ]
@@ -71,12 +87,30 @@ class SelectRequest:
     runtime: RuntimeBaseline = FALLBACK_BASELINE
     top: int = 5
     state_cache_mb: int = SERVE_STATE_CACHE_MB  # what the recommended `qwenkit serve` keeps for saved states
+    gpus: int | None = None  # GPUs per node, each like `device`: vLLM with a parallel layout
+    nodes: int = 1
+    gpu_memory_utilization: float = DEFAULT_UTILIZATION
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}: use one of {', '.join(TASKS)}")
         if self.prefer not in ("quality", "latency", "throughput"):
             raise ValueError(f"unknown preference {self.prefer!r}: use quality, latency or throughput")
+        if self.gpus is not None or self.nodes != 1:
+            cluster(self.device, self.gpus or 0, self.nodes)  # one-line refusals: not cuda, gpus < 1
+            check_utilization(self.gpu_memory_utilization)
+
+    @property
+    def plan_device(self) -> Device:
+        """The device whole-model plans are checked against: the cluster when GPUs were given."""
+        return self.device if self.gpus is None else cluster(self.device, self.gpus, self.nodes)
+
+    def split(self, p: Plan) -> GpuPlan:
+        """Plan `p` (on plan_device) laid out over the GPUs; needs `gpus`."""
+        assert self.gpus is not None
+        return split_plan(
+            p, self.device.total_bytes, self.gpus, self.nodes, None, None, self.gpu_memory_utilization
+        )
 
 
 @dataclass(frozen=True)
@@ -89,6 +123,8 @@ class Recommendation:
     adjustments: tuple[str, ...]
     command: str
     download: str
+    gpu: GpuPlan | None = None  # the per-GPU layout (select with gpus)
+    setup: tuple[str, ...] = ()  # commands to run first (Ray on each node)
 
     @property
     def weight_format(self) -> WeightFormat:
@@ -129,9 +165,12 @@ def _formats(entry: Entry, device: Device, task: str) -> list[tuple[WeightFormat
     return out
 
 
-def fitting_plan(base: PlanRequest, cache: dict) -> tuple[Plan, tuple[str, ...]] | None:
+def fitting_plan(
+    base: PlanRequest, cache: dict, accept: Callable[[Plan], bool] | None = None
+) -> tuple[Plan, tuple[str, ...]] | None:
     """The plan as asked, else with flash attention, else with a quantized KV cache (context kept), else
-    (a served hybrid on a CPU) also with the saved-state cache capped at SMALL_STATE_CACHE_MB."""
+    (a served hybrid on a CPU) also with the saved-state cache capped at SMALL_STATE_CACHE_MB. `accept`
+    is a further check a fitting plan must pass (each GPU's share, for a multi-GPU layout)."""
     tries = [(base, ())]
     if base.resolved_engine is Engine.LLAMACPP:
         tries.append((replace(base, flash_attn=True), ("flash attention on",)))
@@ -147,7 +186,7 @@ def fitting_plan(base: PlanRequest, cache: dict) -> tuple[Plan, tuple[str, ...]]
         tries.append((replace(base, kv_type="fp8"), ("KV cache fp8",)))
     for request, adjustments in tries:
         p = plan(request, suggest=False, cache=cache)
-        if p.fits:
+        if p.fits and (accept is None or accept(p)):
             return p, adjustments
     return None
 
@@ -161,15 +200,21 @@ def _download(entry: Entry, p: Plan) -> str:
     return entry.model.hf or ""
 
 
+def qwenkit_serves(p: Plan) -> bool:
+    """Whether `qwenkit serve --engine vllm` runs vLLM plan `p`: text, and images for the vision towers
+    qwenkit sizes (VISION_LAYOUTS), on an NVIDIA GPU (Qwen-correct reasoning, tools, security); audio,
+    Qwen2-VL, an fp8 KV cache, first-generation Qwen and vLLM's CPU backend go to vLLM's own server."""
+    r = p.request
+    encoders_ok = not r.shape.encoder_params or r.shape.model_type in VISION_LAYOUTS
+    return r.device.kind == "cuda" and encoders_ok and r.kv_type != "fp8" and r.shape.model_type != "qwen"
+
+
 def run_command(repo: str, p: Plan) -> str:
     """The exact command that runs plan `p` for the model `repo` (a hub id or a local path)."""
     r = p.request
     fmt = r.weight_format
     if p.engine is Engine.VLLM:
-        # Text on an NVIDIA GPU: qwenkit's server on vLLM (Qwen-correct reasoning, tools, security);
-        # images, fp8 KV, first-generation Qwen and vLLM's CPU backend: vLLM's own server.
-        qwenkit_ok = r.device.kind == "cuda" and not r.shape.encoder_params and r.kv_type != "fp8"
-        if qwenkit_ok and r.shape.model_type != "qwen":
+        if qwenkit_serves(p):
             return f"qwenkit serve --engine vllm --model {repo} --ctx {p.n_ctx} --max-seqs {r.concurrency}"
         cmd = f"vllm serve {repo} --max-model-len {r.context} --max-num-seqs {r.concurrency}"
         if r.kv_type == "fp8":
@@ -196,6 +241,15 @@ def select_models(catalog: Catalog, request: SelectRequest) -> list[Recommendati
     fidelity = catalog.fidelity
     best: dict[str, Recommendation] = {}
     cache: dict = {}
+    device = request.plan_device
+    on_gpus = request.gpus is not None
+
+    def splits(p: Plan) -> bool:
+        try:
+            return request.split(p).fits
+        except ParallelError:  # no layout of these GPUs suits this model (e.g. more stages than layers)
+            return False
+
     for entry in catalog:
         fit = entry.family.policy.fit.get(request.task, 0.0)  # type: ignore[call-overload]
         need = _NEEDS.get(request.task)
@@ -209,17 +263,19 @@ def select_models(catalog: Catalog, request: SelectRequest) -> list[Recommendati
             continue
         size = _size_b(entry)
         for fmt, engine in _formats(entry, request.device, request.task):
+            if on_gpus and engine is not Engine.VLLM:
+                continue  # qwenkit's llama.cpp engine runs one process on one device
             base = PlanRequest(
                 shape=shape,
                 weight_format=fmt,
                 context=request.context,
                 concurrency=request.concurrency,
-                device=request.device,
+                device=device,
                 engine=engine,
                 runtime=request.runtime,
                 state_cache_mb=request.state_cache_mb,
             )
-            found = fitting_plan(base, cache)
+            found = fitting_plan(base, cache, splits if on_gpus else None)
             if found is None:
                 continue
             p, adjustments = found
@@ -228,6 +284,11 @@ def select_models(catalog: Catalog, request: SelectRequest) -> list[Recommendati
             if entry.name in best and best[entry.name].score >= score:
                 continue
             repo = _download(entry, p)
+            command, gpu, setup = run_command(repo.split(" ")[0], p), None, ()
+            if on_gpus:
+                gpu = request.split(p)
+                *setup_lines, ours, raw = commands(repo.split(" ")[0], p, gpu)
+                command, setup = (ours if qwenkit_serves(p) else raw), tuple(setup_lines)
             best[entry.name] = Recommendation(
                 entry=entry,
                 plan=p,
@@ -235,8 +296,10 @@ def select_models(catalog: Catalog, request: SelectRequest) -> list[Recommendati
                 score=score,
                 reason=_reason(entry, p),
                 adjustments=adjustments,
-                command=run_command(repo.split(" ")[0], p),
+                command=command,
                 download=repo,
+                gpu=gpu,
+                setup=setup,
             )
     ranked = sorted(best.values(), key=lambda rec: (-rec.score, rec.plan.speed.bytes_per_token))
     return ranked[: request.top]

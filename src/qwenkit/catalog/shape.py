@@ -9,6 +9,11 @@ Hybrid models (Qwen3.5/3.6 `qwen3_5`, `qwen3_5_moe`; Qwen3-Next) interleave Gate
 gated full attention (every `full_attention_interval`-th layer): only full-attention layers carry a KV
 cache, and each linear-attention layer keeps a fixed-size recurrent state per sequence (conv + delta
 rule), which llama.cpp keeps in f32 (recurrent_state_bytes_per_seq).
+VisionTower is a VL model's vision encoder (config.json vision_config): its parameter count, exact for the
+two layouts qwenkit converts to a projector (Qwen2.5-VL; Qwen3-VL and Qwen3.5, which share one), is the
+shape's encoder_params when known, and its patch count per image sizes the encoder's compute buffer
+(compute_bytes: llama.cpp's clip graph on a CPU with flash attention, fitted to measurements, an upper bound
+on them; see the constants).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from qwenkit.gguf.reader import GGUFInfo
 
-__all__ = ["HYBRID_TYPES", "ModelShape", "ShapeError", "TensorSpec"]
+__all__ = ["HYBRID_TYPES", "VISION_LAYOUTS", "ModelShape", "ShapeError", "TensorSpec", "VisionTower"]
 
 # GGUF architectures (general.architecture) → the HF model_type they come from.
 _GGUF_ARCHES = {
@@ -43,6 +48,116 @@ RECURRENT_STATE_BYTES = 4  # llama.cpp keeps the conv and delta-rule states in f
 
 class ShapeError(ValueError):
     """A model description without the dimensions the planner needs; the message names the field."""
+
+
+# HF model_type → the vision tower's layout: Qwen2.5-VL (RMSNorm, gated SiLU MLP, window attention) or
+# Qwen3-VL's (LayerNorm, GELU MLP, learned position grid, optional deepstack mergers), which Qwen3.5 reuses.
+VISION_LAYOUTS = {
+    "qwen2_5_vl": "qwen2_5_vl",
+    "qwen3_vl": "qwen3_vl",
+    "qwen3_vl_moe": "qwen3_vl",
+    "qwen3_5": "qwen3_vl",
+    "qwen3_5_moe": "qwen3_vl",
+}
+
+
+# llama.cpp's clip compute buffer per image (CPU, flash attention on, as mtmd picks it), measured from
+# its "compute buffer size" log and the encode's peak RSS growth (equal within 1 MiB; tiny to real widths):
+# - Qwen3-VL layout: linear in patches. Bytes per patch 4751 / 4880 / 19984 / 30736 for widths 32 / 64 /
+#   768 / 1152 (256 to 16384 patches): 4 B x max(1232, 6.7 x width) bounds them all (+0.4% at 1152).
+# - Qwen2.5-VL layout: llama.cpp's window attention is a full patches x patches mask (f32, and an f16 copy
+#   for flash attention: 6 B per pair), so quadratic. Per patch, width 32: 4711 / 8510 / 26947 B at 256 /
+#   1024 / 4096 patches; width 1280 (every release's): 54.7 / 57.7 / 74.8 / 121.2 KB at 256 / 1024 / 4096 /
+#   16384. max(4 B x 1232, 45 B x width) + 6 B x patches bounds them (+8% to +29% at 1280, most at 16384).
+CLIP_FLOATS_PER_PATCH_MIN = 1232
+CLIP_FLOATS_PER_WIDTH = 6.7
+CLIP_WINDOW_BYTES_PER_WIDTH = 45
+CLIP_WINDOW_MASK_BYTES = 6
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """A Qwen vision encoder (config.json vision_config): `patch`-pixel patches (times `temporal_patch`
+    frames) through `depth` blocks of width `hidden`, then a merger of `merge` x `merge` patches into one
+    token of width `out_hidden` (the text model's). Qwen3-VL adds `deepstack` such mergers whose outputs
+    feed early text layers, and a learned grid of `positions` position embeddings."""
+
+    layout: str  # a VISION_LAYOUTS value
+    depth: int
+    hidden: int
+    ffn: int
+    heads: int
+    out_hidden: int
+    patch: int
+    merge: int = 2
+    temporal_patch: int = 2
+    positions: int = 0
+    deepstack: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layout not in set(VISION_LAYOUTS.values()):
+            raise ShapeError(f"unknown vision tower layout {self.layout!r}")
+        for name in ("depth", "hidden", "ffn", "heads", "out_hidden", "patch", "merge", "temporal_patch"):
+            if getattr(self, name) < 1:
+                raise ShapeError(f"vision tower: {name} must be positive")
+        if self.hidden % self.heads:
+            raise ShapeError(f"vision tower: {self.heads} heads do not divide its width {self.hidden}")
+
+    @property
+    def params(self) -> int:
+        """Every weight and bias, as transformers' vision model counts them (and an mmproj GGUF stores)."""
+        h, f, merged = self.hidden, self.ffn, self.hidden * self.merge**2
+        qwen3 = self.layout == "qwen3_vl"
+        patch_embed = 3 * self.temporal_patch * self.patch**2 * h + (h if qwen3 else 0)  # Conv3d (+ bias)
+        attention = 3 * h * h + 3 * h + h * h + h  # fused qkv and the output projection, with biases
+        # Qwen3-VL: two LayerNorms (weight + bias), GELU MLP fc1/fc2; Qwen2.5-VL: two RMSNorms, a SiLU-gated
+        # MLP (gate, up, down); every projection biased.
+        mlp = 4 * h + 2 * h * f + f + h if qwen3 else 2 * h + 3 * h * f + 2 * f + h
+        block = attention + mlp
+        projection = merged * merged + merged + merged * self.out_hidden + self.out_hidden
+        merger = (2 * h if qwen3 else h) + projection  # the norm runs before the 2x2 shuffle
+        deepstack = self.deepstack * (2 * merged + projection)  # each normed after the shuffle
+        return patch_embed + self.positions * h + self.depth * block + merger + deepstack
+
+    def patches(self, height: int, width: int) -> int:
+        """Patches one image of height x width pixels (already on the processor's grid) runs through."""
+        return (height // self.patch) * (width // self.patch)
+
+    def compute_bytes(self, patches: int) -> int:
+        """llama.cpp's compute buffer for encoding one image of `patches` patches (an upper bound fitted to
+        measurements, see CLIP_*). mtmd keeps it at its high-water mark: it is not freed between images."""
+        floor = 4 * CLIP_FLOATS_PER_PATCH_MIN
+        if self.layout == "qwen3_vl":
+            return max(floor, math.ceil(4 * CLIP_FLOATS_PER_WIDTH * self.hidden)) * patches
+        per_patch = max(floor, CLIP_WINDOW_BYTES_PER_WIDTH * self.hidden) + CLIP_WINDOW_MASK_BYTES * patches
+        return per_patch * patches
+
+    @classmethod
+    def from_config(cls, vision: Mapping[str, Any], model_type: str, name: str = "") -> VisionTower:
+        """From a config.json's vision_config of a model_type in VISION_LAYOUTS."""
+        layout = VISION_LAYOUTS.get(model_type)
+        if layout is None:
+            raise ShapeError(f"{name or model_type}: no vision tower layout for {model_type!r}")
+
+        def need(key: str) -> int:
+            value = vision.get(key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ShapeError(f"{name or model_type}: vision_config lacks an integer {key!r}")
+            return value
+
+        return cls(
+            layout=layout,
+            depth=need("depth"),
+            hidden=need("hidden_size"),
+            ffn=need("intermediate_size"),
+            heads=need("num_heads"),
+            out_hidden=need("out_hidden_size"),
+            patch=need("patch_size"),
+            merge=int(vision.get("spatial_merge_size") or 2),
+            temporal_patch=int(vision.get("temporal_patch_size") or 2),
+            positions=int(vision.get("num_position_embeddings") or 0) if layout == "qwen3_vl" else 0,
+            deepstack=len(vision.get("deepstack_visual_indexes") or ()) if layout == "qwen3_vl" else 0,
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +199,7 @@ class ModelShape:
     moe_ffn: int = 0
     shared_ffn: int = 0
     encoder_params: int = 0
+    vision: VisionTower | None = None  # when known, encoder_params is its parameter count
     # Hybrid (Gated DeltaNet) models: every interval-th layer is full attention, the rest linear attention.
     full_attention_interval: int = 0
     linear_k_heads: int = 0
@@ -110,6 +226,8 @@ class ModelShape:
             missing = [k for k in linear if getattr(self, k) < 1]
             if missing:
                 raise ShapeError(f"{self.name}: a hybrid model needs {', '.join(missing)}")
+        if self.vision is not None and not self.encoder_params:
+            object.__setattr__(self, "encoder_params", self.vision.params)
         object.__setattr__(self, "_tensors", tuple(self._build_tensors()))
 
     @property
@@ -303,6 +421,12 @@ class ModelShape:
         if scaling and scaling.get("factor") and scaling.get("original_max_position_embeddings"):
             native = int(scaling["original_max_position_embeddings"])
             extended = int(native * float(scaling["factor"]))
+        vision_config = config.get("vision_config")
+        vision = (
+            VisionTower.from_config(vision_config, model_type, name)
+            if isinstance(vision_config, Mapping) and model_type in VISION_LAYOUTS
+            else None
+        )
         return cls(
             name=name,
             model_type=model_type,
@@ -320,6 +444,7 @@ class ModelShape:
             shared_ffn=int(c.get("shared_expert_intermediate_size") or 0) if experts else 0,
             context_native=native,
             context_extended=extended,
+            vision=vision,
             **_hybrid_fields(c, model_type, name),
         )
 

@@ -26,7 +26,7 @@ from rich.table import Table
 from qwenkit import hardware
 from qwenkit.catalog.formats import KV_BYTES, WeightFormat, parse_format
 from qwenkit.catalog.measure import MeasureError, RuntimeBaseline, cached_runtime_baseline
-from qwenkit.catalog.parallel import DEFAULT_UTILIZATION
+from qwenkit.catalog.parallel import DEFAULT_UTILIZATION, describe
 from qwenkit.catalog.planner import (
     FALLBACK_BASELINE,
     GIB,
@@ -259,6 +259,12 @@ def _print_plan(p: Plan, target: Target, command: str) -> None:
             "vision projector",
             _size(m.vision),
             f"{r.shape.encoder_params / 1e6:.0f}M vision-tower parameters × {r.mmproj_type} (--mmproj)",
+        )
+    if m.vision_compute:
+        table.add_row(
+            "vision encoder buffer",
+            _size(m.vision_compute),
+            "llama.cpp's compute buffer at the largest image (kept once reached)",
         )
     table.add_row(
         "compute + activations", _size(m.compute), "worst step: a full prompt chunk over a whole context"
@@ -518,6 +524,7 @@ def recommendation_json(rec: Recommendation) -> dict[str, Any]:
         "download": rec.download,
         "command": rec.command,
         "plan": plan_json(rec.plan, rec.command),
+        **({"gpu": gpu_json(rec.gpu, [*rec.setup, rec.command])} if rec.gpu is not None else {}),
     }
 
 
@@ -542,12 +549,20 @@ def select_command(
     top: Annotated[int, typer.Option("--top", min=1, max=50, help="How many to list.")] = 5,
     state_cache_mb: StateCacheOption = SERVE_STATE_CACHE_MB,
     as_json: JsonOption = False,
+    gpus: GpusOption = None,
+    nodes: NodesOption = 1,
+    gpu_memory_utilization: UtilizationOption = DEFAULT_UTILIZATION,
 ) -> None:
     """Rank the Qwen models, formats and engines that fit this device for a task, with the command to run."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     context = ctx or (131072 if task == "long-context" else 4096)
     dev = resolve_device(device, memory, bandwidth)
+    if gpu_options_given(gpus, nodes, None, None):
+        cluster_device(dev, gpus or 1, nodes)  # refuses a CPU, or more GPUs than are here
+    elif dev.kind == "cuda" and memory is None:
+        present = len(hardware.gpus(use_torch=False))
+        gpus = present if present > 1 else None  # a probed multi-GPU machine: plan on all its GPUs
     request = SelectRequest(
         task,
         dev,
@@ -557,17 +572,24 @@ def select_command(
         runtime_baseline(),
         top,
         state_cache_mb,
+        gpus=gpus or (1 if nodes > 1 else None),
+        nodes=nodes,
+        gpu_memory_utilization=gpu_memory_utilization,
     )
     recs = select_models(load_catalog(), request)
     if as_json:
         typer.echo(json.dumps([recommendation_json(r) for r in recs], indent=2))
         return
     if not recs:
+        where = "on this device" if request.gpus is None else f"on {nodes} node(s) × {request.gpus} GPU(s)"
+        more = "a larger --memory" if request.gpus is None else "more --gpus / --nodes or a larger --memory"
         raise ValueError(
-            f"no Qwen model fits {task} with {context} tokens × {concurrency} on this device: "
-            "lower --ctx or --concurrency, or give a larger --memory"
+            f"no Qwen model fits {task} with {context} tokens × {concurrency} {where}: "
+            f"lower --ctx or --concurrency, or give {more}"
         )
     budget, basis = dev.budget()
+    if request.gpus is not None:
+        basis = f"per GPU, {nodes} node(s) × {request.gpus} GPU(s) at {gpu_memory_utilization:g} utilization"
     console = Console()
     console.print(
         f"[bold]{task}[/] · {context} tokens × {concurrency} · prefer {prefer} · {dev.kind} "
@@ -585,11 +607,15 @@ def select_command(
             rec.entry.name,
             rec.weight_format.value,
             rec.engine.value,
-            _size(p.memory.required),
+            _size(p.memory.required) if rec.gpu is None else f"{_size(rec.gpu.required)}/GPU",
             speed,
             ", ".join(rec.adjustments) or "-",
         )
     console.print(table)
     for i, rec in enumerate(recs, 1):
         console.print(f"{i}. {rec.entry.name}: {rec.reason}", highlight=False)
+        if rec.gpu is not None:
+            console.print(f"   layout: {describe(rec.gpu)[0]}", highlight=False, soft_wrap=True)
+        for line in rec.setup:
+            console.print(f"   {line}", highlight=False, soft_wrap=True)
         console.print(f"   run: [bold]{rec.command}[/]", highlight=False, soft_wrap=True)

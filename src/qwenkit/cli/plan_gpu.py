@@ -9,7 +9,6 @@ ParallelError / ValueError one-liners naming the fix.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -20,10 +19,10 @@ from qwenkit.catalog.parallel import (
     DEFAULT_UTILIZATION,
     GpuPlan,
     ParallelError,
-    choose_layout,
+    cluster,
     commands,
     describe,
-    gpu_plan,
+    split_plan,
 )
 from qwenkit.catalog.planner import Device, Plan
 
@@ -55,16 +54,14 @@ def gpu_options_given(gpus: int | None, nodes: int, tp: int | None, pp: int | No
 def cluster_device(dev: Device, gpus: int, nodes: int) -> tuple[Device, int | None]:
     """The cluster as one device (its GPUs' memory summed) and the GPUs this machine has (None when the
     device was described, not probed)."""
-    if dev.kind != "cuda":
-        raise ValueError("--gpus/--nodes plan vLLM on CUDA GPUs: add --device cuda (and --memory per GPU)")
+    whole = cluster(dev, gpus, nodes)  # refuses a CPU device first
     present = None if dev.name == "described" else len(hardware.gpus(use_torch=False)) or None
     if present is not None and gpus > present:
         raise ParallelError(
             f"--gpus {gpus} but this machine has {present} GPU(s): use --gpus {present}, "
             "or describe the nodes with --memory (one GPU's memory)"
         )
-    total = dev.total_bytes * gpus * nodes
-    return replace(dev, total_bytes=total, available_bytes=None), present
+    return whole, present
 
 
 def gpu_section(
@@ -78,9 +75,7 @@ def gpu_section(
     utilization: float = DEFAULT_UTILIZATION,
 ) -> tuple[GpuPlan, list[str]]:
     """The per-GPU plan of `p` (a whole-cluster vLLM plan) and the commands that run it."""
-    layout = choose_layout(p.request.shape, gpus, nodes, tp, pp)
-    one_gpu = replace(p, request=replace(p.request, device=replace(p.request.device, total_bytes=gpu_bytes)))
-    g = gpu_plan(one_gpu, layout, utilization)
+    g = split_plan(p, gpu_bytes, gpus, nodes, tp, pp, utilization)
     return g, commands(repo, p, g)
 
 

@@ -5,8 +5,9 @@ Contract: check_scale_options() refuses option mixes that cannot work, and a --r
 answers, in one line. open_vllm() checks, before any weights load and in this order, the model (an HF
 checkpoint), the parallel layout against its heads (catalog/parallel.py) and whether vLLM can run here
 (installed, enough NVIDIA GPUs), then returns the VllmEngine (its weights load when the server starts
-it) with the tokenizer and chat family. open_replicas() starts the Ray Serve replicas over a converted
-GGUF; serve_vllm() runs the server on the vLLM engine.
+it) with the tokenizer and chat family, and a vision checkpoint's image grid (preprocessor_config.json:
+the server then takes images and vLLM runs the vision tower). open_replicas() starts the Ray Serve
+replicas over a converted GGUF; serve_vllm() runs the server on the vLLM engine.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class Opened:
     family: Any
     name: str
     is_demo: bool
+    vision: Any = None  # the VisionSpec of a model with a vision tower: the server then takes images
 
 
 def open_vllm(
@@ -120,6 +122,7 @@ def open_vllm(
     from qwenkit.engines.vllm import unavailable_reason
     from qwenkit.engines.vllm.engine import VllmEngine
     from qwenkit.engines.vllm.translate import VllmSettings
+    from qwenkit.media.images import VisionSpec
     from qwenkit.tokenizer.tokenizer import QwenTokenizer
 
     resolved = load_model(model, allow_pickle)
@@ -151,8 +154,10 @@ def open_vllm(
         ray_address=o.ray_address,
     )
     think = (tokenizer.special_id("<think>"), tokenizer.special_id("</think>"))
-    engine = VllmEngine.from_settings(settings, tokenizer.vocab_size, think)
-    return Opened(engine, tokenizer, family, resolved.name, is_demo_checkpoint(resolved.path))
+    vision = VisionSpec.from_checkpoint(resolved.path)  # vLLM runs the vision tower itself
+    pad = tokenizer.special_id("<|image_pad|>")
+    engine = VllmEngine.from_settings(settings, tokenizer.vocab_size, think, vision, pad)
+    return Opened(engine, tokenizer, family, resolved.name, is_demo_checkpoint(resolved.path), vision)
 
 
 def open_replicas(gguf_path: Any, config: EngineConfig, o: ScaleOptions) -> Any:
@@ -179,7 +184,9 @@ def serve_vllm(
     opened = open_vllm(model, allow_pickle, max_seqs, ctx, o)
     # Before the server: a model vLLM cannot load fails in one line (AsyncLLM may be built off the loop).
     opened.engine.start()
-    app = create_app(opened.engine, opened.tokenizer, opened.family, opened.name, config)
+    app = create_app(
+        opened.engine, opened.tokenizer, opened.family, opened.name, config, vision=opened.vision
+    )
     layout = f"tensor {o.tensor_parallel} x pipeline {o.pipeline_parallel} x data {o.data_parallel}"
     name = config.served_model_name or opened.name
     auth = "on" if keys else "off"

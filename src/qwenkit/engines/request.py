@@ -123,3 +123,4 @@ class EngineStats:
     state_cache_entries: int = 0
     state_cache_hits: int = 0
     state_cache_evictions: int = 0
+    image_encodes: int = 0  # vision-tower runs (images not served from a cached prefix); 0 without --mmproj

@@ -2,8 +2,8 @@
 
 Contract: ServeMetrics holds the counters and histograms the request path updates (requests by route and
 status, rejected requests by reason, TTFT, inter-token latency, prompt and generated tokens) and reads
-the engine's running/waiting sequences, KV usage and state cache at scrape time, so /metrics is never
-stale.
+the engine's running/waiting sequences, KV usage, state cache and image encodes at scrape time, so
+/metrics is never stale.
 `route_label` keeps label cardinality bounded: unknown paths all count as "other".
 """
 
@@ -28,6 +28,8 @@ ROUTES = (
     "/v1/batches",
     "/api/chat",
     "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
     "/api/tags",
     "/api/show",
     "/api/version",
@@ -82,6 +84,11 @@ class _EngineCollector(Collector):
             "qwenkit_state_cache_evictions",
             "Saved states dropped to stay within --state-cache-mb",
             stats.state_cache_evictions,
+        )
+        yield CounterMetricFamily(
+            "qwenkit_image_encodes",
+            "Images run through the vision tower (not from a cached prefix)",
+            stats.image_encodes,
         )
 
 

@@ -556,6 +556,7 @@ class LlamaCppEngine:
             state_cache_entries=len(states) if states else 0,
             state_cache_hits=states.hits if states else 0,
             state_cache_evictions=states.evictions if states else 0,
+            image_encodes=self.image_encodes,
         )
 
     def _publish_stats(self) -> None:

@@ -2,11 +2,13 @@
 
 Contract: VllmEngine(llm, ...) adapts any object with AsyncLLM's generate/abort/shutdown; from_settings()
 builds the real one (vLLM imported only there). generate() checks what can never run (EngineError,
-before vLLM sees it), translates the request with translate.py, and streams TokenEvents from vLLM's delta
-outputs; leaving the iterator early aborts the request in vLLM. A failure inside vLLM ends only that
-request (finish_reason "error"). stats() counts the adapter's own in-flight requests and their tokens
-(vLLM keeps its scheduler's numbers in its engine-core process). shutdown() stops admitting, waits for
-running requests up to the timeout, aborts the rest and shuts vLLM down.
+before vLLM sees it: images for a model without a vision tower, image markers that do not match the
+images, a prompt whose images' tokens leave no room), translates the request with translate.py, and
+streams TokenEvents from vLLM's delta outputs; leaving the iterator early aborts the request in vLLM. A
+failure inside vLLM ends only that request (finish_reason "error"). stats() counts the adapter's own
+in-flight requests and their tokens (vLLM keeps its scheduler's numbers in its engine-core process).
+shutdown() stops admitting, waits for running requests up to the timeout, aborts the rest and shuts vLLM
+down.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from qwenkit.engines.vllm.translate import (
     generate_kwargs,
     sampling_kwargs,
 )
+from qwenkit.media.images import VisionSpec, image_tokens
 
 log = logging.getLogger("qwenkit.engine")
 
@@ -64,8 +67,12 @@ class VllmEngine:
         make_params: Callable[[dict[str, Any]], Any] = vllm_sampling_params,
         kv_total: int | None = None,
         build: Callable[[], AsyncLLMLike] | None = None,
+        vision: VisionSpec | None = None,
+        image_pad: int | None = None,
     ) -> None:
-        """llm: the AsyncLLM, or None and `build`, which makes it in start() (the weights load there)."""
+        """llm: the AsyncLLM, or None and `build`, which makes it in start() (the weights load there).
+        vision: the model's image grid (None: a text model, images are refused); image_pad: the
+        <|image_pad|> id that marks each image's place in a prompt."""
         self._llm = llm
         self._build = build
         self.n_ctx = n_ctx
@@ -73,6 +80,8 @@ class VllmEngine:
         self._think_start, self._think_end = think_ids
         self._make_params = make_params
         self._kv_total = kv_total or n_ctx
+        self.vision = vision
+        self._image_pad = image_pad
         self._lock = threading.Lock()
         self._running: dict[str, int] = {}  # request id -> tokens it holds (prompt + generated)
         self._loops: dict[str, asyncio.AbstractEventLoop] = {}
@@ -82,7 +91,12 @@ class VllmEngine:
 
     @classmethod
     def from_settings(
-        cls, settings: VllmSettings, vocab_size: int, think_ids: tuple[int | None, int | None]
+        cls,
+        settings: VllmSettings,
+        vocab_size: int,
+        think_ids: tuple[int | None, int | None],
+        vision: VisionSpec | None = None,
+        image_pad: int | None = None,
     ) -> VllmEngine:
         """The real engine; AsyncLLM (and the weights) load when start() is called."""
 
@@ -95,7 +109,15 @@ class VllmEngine:
             kwargs["reasoning_config"] = ReasoningConfig(**kwargs["reasoning_config"])
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
-        return cls(None, settings.max_model_len, vocab_size, think_ids, build=build)
+        return cls(
+            None,
+            settings.max_model_len,
+            vocab_size,
+            think_ids,
+            build=build,
+            vision=vision,
+            image_pad=image_pad,
+        )
 
     def start(self) -> None:
         """Build vLLM's engine (the weights load here) once; a failure is one EngineError line."""
@@ -111,21 +133,42 @@ class VllmEngine:
                 "--gpu-memory-utilization / --ctx, or serve it with --engine llamacpp"
             ) from None
 
-    def check(self, request: GenerationRequest) -> None:
-        """Refuse, before vLLM sees it, what can never run (the same rules as the llama.cpp engine)."""
+    def check(self, request: GenerationRequest) -> int:
+        """Refuse, before vLLM sees it, what can never run (the same rules as the llama.cpp engine); the
+        prompt's length as vLLM will see it (each image's marker expanded to its tokens)."""
         check_prompt_ids(request.prompt_token_ids, self.vocab_size)
-        check_room(len(request.prompt_token_ids), request.sampling.max_tokens, self.n_ctx)
+        n_prompt = len(request.prompt_token_ids) + self._image_extra(request)
+        check_room(n_prompt, request.sampling.max_tokens, self.n_ctx)
         check_sampling_ids(request, self.vocab_size, MAX_LOGPROBS)
-        if request.images:
-            raise EngineError("the vLLM engine serves text only here; send images to the llama.cpp engine")
+        return n_prompt
+
+    def _image_extra(self, request: GenerationRequest) -> int:
+        """Tokens the request's images add beyond their one marker each (vLLM's Qwen-VL processors make
+        (height / factor) x (width / factor) of them for pixels already on the processor's grid)."""
+        if not request.images:
+            return 0
+        if self.vision is None:
+            raise EngineError(
+                "this model has no vision tower (no preprocessor_config.json), so it cannot read images: "
+                "send text, or serve a Qwen vision model"
+            )
+        prompt = request.prompt_token_ids
+        markers = prompt.count(self._image_pad) if self._image_pad is not None else 0
+        if markers != len(request.images):
+            raise EngineError(
+                f"the prompt has {markers} image marker(s) (<|image_pad|>) but {len(request.images)} "
+                "image(s): give one marker per image"
+            )
+        return sum(image_tokens(image.pixels, self.vision) - 1 for image in request.images)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Events of one request; needs start(). Closing the iterator early aborts it in vLLM."""
         if self._llm is None:
             raise EngineError("the engine is not started; call start() first")
-        self.check(request)
+        n_prompt = self.check(request)
+        values = sampling_kwargs(request, self.n_ctx, n_prompt)  # EngineError: a grammar vLLM cannot take
         try:
-            params = self._make_params(sampling_kwargs(request, self.n_ctx))
+            params = self._make_params(values)
         except (TypeError, ValueError) as exc:  # vLLM's own validation of the values
             raise EngineError(f"vLLM refused the sampling parameters: {exc}".splitlines()[0]) from None
         rid = request.request_id
@@ -134,10 +177,10 @@ class VllmEngine:
                 raise EngineOverloaded("the engine is shutting down")
             if rid in self._running:
                 raise EngineError(f"request id {rid!r} is already running")
-            self._running[rid] = len(request.prompt_token_ids)
+            self._running[rid] = n_prompt
             self._loops[rid] = asyncio.get_running_loop()
         kwargs = generate_kwargs(request)
-        tracker = EventTracker(request, self._think_start, self._think_end)
+        tracker = EventTracker(request, self._think_start, self._think_end, n_prompt)
         finished = False
         stream = self._llm.generate(kwargs.pop("prompt"), params, kwargs.pop("request_id"), **kwargs)
         try:
@@ -181,7 +224,7 @@ class VllmEngine:
             [],
             "",
             "error",
-            prompt_tokens=len(request.prompt_token_ids),
+            prompt_tokens=tracker.prompt_tokens or len(request.prompt_token_ids),
             completion_tokens=tracker.completion_tokens,
             reasoning_tokens=tracker.reasoning_tokens,
             error=message.splitlines()[0],

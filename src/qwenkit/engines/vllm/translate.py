@@ -2,9 +2,13 @@
 
 Contract: sampling_kwargs() is the keyword set for vllm.SamplingParams of one GenerationRequest (delta
 outputs, max_tokens filled to the request's room, stop ids, logprobs, seed, penalties, min_tokens,
-logit_bias, a JSON-schema grammar as structured outputs, the thinking budget); generate_kwargs() is what
-AsyncLLM.generate takes beside it (the token-id prompt, and reasoning_ended, which tells vLLM's
-structured-output manager whether the grammar applies from the first token or only after </think>).
+logit_bias, the grammar as structured outputs (a JSON schema as `json`; a GBNF-only grammar, such as a
+forced tool call, as xgrammar EBNF in `grammar`, see ebnf.py), the thinking budget); generate_kwargs() is what
+AsyncLLM.generate takes beside it (the token-id prompt with the request's images, and reasoning_ended, which
+tells vLLM's structured-output manager whether the grammar applies from the first token or only after
+</think>). Images go as TokensPrompt multi_modal_data (the decoded RGB pixels, in prompt order) with their
+sha256 as multi_modal_uuids (what vLLM's multimodal and prefix caches key on); the prompt keeps one
+<|image_pad|> per image, which vLLM's Qwen-VL processors replace with the image's tokens.
 engine_args() is the keyword set for vllm.AsyncEngineArgs. EventTracker turns vLLM's delta RequestOutputs
 (any object with the same attributes) into TokenEvents. Nothing here blocks or touches a GPU.
 """
@@ -16,12 +20,12 @@ from typing import Any, Protocol
 
 from qwenkit.engines.request import (
     THINKING_EARLY_STOP,
-    EngineError,
     FinishReason,
     GenerationRequest,
     TokenEvent,
     TokenLogprob,
 )
+from qwenkit.engines.vllm.ebnf import xgrammar_ebnf
 
 DELTA = "DELTA"  # vllm.sampling_params.RequestOutputKind member name: each output carries only new tokens
 QWEN_REASONING_PARSER = "qwen3"  # vLLM's parser for <think>…</think> (Qwen3, QwQ, Qwen3.5)
@@ -34,24 +38,25 @@ _FINISH: dict[str, FinishReason] = {
 }
 
 
-def grammar_schema(request: GenerationRequest) -> str | None:
-    """The JSON schema vLLM should enforce, or None. A GBNF-only grammar (forced tool calls, whose rules
-    name Qwen's <tool_call> tokens) has no vLLM equivalent and is refused."""
+def structured_outputs(request: GenerationRequest) -> dict[str, str] | None:
+    """Keyword arguments for vllm.sampling_params.StructuredOutputsParams, or None without a grammar: the
+    JSON schema when the grammar came from one (vLLM compiles it itself), else the GBNF as xgrammar EBNF
+    (forced tool calls, whose rules name Qwen's <tool_call> tokens)."""
     grammar = request.grammar
     if grammar is None:
         return None
-    if grammar.json_schema is None:
-        raise EngineError(
-            "the vLLM engine enforces JSON schemas only (response_format); forced tool calls "
-            "(tool_choice required or named) need the llama.cpp engine (--engine llamacpp)"
-        )
-    return grammar.json_schema
+    if grammar.json_schema is not None:
+        return {"json": grammar.json_schema}
+    return {"grammar": xgrammar_ebnf(grammar)}
 
 
-def sampling_kwargs(request: GenerationRequest, n_ctx: int) -> dict[str, Any]:
-    """Keyword arguments for vllm.SamplingParams; output_kind is the RequestOutputKind member's name."""
+def sampling_kwargs(
+    request: GenerationRequest, n_ctx: int, prompt_tokens: int | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for vllm.SamplingParams; output_kind is the RequestOutputKind member's name.
+    prompt_tokens: the prompt's length as vLLM sees it (images expanded), default its token ids."""
     s = request.sampling
-    room = n_ctx - len(request.prompt_token_ids)
+    room = n_ctx - (len(request.prompt_token_ids) if prompt_tokens is None else prompt_tokens)
     kwargs: dict[str, Any] = {
         "n": 1,
         "temperature": s.temperature,
@@ -74,9 +79,9 @@ def sampling_kwargs(request: GenerationRequest, n_ctx: int) -> dict[str, Any]:
         "skip_special_tokens": s.skip_special_tokens,
         "output_kind": DELTA,
     }
-    schema = grammar_schema(request)
-    if schema is not None:
-        kwargs["structured_outputs"] = {"json": schema}
+    structured = structured_outputs(request)
+    if structured is not None:
+        kwargs["structured_outputs"] = structured
     thinking = request.thinking
     if thinking is not None and thinking.budget is not None:
         kwargs["thinking_token_budget"] = thinking.budget
@@ -97,10 +102,11 @@ def reasoning_ended(request: GenerationRequest) -> bool | None:
 
 def generate_kwargs(request: GenerationRequest) -> dict[str, Any]:
     """AsyncLLM.generate's arguments other than sampling_params: a TokensPrompt and the request id."""
-    kwargs: dict[str, Any] = {
-        "prompt": {"prompt_token_ids": list(request.prompt_token_ids)},
-        "request_id": request.request_id,
-    }
+    prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
+    if request.images:
+        prompt["multi_modal_data"] = {"image": [image.pixels for image in request.images]}
+        prompt["multi_modal_uuids"] = {"image": [image.sha256 for image in request.images]}
+    kwargs: dict[str, Any] = {"prompt": prompt, "request_id": request.request_id}
     ended = reasoning_ended(request)
     if ended is not None:
         kwargs["reasoning_ended"] = ended
@@ -182,6 +188,7 @@ class EventTracker:
     request: GenerationRequest
     think_start: int | None = None
     think_end: int | None = None
+    prompt_tokens: int | None = None  # the prompt as vLLM sees it (images expanded); None: its token ids
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     _in_reasoning: bool = field(default=False, init=False)
@@ -225,7 +232,9 @@ class EventTracker:
             token_ids=token_ids,
             text=completion.text if completion else "",
             finish_reason=finish,
-            prompt_tokens=len(self.request.prompt_token_ids),
+            prompt_tokens=len(self.request.prompt_token_ids)
+            if self.prompt_tokens is None
+            else self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             cached_tokens=int(getattr(output, "num_cached_tokens", 0) or 0),
             reasoning_tokens=self.reasoning_tokens,
@@ -241,8 +250,8 @@ __all__ = [
     "VllmSettings",
     "engine_args",
     "generate_kwargs",
-    "grammar_schema",
     "reasoning_ended",
     "sampling_kwargs",
+    "structured_outputs",
     "token_logprobs",
 ]
