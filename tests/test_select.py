@@ -97,7 +97,18 @@ def test_images_go_to_vl(catalog) -> None:  # type: ignore[no-untyped-def]
     for kind, gib in (("cuda", 24), ("cpu", 16)):
         recs = _select(catalog, "vision", kind, gib)
         assert recs and all("image" in r.entry.modalities for r in recs)
-        assert all(r.engine is Engine.VLLM for r in recs)  # qwenkit's llama.cpp engine is text only
+    # On a CPU, the families qwenkit converts whole (Qwen3.5) run on its llama.cpp engine with the vision
+    # tower converted (--mmproj auto; the projector and its encoder buffer are in the plan); others on vLLM.
+    cpu = _select(catalog, "vision", "cpu", 16)
+    ours = [r for r in cpu if r.engine is Engine.LLAMACPP]
+    assert ours and all(r.entry.model.arch.type in ("qwen3_5", "qwen3_5_moe") for r in ours)
+    for r in ours:
+        assert r.plan.request.images and r.weight_format is WeightFormat.Q8_0
+        assert r.command.startswith("qwenkit serve --model Qwen/Qwen3.5")
+        assert "--quant q8_0" in r.command and "--mmproj auto" in r.command
+    sized = next(r for r in ours if r.entry.name == "Qwen3.5-4B")  # its vision tower is in the catalog
+    assert sized.plan.memory.vision > 0 and sized.plan.memory.vision_compute > 0
+    assert all(r.engine is Engine.VLLM for r in cpu if r not in ours)
     assert _select(catalog, "vision", "cuda", 24)[0].entry.family_key == "qwen2.5-vl"
 
 

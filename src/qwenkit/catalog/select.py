@@ -63,7 +63,7 @@ __all__ = [
 Preference = Literal["quality", "latency", "throughput"]
 # Text models qwenkit's llama.cpp engine (and converter) can run.
 _LLAMACPP_TYPES = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe"}
-# Natively multimodal families whose text tower the llama.cpp engine runs on its own (vision skipped).
+# Natively multimodal families whose text tower qwenkit converts, and its vision tower too (--mmproj auto).
 TEXT_TOWER_TYPES = frozenset({"qwen3_5", "qwen3_5_moe"})
 CPU_GGUF_FORMATS = (
     WeightFormat.Q8_0,
@@ -146,8 +146,10 @@ def _formats(entry: Entry, device: Device, task: str) -> list[tuple[WeightFormat
     text_only = entry.modalities == ["text"]
     arch = entry.model.arch
     text_task = task not in _NEEDS
+    # qwenkit converts both towers of TEXT_TOWER_TYPES, so images run on llama.cpp too (serve --mmproj auto).
+    towers_ok = arch is not None and arch.type in TEXT_TOWER_TYPES and (text_task or task == "vision")
     gguf_ok = (
-        (text_only or (text_task and arch is not None and arch.type in TEXT_TOWER_TYPES))
+        (text_only or towers_ok)
         and entry.family.supported_by_qwenkit
         and arch is not None
         and arch.type in _LLAMACPP_TYPES
@@ -158,7 +160,11 @@ def _formats(entry: Entry, device: Device, task: str) -> list[tuple[WeightFormat
         for fmt in (WeightFormat.FP8, WeightFormat.GPTQ_INT8, WeightFormat.AWQ_INT4, WeightFormat.GPTQ_INT4):
             if fmt.catalog_key in entry.model.quantized:
                 out.append((fmt, Engine.VLLM))
-    if gguf_ok:
+    if gguf_ok and task == "vision":
+        # `--mmproj auto` converts the vision tower from the checkpoint, which `serve --quant` reads as it is;
+        # a `qwenkit quantize`d GGUF has no checkpoint beside it, so images are offered in q8_0.
+        out.append((WeightFormat.Q8_0, Engine.LLAMACPP))
+    elif gguf_ok:
         out.extend((fmt, Engine.LLAMACPP) for fmt in CPU_GGUF_FORMATS)
     elif device.kind == "cpu" and not text_only:
         out.append((WeightFormat.BF16, Engine.VLLM))  # vision/audio on a CPU: vLLM's CPU backend in bf16
@@ -225,6 +231,8 @@ def run_command(repo: str, p: Plan) -> str:
             cmd = "VLLM_TARGET_DEVICE=cpu " + cmd
         return cmd
     serve = f"--ctx {p.n_ctx} --max-seqs {r.concurrency}"
+    if r.images:
+        serve += " --mmproj auto"  # the checkpoint's vision tower, converted once and cached
     if r.shape.is_hybrid and r.state_cache_mb != SERVE_STATE_CACHE_MB:
         serve += f" --state-cache-mb {r.state_cache_mb}"  # the state cache this plan counted
     if repo.lower().endswith(".gguf"):
@@ -274,6 +282,7 @@ def select_models(catalog: Catalog, request: SelectRequest) -> list[Recommendati
                 engine=engine,
                 runtime=request.runtime,
                 state_cache_mb=request.state_cache_mb,
+                images=engine is Engine.LLAMACPP and request.task == "vision",
             )
             found = fitting_plan(base, cache, splits if on_gpus else None)
             if found is None:
