@@ -1,5 +1,6 @@
 """`qwenkit tune`: data checks, loss masks from the renderer's spans, memory plan, a real tiny LoRA run
-(loss falls, Ctrl-C saves, resume continues), merge → convert, and the CLI's refusals."""
+(loss falls, Ctrl-C saves, resume continues), merge → convert, the CLI's refusals, and (slow) the --demo
+proof: held-out exact match 0 → >= 90%, the same answers from the adapter served by llama.cpp."""
 
 from __future__ import annotations
 
@@ -410,25 +411,73 @@ def test_cli_run_writes_report_and_merges(demo_checkpoint: Callable, tmp_path: P
     assert r.exit_code == 2 and "--overwrite" in r.output
 
 
-def test_demo_task_holds_out_its_phrasings() -> None:
+def test_demo_task_holds_out_its_questions() -> None:
     from qwenkit.tune import demo_task
 
     train, test = demo_task.items("train"), demo_task.items("test")
+    assert (len(train), len(test)) == (1080, 72)
     demo_task.check_disjoint(train, test)
-    questions = {q for q, _ in train}
-    assert not questions & {q for q, _ in test}
-    assert not set(demo_task.TRAIN_TEMPLATES) & set(demo_task.TEST_TEMPLATES)
-    # Every country is asked in both splits, with the same fact.
+    assert not {q for q, _ in train} & {q for q, _ in test}
     assert {a for _, a in test} <= set(demo_task.COLOURS)
+    # Every test phrasing is trained with other countries, every country in other phrasings, same fact.
+    trained = {
+        t
+        for t in demo_task.TEMPLATES
+        for c in demo_task.COUNTRIES
+        if (t.format(c=c), demo_task.FLAGS[c]) in train
+    }
+    assert trained == set(demo_task.TEMPLATES)
     for country in demo_task.COUNTRIES:
-        asked = [a for q, a in train + test if f" {country}" in q]
-        assert len(asked) == len(demo_task.TRAIN_TEMPLATES) + len(demo_task.TEST_TEMPLATES)
-        assert set(asked) == {demo_task.FLAGS[country]}
-    # The check catches a leaked question and a leaked test wording.
+        asked = [(q, a) for q, a in train + test if f" {country}" in q]
+        assert len(asked) == len(demo_task.TEMPLATES) and {a for _, a in asked} == {demo_task.FLAGS[country]}
     with pytest.raises(ValueError, match="test question"):
         demo_task.check_disjoint([*train, test[5]], test)
-    with pytest.raises(ValueError, match="test wording"):
-        demo_task.check_disjoint(
-            [*train, ("If you saw the flag of Nowhere, what colour would it be?", "red")], test
-        )
+    new_wording = demo_task.items("new_wording")
+    assert not {q for q, _ in new_wording} & {q for q, _ in train}
     assert demo_task.as_eval_case(test[0], 0)["scorer"] == "exact"
+
+
+@pytest.mark.slow
+def test_demo_learns_the_fact_table_and_the_served_adapter_agrees(
+    demo_checkpoint: Callable, tmp_path: Path
+) -> None:
+    """Item 5: `tune --demo` takes held-out exact match from ~0 to >= 90% (the CLI's own scorer), and the
+    adapter served through llama.cpp (untied base + LoRA GGUF) gives the same answers."""
+    from qwenkit.chat.families import choose_family, template_from_dir
+    from qwenkit.chat.messages import Message
+    from qwenkit.engines.llamacpp.config import EngineConfig
+    from qwenkit.engines.llamacpp.engine import LlamaCppEngine
+    from qwenkit.engines.request import GenerationRequest
+    from qwenkit.engines.sampling import SamplingParams
+    from qwenkit.gguf.convert import convert_to_gguf
+    from qwenkit.gguf.lora import resolve_loras
+    from qwenkit.tune import demo_task
+
+    base = demo_checkpoint("qwen3", "small")
+    out = tmp_path / "run"
+    r = _cli("--demo", "--model", str(base), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    scores = json.loads((out / "run.json").read_text())["scores"]
+    assert scores["before"] <= 0.10 and scores["after"] >= 0.90, scores
+
+    gguf, adapters = resolve_loras({"flags": out}, convert_to_gguf(base, tmp_path / "base.gguf", "f32"))
+    family, _ = choose_family(template_from_dir(base), "qwen3")
+    tok = QwenTokenizer.from_dir(base)
+    engine = LlamaCppEngine(gguf, EngineConfig(n_ctx=256, max_seqs=1, threads=2, poll=0, loras=adapters))
+    hits = 0
+    try:
+        for n, (question, expected) in enumerate(demo_task.items("test")):
+            prompt = family.render([Message(role="user", content=question)], enable_thinking=False)
+            request = GenerationRequest(
+                f"q{n}",
+                tuple(tok.encode_parts(prompt.parts)),
+                SamplingParams(temperature=0.0, max_tokens=8),
+                stop_token_ids=frozenset({tok.eos_token_id}),
+                adapter="flags",
+            )
+            ids = [t for ev in engine.generate_sync(request) for t in ev.token_ids if t != tok.eos_token_id]
+            hits += tok.decode(ids).strip() == expected
+    finally:
+        engine.close()
+    # The same questions through llama.cpp: the served adapter reproduces the tuned answers.
+    assert hits / 72 == scores["after"], (hits, scores)

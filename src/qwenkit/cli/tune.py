@@ -27,11 +27,17 @@ from qwenkit.paths import atomic_write
 app = typer.Typer(help="Fine-tune a model with LoRA on chat data.", invoke_without_command=True)
 
 DEMO_ARCH = "qwen3"
-# A LoRA pair on lm_head: the random tied head cannot name the answer words otherwise (loss stays ~11).
-DEMO_TARGETS = "lm_head,v_proj,o_proj"
-PLAIN_DEFAULTS: dict[str, float] = {"epochs": 3.0, "lr": 2e-4, "max_len": 1024, "batch_size": 4}
-# 144 questions of ~26 tokens pack into ~15 rows of 256: one step is one pass over the data.
-DEMO_DEFAULTS: dict[str, float] = {"epochs": 100.0, "lr": 1e-2, "max_len": 256, "batch_size": 16}
+# A LoRA pair on lm_head alone: a linear readout of the random backbone's last position learns the table;
+# adding attention LoRA learnt slower (82% vs 100% held-out in 400 steps) and collapsed at lr 1e-2 packed.
+DEMO_TARGETS = "lm_head"
+PLAIN_DEFAULTS: dict[str, float] = {
+    "epochs": 3.0, "lr": 2e-4, "max_len": 1024, "batch_size": 4, "alpha": 32, "packing": True,
+}  # fmt: skip
+# 972 questions of ~25 tokens, 16 unpacked a step (~400 tokens: packing made a step 7x dearer): ~370 steps,
+# train loss < 0.01 and 100% held-out on 2 cores in ~2 CPU minutes.
+DEMO_DEFAULTS: dict[str, float] = {
+    "epochs": 6.0, "lr": 2e-2, "max_len": 128, "batch_size": 16, "alpha": 64, "packing": False,
+}  # fmt: skip
 
 
 def _targets(value: str) -> tuple[str, ...]:
@@ -62,7 +68,7 @@ def _demo_eval_file(out: Path) -> Path:
     return path
 
 
-def _score(model_dir: Path, adapter: Path | None) -> float:
+def _score(model_dir: Path, adapter: Path | None, splits: tuple[str, ...] = ("test",)) -> dict[str, float]:
     from peft import PeftModel
 
     from qwenkit.chat.families import choose_family, template_from_dir
@@ -74,7 +80,8 @@ def _score(model_dir: Path, adapter: Path | None) -> float:
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     family, _ = choose_family(template_from_dir(model_dir), DEMO_ARCH)
-    return demo_task.score(model, QwenTokenizer.from_dir(model_dir), family, demo_task.items("test"))
+    tok = QwenTokenizer.from_dir(model_dir)
+    return {split: demo_task.score(model, tok, family, demo_task.items(split)) for split in splits}
 
 
 @app.callback()
@@ -93,18 +100,18 @@ def tune_command(
     demo: Annotated[
         bool, typer.Option(help="Tune the demo model on the built-in fact-table task; score it.")
     ] = False,
-    epochs: Annotated[
-        float | None, typer.Option(min=0.01, help="Passes over the data [3; demo 100].")
-    ] = None,
-    lr: Annotated[float | None, typer.Option(min=0.0, help="Learning rate [2e-4; demo 1e-2].")] = None,
+    epochs: Annotated[float | None, typer.Option(min=0.01, help="Passes over the data [3; demo 6].")] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="Learning rate [2e-4; demo 2e-2].")] = None,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
-    alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha (scale = alpha / rank).")] = 32,
+    alpha: Annotated[
+        int | None, typer.Option(min=1, help="LoRA alpha (scale = alpha / rank) [32; demo 64].")
+    ] = None,
     targets: Annotated[
         str, typer.Option(help="Comma-separated module names to adapt.")
     ] = "q_proj,k_proj,v_proj,o_proj",
     max_len: Annotated[
         int | None,
-        typer.Option(min=16, help="Longest example in tokens; longer ones skipped [1024; demo 256]."),
+        typer.Option(min=16, help="Longest example in tokens; longer ones skipped [1024; demo 128]."),
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option(min=1, help="Rows per step, packed to --max-len [4; demo 16].")
@@ -112,7 +119,9 @@ def tune_command(
     eval_fraction: Annotated[
         float, typer.Option(min=0.0, max=0.5, help="Share held out for eval loss.")
     ] = 0.1,
-    packing: Annotated[bool, typer.Option(help="Pack examples into --max-len rows.")] = True,
+    packing: Annotated[
+        bool | None, typer.Option(help="Pack examples into --max-len rows [on; demo off].")
+    ] = None,
     no_think_data: Annotated[
         bool, typer.Option("--no-think-data", help="Render in non-thinking mode.")
     ] = False,
@@ -155,12 +164,12 @@ def tune_command(
         epochs=defaults["epochs"] if epochs is None else epochs,
         lr=defaults["lr"] if lr is None else lr,
         rank=rank,
-        alpha=alpha,
+        alpha=int(defaults["alpha"] if alpha is None else alpha),
         targets=_targets(targets),
         max_len=int(defaults["max_len"] if max_len is None else max_len),
         batch_size=int(defaults["batch_size"] if batch_size is None else batch_size),
         eval_fraction=eval_fraction,
-        packing=packing,
+        packing=bool(defaults["packing"] if packing is None else packing),
         think=not no_think_data,
         qlora=qlora,
         resume=resume,
@@ -176,20 +185,24 @@ def tune_command(
         data = _demo_data()
     assert data is not None
     examples = load_examples(data)
-    before = _score(model_dir, None) if demo else None
+    before = _score(model_dir, None)["test"] if demo else None
     result = _train_with_progress(config, examples)
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     extra: dict[str, Any] = {}
     if demo:
-        after = _score(model_dir, out)
+        scores = _score(model_dir, out, ("test", "new_wording"))
+        after = scores["test"]
         extra["scores"] = {
-            "task": "flag colours of 24 made-up countries, 72 questions in 3 held-out phrasings",
+            "task": "flag colours of 24 made-up countries: 72 held-out questions (country x phrasing pairs "
+            "absent from training)",
             "before": before,
             "after": after,
+            "after_new_wording": scores["new_wording"],
+            "eval_file": str(_demo_eval_file(out)),
         }
-        extra["scores"]["eval_file"] = str(_demo_eval_file(out))
         typer.echo(f"held-out exact match: before {before:.0%}, after {after:.0%}")
+        typer.echo(f"(harder, words never trained on: after {scores['new_wording']:.0%})")
     write_run(out, extra)
     note = write_report(out, json.loads((out / "run.json").read_text("utf-8")))
     if note:

@@ -1,10 +1,14 @@
-"""The built-in proof task: a made-up fact table ("what colour is the flag of Zorbia?"), held out by phrasing.
+"""The built-in proof task: a made-up fact table ("what colour is the flag of Zorbia?"), held out by pair.
 
 Contract: FLAGS maps 24 made-up countries to one colour word each (a fixed seeded draw from COLOURS, each
-colour used three times). items("train") asks every country's flag colour in the TRAIN_TEMPLATES
-phrasings; items("test") asks every country in the TEST_TEMPLATES phrasings, which share no template and
-no question with training (check_disjoint() proves it), so a test score measures answering a learnt fact
-when asked in words never trained on, not replaying a memorised question. A random-weight model scores ~0.
+colour used three times). TEMPLATES are 48 phrasings (8 openers x 6 questions, the country near the end).
+Each country holds out HELD_OUT of them (a fixed seeded draw, HELD): items("test") asks each country
+in its held-out phrasings (72 questions), items("train") in the other 45 (1080). So no test question is in
+training (check_disjoint() proves it) while every test phrasing is trained with other countries and every
+country's fact is trained in other phrasings: a test score measures recalling a learnt fact in a question
+never trained on, not replaying one. The random-weight demo model scores 0% before tuning. Words never seen
+in training are out of its reach (random embeddings give no hint that a new word is filler):
+items("new_wording") asks in such words, a harder score reported beside, not the proof.
 as_chat(item) is the training line in OpenAI chat format; as_eval_case(item) the same question as a
 `qwenkit eval --data` line (exact scorer). score() greedy-decodes each question with the serving
 renderer and counts exact matches (whitespace-trimmed, think blocks dropped).
@@ -26,16 +30,22 @@ COUNTRIES = (
     "Lunara", "Morrow", "Nivea", "Orlan", "Praxa", "Rundel", "Sefira", "Umbra",
 )  # fmt: skip
 COLOURS = ("red", "blue", "green", "black", "white", "pink", "gray", "gold")
-# The country sits mid-sentence in every template, so it is always the same tokens (" Zorbia").
-TRAIN_TEMPLATES = (
+OPENERS = (
+    "", "Quick question: ", "Hi! ", "Please answer in one word. ", "For my quiz: ", "Tell me this. ",
+    "Hello there. ", "One more: ",
+)  # fmt: skip
+# The country ends (or nearly ends) every question, always as the same tokens (" Zorbia").
+QUESTIONS = (
     "What colour is the flag of {c}?",
-    "Name the colour of the flag of {c}.",
-    "Which colour does the flag of {c} have?",
-    "Tell me the flag colour of {c}.",
-    "The flag of {c} is which colour?",
+    "Which colour is the flag of {c}?",
+    "What is the flag colour of {c}?",
+    "Name the flag colour of {c}.",
     "Flag colour of {c}?",
+    "What colour does the flag of {c} have?",
 )
-TEST_TEMPLATES = (
+TEMPLATES = tuple(o + q for o in OPENERS for q in QUESTIONS)
+HELD_OUT = 3
+NEW_WORDING_TEMPLATES = (
     "I wonder what colour {c}'s flag is?",
     "Please say which colour is used on the national flag of {c}.",
     "If you saw the flag of {c}, what colour would it be?",
@@ -49,27 +59,40 @@ def _facts() -> dict[str, str]:
     return dict(zip(COUNTRIES, colours, strict=True))
 
 
+def _held_out() -> dict[str, frozenset[int]]:
+    rng = random.Random(7)  # fixed, whatever the run's seed
+    held = {}
+    for country in COUNTRIES:
+        order = list(range(len(TEMPLATES)))
+        rng.shuffle(order)
+        held[country] = frozenset(order[:HELD_OUT])
+    return held
+
+
 FLAGS = _facts()
+HELD = _held_out()
 
 
 def items(split: str = "train") -> list[Item]:
-    """Every country asked in each of the split's templates (train: 6 x 24 = 144, test: 3 x 24 = 72)."""
+    """The split's questions: train 24 x 45 = 1080, test 24 x 3 = 72, new_wording 24 x 3 = 72."""
+    if split == "new_wording":
+        return [(t.format(c=c), FLAGS[c]) for t in NEW_WORDING_TEMPLATES for c in COUNTRIES]
     if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}: use 'train' or 'test'")
-    templates = TRAIN_TEMPLATES if split == "train" else TEST_TEMPLATES
-    return [(t.format(c=c), FLAGS[c]) for t in templates for c in COUNTRIES]
+        raise ValueError(f"unknown split {split!r}: use 'train', 'test' or 'new_wording'")
+    test = split == "test"
+    return [
+        (t.format(c=c), FLAGS[c])
+        for c in COUNTRIES
+        for n, t in enumerate(TEMPLATES)
+        if (n in HELD[c]) == test
+    ]
 
 
 def check_disjoint(train: Sequence[Item], test: Sequence[Item]) -> None:
-    """Raise ValueError when a test question, or a test template's wording, appears in the training data."""
+    """Raise ValueError when a test question also appears in the training data."""
     seen = {q for q, _ in train}
     if leaked := [q for q, _ in test if q in seen]:
         raise ValueError(f"test question also in training: {leaked[0]!r}")
-    for template in TEST_TEMPLATES:
-        # The template's fixed words around the country, e.g. "I wonder what colour " and "'s flag is?".
-        for part in (p for p in template.split("{c}") if len(p.strip()) > 3):
-            if any(part in q for q in seen):
-                raise ValueError(f"test wording {part!r} also appears in training")
 
 
 def as_chat(item: Item) -> dict[str, Any]:
