@@ -120,8 +120,14 @@ def test_count_tokens_equals_the_rendered_prompt(client: anthropic.Anthropic, se
 
 def test_tool_use_and_tool_result_round_trip(client: anthropic.Anthropic) -> None:
     messages: list[Any] = user("What is the weather in Paris?")
+    # Greedy and one call: sampled parallel calls from the random-weight model can run past max_tokens.
     first = client.messages.create(
-        model=MODEL, max_tokens=80, messages=messages, tools=[WEATHER, CLOCK], tool_choice={"type": "any"}
+        model=MODEL,
+        max_tokens=80,
+        messages=messages,
+        tools=[WEATHER, CLOCK],
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+        extra_body=GREEDY,
     )
     assert first.stop_reason == "tool_use"
     uses = [b for b in first.content if b.type == "tool_use"]
