@@ -546,7 +546,7 @@ def test_non_qwen_model_type_is_refused(demos: dict[str, Path], tmp_path: Path) 
     with pytest.raises(
         ConversionError,
         match=r"model_type 'llama'.*supports qwen2, qwen3, qwen2_moe, qwen3_moe, qwen3_5, qwen3_5_moe, "
-        r"qwen3_next$",
+        r"qwen3_next, qwen2_5_vl, qwen3_vl$",
     ):
         convert_to_gguf(checkpoint, tmp_path / "out.gguf", "f32")
 

@@ -37,10 +37,12 @@ _GGUF_ARCHES = {
     "qwen35": "qwen3_5",
     "qwen35moe": "qwen3_5_moe",
     "qwen3next": "qwen3_next",
+    "qwen2vl": "qwen2_5_vl",
+    "qwen3vl": "qwen3_vl",
 }
 # Families whose attention has q/k/v biases (Qwen, Qwen1.5, Qwen2, Qwen2.5 and their VL/Audio/Math kin).
 _QKV_BIAS = {"qwen", "qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl", "qwen2_audio"}
-_QK_NORM = {"qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next"}
+_QK_NORM = {"qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next", "qwen3_vl", "qwen3_vl_moe"}
 # Gated DeltaNet + gated attention hybrids (HF model_type, text tower).
 HYBRID_TYPES = frozenset({"qwen3_5", "qwen3_5_moe", "qwen3_next"})
 RECURRENT_STATE_BYTES = 4  # llama.cpp keeps the conv and delta-rule states in f32 (llama-model.cpp)

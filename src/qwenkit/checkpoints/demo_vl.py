@@ -152,6 +152,7 @@ def qwen2_5_vl_tensor_shapes(
 # Qwen3-VL-2B-Instruct: vision depth 24, hidden 1024, 16 heads, FFN 4096, deepstack from blocks 5, 11, 17,
 # a 48x48 position grid; text mrope_section [24, 20, 20] of head_dim 128, interleaved, theta 5e6. The tiny
 # demo keeps three deepstack blocks, so its image rows are 4 x the text width (llama.cpp concatenates them).
+# Its text stack is the qwen3 demo's with 4 layers (more than the 3 deepstack blocks, as llama.cpp needs).
 QWEN3_VL_VISION: dict[str, dict[str, Any]] = {
     "tiny": {"depth": 4, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "deepstack": [1, 2, 3]},
     "small": {
@@ -175,6 +176,9 @@ def qwen3_vl_config(text: Mapping[str, Any], size: str) -> dict[str, Any]:
         k: val for k, val in text.items() if k not in ("architectures", "qwenkit_demo", "sliding_window")
     }
     text_config |= {
+        # llama.cpp's qwen3vl graph adds a deepstack row in each of the first len(deepstack) layers and
+        # needs a text layer after them (it aborts otherwise), as every Qwen3-VL release has.
+        "num_hidden_layers": max(text["num_hidden_layers"], len(v["deepstack"]) + 1),
         "model_type": "qwen3_vl_text",
         "max_position_embeddings": 262144,
         "rope_scaling": {"mrope_interleaved": True, "mrope_section": section, "rope_type": "default"},

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from qwenkit.gguf.reader import GGUFReadError, check_gguf_magic
 
 TEXT_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next")
-VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 SUPPORTED_MODEL_TYPES = TEXT_MODEL_TYPES + VISION_MODEL_TYPES
 MODELSCOPE_PREFIX = "modelscope:"
 HF_PREFIX = "hf:"

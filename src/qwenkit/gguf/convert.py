@@ -1,10 +1,13 @@
 """Hugging Face safetensors Qwen checkpoint → a GGUF file that llama.cpp loads.
 
 Contract: convert_to_gguf() reads a qwen2 / qwen3 / qwen2_moe / qwen3_moe / qwen3_5 / qwen3_5_moe / qwen3_next
-checkpoint (one file or shards with model.safetensors.index.json) one tensor at a time (an MoE layer's
-experts: one stacked tensor) and writes, with gguf.GGUFWriter, llama.cpp's metadata keys, its tensor names
-and its tokenizer layout; norms, 1-D tensors and conv kernels stay f32 as llama.cpp's own converter keeps
-them. A multimodal config's text_config is used; its vision tower and MTP head are skipped with a note.
+/ qwen2_5_vl / qwen3_vl checkpoint (one file or shards with model.safetensors.index.json) one tensor at a
+time (an MoE layer's experts: one stacked tensor) and writes, with gguf.GGUFWriter, llama.cpp's metadata
+keys, its tensor names and its tokenizer layout; norms, 1-D tensors and conv kernels stay f32 as llama.cpp's
+own converter keeps them. A multimodal config's text_config is used; its vision tower and MTP head are
+skipped with a note.
+Qwen2.5-VL's and Qwen3-VL's text towers become llama.cpp's qwen2vl / qwen3vl (the qwen2 / qwen3 tensors, with
+the M-RoPE sections; qwen3vl also the deepstack layer count, which widens its input rows for image features).
 An embedding checkpoint (Qwen3-Embedding: bare Qwen3Model tensor names, a sentence-transformers last-token
 pooling module) gets `{arch}.pooling_type` = LAST.
 Qwen3.5's Gated DeltaNet tensors get llama.cpp's layout (ssm_a = -exp(A_log), norms +1, value heads tiled,
@@ -75,6 +78,8 @@ ARCHES: dict[str, gguf.MODEL_ARCH] = {
     "qwen3_5": gguf.MODEL_ARCH.QWEN35,
     "qwen3_5_moe": gguf.MODEL_ARCH.QWEN35MOE,
     "qwen3_next": gguf.MODEL_ARCH.QWEN3NEXT,
+    "qwen2_5_vl": gguf.MODEL_ARCH.QWEN2VL,
+    "qwen3_vl": gguf.MODEL_ARCH.QWEN3VL,
 }
 # A text tower saved on its own (Qwen3_5ForCausalLM) names itself after its text config.
 _TEXT_MODEL_TYPES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
@@ -86,6 +91,8 @@ _MOE = (
     gguf.MODEL_ARCH.QWEN35MOE,
     gguf.MODEL_ARCH.QWEN3NEXT,
 )
+# VL text towers: M-RoPE over the whole head (images take (t, y, x) positions).
+_VL = (gguf.MODEL_ARCH.QWEN2VL, gguf.MODEL_ARCH.QWEN3VL)
 _SHARED_EXPERT = (gguf.MODEL_ARCH.QWEN2MOE, gguf.MODEL_ARCH.QWEN35MOE, gguf.MODEL_ARCH.QWEN3NEXT)
 # Qwen3-Next's fused DeltaNet input projection, split into the two tensors llama.cpp's fast path reads.
 _QKVZ = ".linear_attn.in_proj_qkvz.weight"
@@ -297,6 +304,13 @@ def _check_supported(config: Mapping[str, Any], directory: Path) -> None:
         raise ConversionError(f"{directory}/config.json lacks {missing[0]}: re-download the checkpoint")
     if ARCHES[model_type] in _HYBRID:
         _check_hybrid(config, directory)
+    deepstack = len((config.get("vision_config") or {}).get("deepstack_visual_indexes") or ())
+    if ARCHES[model_type] == gguf.MODEL_ARCH.QWEN3VL and deepstack >= config["num_hidden_layers"]:
+        # llama.cpp's qwen3vl graph would abort on the first image (GGML_ASSERT in its deepstack add).
+        raise ConversionError(
+            f"{directory} has {deepstack} deepstack layers but only {config['num_hidden_layers']} text "
+            "layers: llama.cpp's qwen3vl needs more text layers (recreate a demo with `qwenkit demo create`)"
+        )
     if moe:
         step = config.get("decoder_sparse_step", 1)
         if config.get("mlp_only_layers") or step != 1:
@@ -666,7 +680,7 @@ def _layer_parts(config: Mapping[str, Any], arch: gguf.MODEL_ARCH, layer: int) -
     if arch in _SHARED_EXPERT and config.get("shared_expert_intermediate_size"):
         ffn += ["ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
     attention = ["attn_q", "attn_k", "attn_v", "attn_output"]
-    if arch != gguf.MODEL_ARCH.QWEN2 and arch != gguf.MODEL_ARCH.QWEN2MOE:
+    if arch not in (gguf.MODEL_ARCH.QWEN2, gguf.MODEL_ARCH.QWEN2MOE, gguf.MODEL_ARCH.QWEN2VL):
         attention += ["attn_q_norm", "attn_k_norm"]
     if arch not in _HYBRID:
         return [f"{part}.weight" for part in ["attn_norm", *attention, "ffn_norm", *ffn]]
@@ -778,29 +792,51 @@ def _add_metadata(
             writer.add_expert_shared_feed_forward_length(int(shared))
     if ARCHES[config["model_type"]] in _HYBRID:
         _add_hybrid_metadata(writer, config)
+    if ARCHES[config["model_type"]] in _VL:
+        _add_vl_metadata(writer, config)
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _mrope_sections(config: Mapping[str, Any], rope_dims: int) -> list[int]:
-    """Four section sizes llama.cpp's interleaved mrope accepts (their sum at most head_dim).
+def _head_dim(config: Mapping[str, Any]) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
 
-    Text tokens carry one position on every axis, so any split that puts each rotary pair on time, height or
-    width rotates as transformers does; without mrope_section in the config, transformers' default is used
-    when it fits, else an even split.
+
+def _mrope_sections(config: Mapping[str, Any], rope_dims: int) -> list[int]:
+    """Four section sizes llama.cpp's mrope accepts (their sum at most head_dim), from rope_parameters or
+    (Qwen2.5-VL / Qwen3-VL hub configs) rope_scaling.
+
+    Qwen3.5's text tokens carry one position on every axis, so any split that puts each rotary pair on time,
+    height or width rotates as transformers does; without mrope_section in the config, transformers' default
+    is used when it fits, else an even split. A VL tower must name its split: images use it.
     """
-    params = config.get("rope_parameters") or {}
-    given = params.get("mrope_section")
+    given = (config.get("rope_parameters") or {}).get("mrope_section")
+    given = (config.get("rope_scaling") or {}).get("mrope_section") if given is None else given
+    head_dim = _head_dim(config)
+    if given is None and ARCHES[config["model_type"]] in _VL:
+        raise ConversionError(
+            f"config.json lacks rope_scaling.mrope_section, which {config['model_type']} needs to place "
+            "image tokens: re-download the checkpoint"
+        )
     if given is None:
         even = -(-rope_dims // 6)  # ceil(pairs / 3)
-        given = _DEFAULT_MROPE_SECTION if sum(_DEFAULT_MROPE_SECTION) <= config["head_dim"] else (even,) * 3
+        given = _DEFAULT_MROPE_SECTION if sum(_DEFAULT_MROPE_SECTION) <= head_dim else (even,) * 3
     sections = [int(s) for s in given][:4]
-    if sum(sections) > config["head_dim"]:
+    if sum(sections) > head_dim:
         raise ConversionError(
-            f"rope_parameters.mrope_section {given} adds up to more than head_dim {config['head_dim']}, "
+            f"mrope_section {list(given)} adds up to more than head_dim {head_dim}, "
             "which llama.cpp's mrope cannot run: fix config.json"
         )
     return sections + [0] * (4 - len(sections))
+
+
+def _add_vl_metadata(writer: gguf.GGUFWriter, config: Mapping[str, Any]) -> None:
+    """qwen2vl / qwen3vl: M-RoPE sections over the whole head; qwen3vl's deepstack layer count, which
+    llama.cpp reads to widen each input row by one hidden_size per deepstack layer (zeros for text)."""
+    writer.add_rope_dimension_sections(_mrope_sections(config, _head_dim(config)))
+    if ARCHES[config["model_type"]] == gguf.MODEL_ARCH.QWEN3VL:
+        vision = config.get("vision_config") or {}
+        writer.add_num_deepstack_layers(len(vision.get("deepstack_visual_indexes") or ()))
 
 
 def _add_hybrid_metadata(writer: gguf.GGUFWriter, config: Mapping[str, Any]) -> None:
@@ -823,7 +859,7 @@ def _add_hybrid_metadata(writer: gguf.GGUFWriter, config: Mapping[str, Any]) -> 
 
 def _add_rope_scaling(writer: gguf.GGUFWriter, scaling: Mapping[str, Any]) -> None:
     kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
+    if kind in (None, "default", "mrope"):  # Qwen2.5-VL's "mrope": plain rope, sections written apart
         return
     if kind not in ("yarn", "linear") or "factor" not in scaling:
         raise ConversionError(

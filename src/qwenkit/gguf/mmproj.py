@@ -60,6 +60,7 @@ _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _HALF = (0.5, 0.5, 0.5)
 _T = gguf.MODEL_TENSOR
+_MERGER_INDEXES = 3  # Qwen2.5-VL's merger: mlp.0, (GELU), mlp.2
 _OUTTYPES = {"f32": np.float32, "f16": np.float16}
 _FTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
 
@@ -186,9 +187,14 @@ def convert_mmproj(
     vision: dict[str, Any] = dict(config["vision_config"])
     text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
     depth, patch = int(vision["depth"]), int(vision.get("patch_size", 14))
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, depth)
+    # gguf's map numbers Qwen2.5-VL's merger.mlp.0 / mlp.2 like blocks: cover index 2 for a shallow tower too.
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(depth, _MERGER_INDEXES))
     tensors: list[tuple[str, np.ndarray]] = []
     for hf_name, value in _vision_tensors(checkpoint_dir):
+        if hf_name.startswith("blocks.") and int(hf_name.split(".")[1]) >= depth:
+            raise MmprojError(
+                f"vision tensor {hf_name} is beyond vision_config depth {depth}: re-download the checkpoint"
+            )
         tensors.extend(_rename(hf_name, value, family, vision, names))
     if not tensors:
         raise MmprojError(f"{checkpoint_dir} has no vision-tower tensors (model.visual.*): re-download it")

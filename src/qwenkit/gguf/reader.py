@@ -1,10 +1,10 @@
 """Read what a Qwen GGUF file is (architecture, sizes, quantization, chat template) with gguf.GGUFReader.
 
 Contract: read_gguf_info() returns a GGUFInfo for a GGUF whose general.architecture is qwen2, qwen3, qwen2moe,
-qwen3moe, qwen35, qwen35moe or qwen3next. A missing file, a file that is not GGUF (bad magic), a truncated
-or corrupt one, and another architecture each raise GGUFReadError (a ValueError) with a one-line message
-naming the fix. Tensor data is memory-mapped, never read; string arrays (vocabulary, merges) are measured,
-not decoded.
+qwen3moe, qwen35, qwen35moe, qwen3next, qwen2vl or qwen3vl (Qwen2.5-VL / Qwen3-VL text towers). A missing
+file, a file that is not GGUF (bad magic), a truncated or corrupt one, and another architecture each raise
+GGUFReadError (a ValueError) with a one-line message naming the fix. Tensor data is memory-mapped, never
+read; string arrays (vocabulary, merges) are measured, not decoded.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy.typing as npt
 __all__ = ["QWEN_GGUF_ARCHES", "GGUFInfo", "GGUFReadError", "read_gguf_info"]
 
 QWEN_GGUF_ARCHES = ("qwen2", "qwen3", "qwen2moe", "qwen3moe", "qwen35", "qwen35moe", "qwen3next")
+QWEN_GGUF_ARCHES += ("qwen2vl", "qwen3vl")  # the Qwen2.5-VL / Qwen3-VL text towers
 _MAGIC = b"GGUF"
 
 
