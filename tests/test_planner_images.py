@@ -71,6 +71,20 @@ def test_plan_command_with_images_runs_on_llama_cpp() -> None:
     assert data["memory_bytes"]["vision"] > 0
 
 
+def test_plan_command_with_images_serves_the_checkpoint_it_converts_the_tower_from() -> None:
+    # `serve --mmproj auto` needs the checkpoint beside the text GGUF: no `quantize ... &&` first.
+    base = ["plan", "Qwen3.5-4B", "--images", "--device", "cpu", "--memory", "16GB", "--json"]
+    result = CliRunner().invoke(app, base)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["weight_format"] == "q8_0"
+    assert data["command"].startswith("qwenkit serve --model Qwen/Qwen3.5-4B --quant q8_0 ")
+    assert data["command"].endswith("--mmproj auto")
+    result = CliRunner().invoke(app, [*base, "--format", "q4_k_m"])
+    assert result.exit_code == 2 and "plan --format q8_0" in result.stderr
+    assert "Traceback" not in result.output
+
+
 # model_type → transformers' (module, vision config class, vision model class).
 _TRANSFORMERS_VISION = {
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLVisionConfig", "Qwen2_5_VisionTransformerPretrainedModel"),

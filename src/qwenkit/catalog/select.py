@@ -216,6 +216,10 @@ def qwenkit_serves(p: Plan) -> bool:
     return r.device.kind == "cuda" and encoders_ok and r.kv_type != "fp8" and r.shape.model_type != "qwen"
 
 
+# The formats `serve --quant` converts a checkpoint to (others need `qwenkit quantize` first).
+SERVE_QUANTS = frozenset({WeightFormat.F32, WeightFormat.FP16, WeightFormat.BF16, WeightFormat.Q8_0})
+
+
 def run_command(repo: str, p: Plan) -> str:
     """The exact command that runs plan `p` for the model `repo` (a hub id or a local path)."""
     r = p.request
@@ -232,13 +236,15 @@ def run_command(repo: str, p: Plan) -> str:
             cmd = "VLLM_TARGET_DEVICE=cpu " + cmd
         return cmd
     serve = f"--ctx {p.n_ctx} --max-seqs {r.concurrency}"
+    is_gguf = repo.lower().endswith(".gguf")
     if r.images:
-        serve += " --mmproj auto"  # the checkpoint's vision tower, converted once and cached
+        # A checkpoint's vision tower is converted once and cached; a .gguf comes with its own projector file.
+        serve += " --mmproj mmproj.gguf" if is_gguf else " --mmproj auto"
     if r.shape.is_hybrid and r.state_cache_mb != SERVE_STATE_CACHE_MB:
         serve += f" --state-cache-mb {r.state_cache_mb}"  # the state cache this plan counted
-    if repo.lower().endswith(".gguf"):
+    if is_gguf:
         return f"qwenkit serve --model {repo} {serve}"
-    if fmt in (WeightFormat.F32, WeightFormat.FP16, WeightFormat.BF16, WeightFormat.Q8_0):
+    if fmt in SERVE_QUANTS:
         quant = {WeightFormat.FP16: "f16"}.get(fmt, fmt.value)
         return f"qwenkit serve --model {repo} --quant {quant} {serve}"
     local = f"{repo.rsplit('/', 1)[-1]}-{fmt.value}.gguf"

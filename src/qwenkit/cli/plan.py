@@ -39,7 +39,14 @@ from qwenkit.catalog.planner import (
     plan,
 )
 from qwenkit.catalog.schema import TASKS, load_catalog
-from qwenkit.catalog.select import TEXT_TOWER_TYPES, Recommendation, SelectRequest, run_command, select_models
+from qwenkit.catalog.select import (
+    SERVE_QUANTS,
+    TEXT_TOWER_TYPES,
+    Recommendation,
+    SelectRequest,
+    run_command,
+    select_models,
+)
 from qwenkit.catalog.target import Target, resolve_target
 from qwenkit.cli.errors import err_console, friendly_errors
 from qwenkit.cli.plan_gpu import (
@@ -374,8 +381,16 @@ def plan_command(
         fmt = target.format_hint or WeightFormat.Q4_K_M
     elif weight_format is not None:
         fmt = parse_format(weight_format)
+        if images and fmt.is_gguf and fmt not in SERVE_QUANTS:
+            raise ValueError(
+                f"--images with --format {fmt.value}: `serve --mmproj auto` converts the vision tower from "
+                "the checkpoint, which it serves as f16/bf16/q8_0: plan --format q8_0"
+            )
     else:
-        cpu_default = WeightFormat.BF16 if multimodal and not images else WeightFormat.Q4_K_M
+        # With images the checkpoint is served as it is (`--quant q8_0 --mmproj auto`), not quantized first.
+        cpu_default = (
+            WeightFormat.Q8_0 if images else WeightFormat.BF16 if multimodal else WeightFormat.Q4_K_M
+        )
         fmt = target.format_hint or (WeightFormat.BF16 if dev.kind == "cuda" else cpu_default)
     native = target.shape.context_native
     context = ctx or (min(8192, native) if native else 8192)
