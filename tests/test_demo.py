@@ -450,7 +450,8 @@ def test_hybrid_tensor_names_and_shapes_match_transformers(arch: DemoArch, size:
     assert got == want
 
 
-@pytest.mark.parametrize("arch", HYBRID_ARCHS)
+# Qwen3.5 by default; the MoE (~3 s) also loads in transformers in test_parity.py's default cases.
+@pytest.mark.parametrize("arch", ["qwen3_5", pytest.param("qwen3_5_moe", marks=pytest.mark.slow)])
 def test_hybrid_loads_in_transformers_and_runs_forward(hybrid: dict[DemoArch, Path], arch: DemoArch) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -479,6 +480,7 @@ def test_hybrid_loads_in_transformers_and_runs_forward(hybrid: dict[DemoArch, Pa
     assert logits.shape == (1, len(ids), 248_320) and bool(torch.isfinite(logits).all())
 
 
+@pytest.mark.slow  # two more hybrid demos (~4 s); test_same_arguments_give_identical_files runs by default
 def test_hybrid_same_arguments_give_identical_files(
     tmp_path: Path, hybrid: dict[DemoArch, Path], env: dict[str, str]
 ) -> None:

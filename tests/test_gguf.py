@@ -189,6 +189,8 @@ def test_progress_reports_every_tensor(demos: dict[str, Path], tmp_path: Path) -
     assert calls == [(i, ALL_TENSORS["qwen3"]) for i in range(1, ALL_TENSORS["qwen3"] + 1)]
 
 
+# Slow: a second full conversion of a demo (~4 s).
+@pytest.mark.slow
 def test_sharded_checkpoint_converts_to_the_same_file(demos: dict[str, Path], tmp_path: Path) -> None:
     sharded = tmp_path / "sharded"
     shutil.copytree(demos["qwen3"], sharded, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -288,10 +290,10 @@ def test_qwen2_moe_with_shared_expert_and_untied_head(demos: dict[str, Path], tm
 # --- Qwen3.5 hybrids (Gated DeltaNet + gated attention, dense and MoE) ----------------------------------
 
 HYBRIDS = ("qwen3_5", "qwen3_5_moe")
+# By default each hybrid converts to q8_0 and Qwen3.5 to f32 and bf16 as well; the rest of the matrix is slow.
+_HYBRID_FAST = {("qwen3_5", "f32"), ("qwen3_5", "bf16"), ("qwen3_5", "q8_0"), ("qwen3_5_moe", "q8_0")}
 HYBRID_MATRIX = [
-    pytest.param(
-        arch, outtype, marks=[pytest.mark.slow] if arch != "qwen3_5" and outtype in ("f16", "bf16") else []
-    )
+    pytest.param(arch, outtype, marks=[] if (arch, outtype) in _HYBRID_FAST else [pytest.mark.slow])
     for arch in HYBRIDS
     for outtype in OUTTYPES
 ]
@@ -382,6 +384,8 @@ def test_vision_tower_and_mtp_are_skipped_with_a_note(
     assert len(notes) == 1 and "vision-tower" in notes[0] and "MTP" in notes[0]
 
 
+# Slow: two full conversions of the MoE demo (~6 s).
+@pytest.mark.slow
 def test_fused_and_per_expert_layouts_convert_to_the_same_file(
     demo_checkpoint: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
@@ -462,6 +466,8 @@ def test_convert_qwen3_next_demo(
         assert np.isfinite(logits).all() and correlation(logits, reference) > 0.999
 
 
+# Slow (~8 s): a wrong split would also fail Qwen3-Next's default parity test (test_parity.py).
+@pytest.mark.slow
 def test_qwen3_next_qkvz_is_split_by_key_head(
     demo_checkpoint: Callable[[str, str], Path], demo_gguf: Callable[[str, str, str], Path]
 ) -> None:
@@ -680,6 +686,8 @@ def test_k_quants_fall_back_on_rows_narrower_than_256(
     assert "Q4_K" not in info.tensor_types and info.tensor_types["Q5_0"] > 0
 
 
+# Slow (~5 s): the planner's default layout test also reads a small q4_k_m file's tensor types.
+@pytest.mark.slow
 def test_q4_k_m_on_the_small_demo(demo_gguf: Callable[[str, str, str], Path], tmp_path: Path) -> None:
     src = demo_gguf("qwen3", "small", "bf16")
     info = read_gguf_info(quantize_gguf(src, tmp_path / "small-q4_k_m.gguf", "q4_k_m", threads=2))

@@ -193,7 +193,8 @@ print(json.dumps({"peak": int(hwm.split()[1]) * 1024}))
 """
 
 
-@pytest.mark.parametrize("size", ["tiny", "small"])
+# A training subprocess each (~10 s): tiny by default, small with the slow tests.
+@pytest.mark.parametrize("size", ["tiny", pytest.param("small", marks=pytest.mark.slow)])
 def test_memory_estimate_matches_measured_peak(size: str, demo_checkpoint: Callable, tmp_path: Path) -> None:
     base = demo_checkpoint("qwen3", size)
     proc = subprocess.run(
@@ -296,6 +297,7 @@ def test_merge_gives_a_checkpoint_convert_takes(tuned, tmp_path: Path) -> None:
     assert Path(gguf).is_file() and Path(gguf).stat().st_size > 0
 
 
+@pytest.mark.slow  # a training run to the first checkpoint and past it (~7 s)
 def test_disk_full_keeps_the_last_good_checkpoint(
     demo_checkpoint: Callable, tmp_path: Path, monkeypatch
 ) -> None:
