@@ -451,7 +451,9 @@ def test_hybrid_tensor_names_and_shapes_match_transformers(arch: DemoArch, size:
 
 
 # Qwen3.5 by default; the MoE (~3 s) also loads in transformers in test_parity.py's default cases.
-@pytest.mark.parametrize("arch", ["qwen3_5", pytest.param("qwen3_5_moe", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "arch", [DemoArch.QWEN3_5, pytest.param(DemoArch.QWEN3_5_MOE, marks=pytest.mark.slow)]
+)
 def test_hybrid_loads_in_transformers_and_runs_forward(hybrid: dict[DemoArch, Path], arch: DemoArch) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
