@@ -61,9 +61,20 @@ __all__ = [
 ]
 
 Preference = Literal["quality", "latency", "throughput"]
-# Text models qwenkit's llama.cpp engine (and converter) can run.
-_LLAMACPP_TYPES = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe"}
-_LLAMACPP_TYPES |= {"qwen2_5_vl", "qwen3_vl"}  # their text towers: llama.cpp's qwen2vl / qwen3vl
+# Text models qwenkit's llama.cpp engine (and converter) can run; VL ones as llama.cpp's qwen2vl / qwen3vl.
+_LLAMACPP_TYPES = frozenset(
+    {
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "qwen3_next",
+        "qwen3_5",
+        "qwen3_5_moe",
+        "qwen2_5_vl",
+        "qwen3_vl",
+    }
+)
 # Multimodal families whose text tower qwenkit converts, and its vision tower too (--mmproj auto).
 TEXT_TOWER_TYPES = frozenset({"qwen3_5", "qwen3_5_moe", "qwen2_5_vl", "qwen3_vl"})
 CPU_GGUF_FORMATS = (
