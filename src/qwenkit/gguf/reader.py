@@ -20,8 +20,18 @@ import numpy.typing as npt
 
 __all__ = ["QWEN_GGUF_ARCHES", "GGUFInfo", "GGUFReadError", "read_gguf_info"]
 
-QWEN_GGUF_ARCHES = ("qwen2", "qwen3", "qwen2moe", "qwen3moe", "qwen35", "qwen35moe", "qwen3next")
-QWEN_GGUF_ARCHES += ("qwen2vl", "qwen3vl")  # the Qwen2.5-VL / Qwen3-VL text towers
+# The last two: the Qwen2.5-VL / Qwen3-VL text towers.
+QWEN_GGUF_ARCHES = (
+    "qwen2",
+    "qwen3",
+    "qwen2moe",
+    "qwen3moe",
+    "qwen35",
+    "qwen35moe",
+    "qwen3next",
+    "qwen2vl",
+    "qwen3vl",
+)
 _MAGIC = b"GGUF"
 
 
