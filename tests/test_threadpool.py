@@ -1,6 +1,7 @@
-"""Worker polling (issue 12): the ggml thread pool made, attached and freed with the context, the same greedy
-output at every level, EngineConfig.poll validation, the "auto" chooser on fake /proc readings, libgomp's
-settings for OpenMP builds, and --poll on the CLI."""
+"""Worker polling and thread counts (issue 12): the ggml thread pool made, attached and freed with the
+context, the same greedy output at every level, EngineConfig.poll validation, the "auto" chooser on fake
+/proc readings, libgomp's settings for OpenMP builds, the thread governor (fake readings, then a real engine
+whose llama.cpp context it re-threads), and --threads/--poll on the CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import llama_cpp  # noqa: F401  (loads libgomp now: no test here may change how this session's workers wait)
+import llama_cpp
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -21,6 +22,7 @@ from qwenkit.cli.app import app
 from qwenkit.engines.llamacpp import threads
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.model import LlamaModel
+from qwenkit.hardware import physical_cores
 
 PROC_STAT = """cpu  {user} 0 {system} {idle} 0 0 0 0 0 0
 cpu0 1 0 1 1 0 0 0 0 0 0
@@ -186,15 +188,18 @@ def test_cli_rejects_a_bad_poll(command: tuple[str, ...], bad: str) -> None:
     assert "--poll must be 'auto' or a level 0-100" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_poll_reaches_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[object] = []
-    real = cli_common.engine_poll
-
-    def spy(poll: str, threads_: int, say_default: bool = True) -> int:
-        seen.append(level := real(poll, threads_, say_default))
-        return level
-
-    monkeypatch.setattr("qwenkit.cli.run.engine_poll", spy)
+@pytest.mark.parametrize(
+    ("flags", "poll", "count", "adapt"),
+    [
+        (["--poll", "0", "--threads", "1"], 0, 1, False),
+        (["--threads", "1"], None, 1, False),  # --threads N: auto measured at start
+        ([], threads.DEFAULT_POLL, None, True),  # the default: threads follow the load, llama.cpp's polling
+        (["--poll", "0"], 0, None, True),
+    ],
+)
+def test_cli_threads_and_poll_reach_the_engine(
+    monkeypatch: pytest.MonkeyPatch, flags: list[str], poll: int | None, count: int | None, adapt: bool
+) -> None:
     configs: list[EngineConfig] = []
     real_config = EngineConfig
 
@@ -203,21 +208,128 @@ def test_cli_poll_reaches_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
         return configs[-1]
 
     monkeypatch.setattr("qwenkit.cli.run.EngineConfig", config)
-    result = runner.invoke(
-        app, ["generate", "Hello", "-n", "2", "--no-think", "--poll", "0", "--threads", "1"]
-    )
+    result = runner.invoke(app, ["generate", "Hello", "-n", "2", "--no-think", *flags])
     assert result.exit_code == 0, result.stderr
-    assert seen == [0] and configs[-1].poll == 0 and configs[-1].threads == 1
+    got = configs[-1]
+    assert got.adapt_threads is adapt and got.threads == (count or physical_cores())
+    assert got.poll in ((0, 50) if poll is None else (poll,))
 
 
-def test_engine_poll_auto_says_its_choice(
+def test_engine_threads_auto_says_its_choice(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli_common.engine_poll(" 7 ", 2) == 7
+    assert cli_common.engine_threads(2, " 7 ") == cli_common.EngineThreads(2, 7, False)
     assert capsys.readouterr().err == ""  # an explicit level is not announced
     monkeypatch.setattr(threads, "resolve_poll", lambda poll, n: (0, "others keep 1.9 of 2 cores busy"))
-    assert cli_common.engine_poll("AUTO", 2) == 0
+    assert cli_common.engine_threads(2, "AUTO").poll == 0
     assert "--poll auto: others keep 1.9 of 2 cores busy" in capsys.readouterr().err
+    # No --threads: the governor handles load, so auto is llama.cpp's default without a sample.
+    adaptive = cli_common.engine_threads(None, "auto")
+    assert adaptive == cli_common.EngineThreads(physical_cores(), threads.DEFAULT_POLL, True)
+    assert capsys.readouterr().err == ""
+    assert adaptive.config() == {"threads": physical_cores(), "poll": 50, "adapt_threads": True}
+
+
+@pytest.mark.parametrize(
+    ("load", "current", "most", "cpus", "wanted"),
+    [
+        (0.0, 2, 2, 2, 2),  # quiet
+        (0.3, 2, 2, 2, 2),  # a light load: two threads still pay (break-even measured at half a core)
+        (0.9, 2, 2, 2, 1),  # one busy core of two
+        (1.9, 2, 2, 2, 1),  # both: never below 1
+        (1.5, 1, 2, 2, 1),  # the load that made us drop, now on the core we left
+        (0.1, 1, 2, 2, 2),  # it stopped: back up
+        (0.4, 1, 2, 2, 1),  # hysteresis: not back while it is near the break-even
+        (6.0, 8, 8, 16, 8),  # 6 busy of the 8 cores left free: no contention
+        (11.0, 8, 8, 16, 5),  # 11 of 16: make room for them at once
+        (5.0, 5, 8, 16, 6),  # eased: one more at a time
+    ],
+)
+def test_choose_threads(load: float, current: int, most: int, cpus: int, wanted: int) -> None:
+    assert threads.choose_threads(load, current, most, cpus) == wanted
+
+
+class FakeProc:
+    """CPU readings of two cores where other processes take `others` cores from one tick() to the next."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.busy = self.total = 0
+        self.others = 0.0
+
+    def advance(self, seconds: float, others: float) -> None:
+        self.now += seconds
+        self.total += int(200 * seconds)  # 100 ticks a second on each of 2 cores
+        self.busy += int(100 * seconds * others)
+
+    def read(self) -> threads.CpuSample:
+        return threads.CpuSample(busy=self.busy, total=self.total, own=0, n_cpus=2)
+
+
+def test_the_governor_drops_a_thread_under_load_and_restores_it_after_two_quiet_samples() -> None:
+    proc = FakeProc()
+    gov = threads.ThreadGovernor(2, interval=0.5, read=proc.read, clock=lambda: proc.now)
+    seen = []
+    for others in [0.0, 0.0, 1.6, 1.6, 1.6, 0.0, 0.0, 0.0, 1.0]:
+        proc.advance(0.2, others)
+        seen.append(gov.tick())  # between samples: nothing
+        proc.advance(0.4, others)
+        seen.append(gov.tick())
+    assert seen[0] is None and seen[1] is None  # quiet
+    assert seen[5] == (1, "other processes keep 1.60 of 2 cores busy: decoding on 1 of 2 threads")
+    assert [c for c in seen[6:] if c] == [
+        (2, "other processes keep 0.00 of 2 cores busy: decoding on 2 of 2 threads"),
+        (1, "other processes keep 1.00 of 2 cores busy: decoding on 1 of 2 threads"),
+    ]
+    assert seen[13] is not None and seen[11] is None  # back up only on the second quiet sample
+    assert gov.current == 1
+
+
+def test_the_governor_without_proc_keeps_the_configured_threads() -> None:
+    def no_proc() -> threads.CpuSample:
+        raise OSError("no /proc")
+
+    clock = iter(range(100))
+    gov = threads.ThreadGovernor(4, read=no_proc, clock=lambda: float(next(clock)))
+    assert [gov.tick() for _ in range(5)] == [None] * 5 and gov.current == 4
+
+
+def test_the_engine_rethreads_its_context_under_load(gguf: Path) -> None:
+    from qwenkit.engines.llamacpp.engine import LlamaCppEngine
+    from qwenkit.engines.request import GenerationRequest
+    from qwenkit.engines.sampling import SamplingParams
+    from qwenkit.serve.metrics import ServeMetrics
+
+    engine = LlamaCppEngine(gguf, EngineConfig(n_ctx=256, max_seqs=1, threads=2, adapt_threads=True))
+    try:
+        assert engine.governor is not None and engine.stats().threads == 2
+        proc = FakeProc()
+        engine.governor = threads.ThreadGovernor(2, read=proc.read, clock=lambda: proc.now)
+        n_threads = []
+
+        def run(others: float) -> None:
+            proc.advance(0.6, others)
+            request = GenerationRequest(f"r{others}", (1000, 1001, 1002), SamplingParams(max_tokens=3))
+            assert [e for e in engine.generate_sync(request)][-1].finish_reason == "length"
+            n_threads.append((engine.stats().threads, llama_cpp.llama_n_threads(engine.model._ctx)))
+
+        for others in (0.0, 1.8, 1.8, 0.0, 0.0):
+            run(others)
+        assert n_threads == [(2, 2), (1, 1), (1, 1), (1, 1), (2, 2)]
+        run(1.8)
+        assert b"qwenkit_engine_threads 1.0" in ServeMetrics(engine).render()
+    finally:
+        engine.close()
+
+
+def test_a_fixed_thread_count_has_no_governor(gguf: Path) -> None:
+    from qwenkit.engines.llamacpp.engine import LlamaCppEngine
+
+    engine = LlamaCppEngine(gguf, EngineConfig(n_ctx=256, max_seqs=1, threads=2))
+    try:
+        assert engine.governor is None and engine.stats().threads == 2
+    finally:
+        engine.close()
 
 
 def test_serve_help_lists_poll() -> None:
@@ -227,8 +339,8 @@ def test_serve_help_lists_poll() -> None:
 
 SHOW_OPENMP = """
 import sys
-from qwenkit.cli.common import engine_poll
-engine_poll(sys.argv[1], 1)
+from qwenkit.cli.common import engine_threads
+engine_threads(1, sys.argv[1])
 import llama_cpp.llama_cpp as native
 native._lib.omp_display_env(1)
 """

@@ -34,16 +34,16 @@ from qwenkit.batch.run import (
 from qwenkit.batch.run import Progress as BatchProgress
 from qwenkit.checkpoints.demo import DEMO_NOTICE
 from qwenkit.cli.common import (
+    THREADS_HELP,
     AllowPickleOption,
     ModelOption,
     PollOption,
     QuantOption,
-    engine_poll,
+    engine_threads,
     open_model_files,
 )
 from qwenkit.cli.errors import err_console, fail, friendly_errors
 from qwenkit.cli.serve import API_KEY_ENV, DEFAULT_CTX
-from qwenkit.hardware import physical_cores
 
 DEFAULT_MAX_SEQS = 8
 DEFAULT_CONCURRENCY = 16
@@ -89,14 +89,14 @@ async def native_engine(
     model: str | None,
     max_seqs: int,
     ctx_tokens: int | None,
-    threads: int,
+    threads: int | None,
     poll: str,
     quant: str,
     allow_pickle: bool,
 ) -> AsyncIterator[NativeRun]:
     """Open --model on an engine decoding `max_seqs` together, behind the server's native path; every line
     runs on this model whatever model it names (the file may have been written for another)."""
-    level = engine_poll(poll, threads, say_default=False)  # before llama.cpp loads
+    cpu = engine_threads(threads, poll, say_default=False)  # before llama.cpp loads
     from qwenkit.engines.llamacpp.config import EngineConfig
     from qwenkit.engines.loader import open_engine  # llama.cpp loads only when a model is run
     from qwenkit.serve.app import create_app, serve_context
@@ -109,9 +109,8 @@ async def native_engine(
         max_seqs,
         ctx_tokens or DEFAULT_CTX,
         files.n_ctx_train,
-        threads=threads,
         max_waiting=in_flight,
-        poll=level,
+        **cpu.config(),
     )
     engine = open_engine(files, config)
     app = create_app(engine, files.tokenizer, files.family, files.name, embedding=files.embedding)
@@ -151,7 +150,7 @@ def batch_command(
         int | None,
         typer.Option("--max-seqs", min=1, max=256, help="Requests decoded together in-process (default 8)."),
     ] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: physical cores).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
     ctx: Annotated[
         int | None,
         typer.Option("--ctx", min=64, help="Tokens per request, prompt plus answer (default 4096)."),
@@ -200,7 +199,7 @@ def batch_command(
                         model,
                         max_seqs or DEFAULT_MAX_SEQS,
                         ctx,
-                        threads or physical_cores(),
+                        threads,
                         poll,
                         quant,
                         allow_pickle,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, get_args
 
 import typer
@@ -21,6 +22,7 @@ from qwenkit.checkpoints.demo import DEMO_NOTICE, ensure_default_demo, is_demo_c
 from qwenkit.checkpoints.resolve import ResolvedModel, resolve_model
 from qwenkit.cli.errors import err_console
 from qwenkit.gguf.convert import OutType
+from qwenkit.hardware import physical_cores
 
 if TYPE_CHECKING:
     from qwenkit.engines.loader import ModelFiles
@@ -114,22 +116,45 @@ PollOption = Annotated[
     typer.Option(
         "--poll",
         help="How long idle llama.cpp threads spin, 0-100 (0: sleep at once; 50: llama.cpp's default) or "
-        "'auto': 0 when other processes load the CPU at start (spinning threads of two programs starve "
-        "each other), else 50.",
+        "'auto': 50 while --threads follows the load; with --threads N, 0 when other processes load the CPU "
+        "at start (spinning threads of two programs starve each other), else 50.",
     ),
 ]
+THREADS_HELP = (
+    "CPU threads (default: the physical cores, fewer while other processes keep them busy, down to 1)."
+)
 
 
-def engine_poll(poll: str, threads: int, say_default: bool = True) -> int:
-    """--poll as the level to run at ('auto' measured now, said on stderr, or only when it turns polling
-    off if not say_default); call before llama.cpp loads, so an OpenMP build's workers wait that way too."""
-    from qwenkit.engines.llamacpp.threads import prepare_openmp, resolve_poll
+@dataclass(frozen=True)
+class EngineThreads:
+    """How the llama.cpp engine uses the CPU: EngineConfig's threads, poll and adapt_threads."""
+
+    threads: int
+    poll: int
+    adapt: bool
+
+    def config(self) -> dict[str, int | bool]:
+        return {"threads": self.threads, "poll": self.poll, "adapt_threads": self.adapt}
+
+
+def engine_threads(threads: int | None, poll: str, say_default: bool = True) -> EngineThreads:
+    """--threads and --poll as the engine will run them; call before llama.cpp loads, so an OpenMP build's
+    workers wait the way chosen. No --threads: the physical cores, fewer while other load lasts (the engine's
+    ThreadGovernor; one thread has no workers to spin, so 'auto' polls at llama.cpp's default). --threads N:
+    that many, and 'auto' measured now (said on stderr, or only when it turns polling off if not
+    say_default)."""
+    from qwenkit.engines.llamacpp.threads import DEFAULT_POLL, prepare_openmp, resolve_poll
 
     value = poll.strip().lower()
     if value != "auto" and not (value.isdigit() and 0 <= int(value) <= 100):
         raise ValueError(f"--poll must be 'auto' or a level 0-100 (got {poll!r})")
-    level, why = resolve_poll("auto" if value == "auto" else int(value), threads)
-    if value == "auto" and (say_default or level == 0):
-        err_console.print(f"[dim]--poll auto: {why}[/]", soft_wrap=True)
+    adapt = threads is None
+    count = threads or physical_cores()
+    if value == "auto" and adapt:
+        level = DEFAULT_POLL
+    else:
+        level, why = resolve_poll("auto" if value == "auto" else int(value), count)
+        if value == "auto" and (say_default or level == 0):
+            err_console.print(f"[dim]--poll auto: {why}[/]", soft_wrap=True)
     prepare_openmp(level)
-    return level
+    return EngineThreads(count, level, adapt)

@@ -25,12 +25,13 @@ from qwenkit.chat.pipeline import PreparedChat, prepare_chat
 from qwenkit.chat.presets import apply_preset, find_preset, load_presets
 from qwenkit.checkpoints.demo import DEMO_NOTICE
 from qwenkit.cli.common import (
+    THREADS_HELP,
     AllowPickleOption,
     MmprojOption,
     ModelOption,
     PollOption,
     QuantOption,
-    engine_poll,
+    engine_threads,
     open_model_files,
     vision_spec,
 )
@@ -38,7 +39,6 @@ from qwenkit.cli.errors import err_console, friendly_errors
 from qwenkit.engines.grammar import grammar_from_json_schema
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.request import Grammar, ImageInput
-from qwenkit.hardware import physical_cores
 from qwenkit.media import VisionSpec, decode_image, image_tokens, prepare_image, read_image_file
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ PresetsFileOption = Annotated[
 CtxOption = Annotated[
     int | None, typer.Option("--ctx", min=64, help="Context length (default: sized to the need).")
 ]
-ThreadsOption = Annotated[int | None, typer.Option(min=1, help="CPU threads (default: physical cores).")]
+ThreadsOption = Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)]
 LoraOption = Annotated[
     Path | None,
     typer.Option(
@@ -112,8 +112,7 @@ def _open(
     mmproj: str | None = None,
     lora: Path | None = None,
 ) -> tuple[ModelFiles, LlamaCppEngine]:
-    threads = threads or physical_cores()
-    level = engine_poll(poll, threads, say_default=False)  # before llama.cpp loads
+    cpu = engine_threads(threads, poll, say_default=False)  # before llama.cpp loads
     from qwenkit.engines.loader import open_engine  # llama.cpp loads only when a model is run
 
     files = open_model_files(model, allow_pickle, quant, mmproj)
@@ -125,9 +124,7 @@ def _open(
 
         base, loras = resolve_loras({"lora": lora}, files.gguf_path)
         files = replace(files, gguf_path=base)
-    config = EngineConfig(
-        n_ctx=n_ctx, max_seqs=1, threads=threads, poll=level, mmproj=files.mmproj_path, loras=loras
-    )
+    config = EngineConfig(n_ctx=n_ctx, max_seqs=1, mmproj=files.mmproj_path, loras=loras, **cpu.config())
     return files, open_engine(files, config)
 
 

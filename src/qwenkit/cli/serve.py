@@ -23,12 +23,13 @@ import typer
 from qwenkit.chat.presets import load_presets
 from qwenkit.checkpoints.demo import DEMO_NOTICE
 from qwenkit.cli.common import (
+    THREADS_HELP,
     AllowPickleOption,
     MmprojOption,
     ModelOption,
     PollOption,
     check_quant,
-    engine_poll,
+    engine_threads,
     open_model_files,
     vision_spec,
 )
@@ -47,7 +48,6 @@ from qwenkit.cli.serve_engines import (
     serve_vllm,
 )
 from qwenkit.engines.llamacpp.config import ADAPTER_NAME, EngineConfig
-from qwenkit.hardware import physical_cores
 from qwenkit.media import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES
 from qwenkit.serve.app import create_app
 from qwenkit.serve.config import ServeConfig
@@ -154,7 +154,7 @@ def serve_command(
             help="KV cells for all sequences; each request gets ctx / max-seqs (default: 4096 each).",
         ),
     ] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: physical cores).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
     poll: PollOption = "auto",
     state_cache_mb: Annotated[
         int,
@@ -337,8 +337,7 @@ def serve_command(
     if scale.engine == "vllm":  # GPUs: no GGUF conversion, no llama.cpp (cli/serve_engines.py)
         serve_vllm(model, allow_pickle, max_seqs, ctx, scale, config, sock, keys)
         return
-    threads = threads or physical_cores()
-    poll_level = engine_poll(poll, threads)  # before llama.cpp loads (open_model_files loads it)
+    cpu = engine_threads(threads, poll)  # before llama.cpp loads (open_model_files loads it)
     files = open_model_files(model, allow_pickle, quant, mmproj)
     n_ctx = ctx or default_ctx(max_seqs, files.n_ctx_train)
     if lora_specs and files.embedding:
@@ -351,10 +350,9 @@ def serve_command(
     engine_config = EngineConfig(
         n_ctx=n_ctx,
         max_seqs=max_seqs,
-        threads=threads,
         max_waiting=max_waiting,
         state_cache_mb=state_cache_mb,
-        poll=poll_level,
+        **cpu.config(),
         loras=loras,
         mmproj=files.mmproj_path,
     )

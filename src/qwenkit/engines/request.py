@@ -124,3 +124,6 @@ class EngineStats:
     state_cache_hits: int = 0
     state_cache_evictions: int = 0
     image_encodes: int = 0  # vision-tower runs (images not served from a cached prefix); 0 without --mmproj
+    threads: int = (
+        0  # CPU threads decoding now (they follow other load with adapt_threads); 0: not a CPU engine
+    )

@@ -90,6 +90,8 @@ class _EngineCollector(Collector):
             "Images run through the vision tower (not from a cached prefix)",
             stats.image_encodes,
         )
+        if stats.threads:  # CPU engines: fewer than configured while other processes load the cores
+            yield GaugeMetricFamily("qwenkit_engine_threads", "CPU threads decoding now", stats.threads)
 
 
 class ServeMetrics:

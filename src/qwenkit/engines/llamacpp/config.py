@@ -31,6 +31,11 @@ class EngineConfig(BaseModel):
     n_batch: int = Field(default=512, ge=16, description="tokens per llama_decode call at most")
     n_ubatch: int = Field(default=512, ge=16)
     threads: int = Field(default_factory=physical_cores, ge=1)
+    adapt_threads: bool = Field(
+        default=False,
+        description="decode on fewer threads (down to 1) while other processes keep the cores busy, and on "
+        "`threads` again once they stop (threads.ThreadGovernor)",
+    )
     kv_type: KVType = "f16"
     flash_attn: bool = False
     prefill_chunk: int | None = Field(

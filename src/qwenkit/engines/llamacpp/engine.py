@@ -46,6 +46,7 @@ from qwenkit.engines.llamacpp.sampler import Candidates, SeqSampler, check_gramm
 from qwenkit.engines.llamacpp.scheduler import Scheduler, StepPlan
 from qwenkit.engines.llamacpp.sequence import Sequence, Status
 from qwenkit.engines.llamacpp.state_cache import StateCache
+from qwenkit.engines.llamacpp.threads import ThreadGovernor
 from qwenkit.engines.llamacpp.vision import EncodeWorker, VisionEncoder
 from qwenkit.engines.request import (
     THINKING_EARLY_STOP,
@@ -124,6 +125,7 @@ class LlamaCppEngine:
         self._accepting = True
         self.steps = 0
         self._candidates = Candidates(self.model.n_vocab)  # shared by the sequences' samplers
+        self.governor = ThreadGovernor(self.config.threads) if self.config.adapt_threads else None
         self._stats = self._snapshot()
 
     # ---- submitting -------------------------------------------------------------------------------
@@ -244,6 +246,8 @@ class LlamaCppEngine:
             plan = self.scheduler.plan()
             self._blocked = not plan.entries and self._encoding > 0
             if plan.entries:
+                if self.governor is not None:
+                    self._govern_threads(self.governor)
                 self._run(plan)
             elif self._blocked and self._thread is None:  # driven inline: wait for the encode, not spin
                 with self._cv:
@@ -252,6 +256,12 @@ class LlamaCppEngine:
             self._publish_stats()
             self._courier.flush()
         return self.scheduler.has_work() or bool(self._inbox)
+
+    def _govern_threads(self, governor: ThreadGovernor) -> None:
+        change = governor.tick()
+        if change is not None:
+            self.model.set_threads(change[0])
+            log.info("threads: %s", change[1])
 
     def _drain_inbox(self) -> None:
         with self._cv:
@@ -557,6 +567,7 @@ class LlamaCppEngine:
             state_cache_hits=states.hits if states else 0,
             state_cache_evictions=states.evictions if states else 0,
             image_encodes=self.image_encodes,
+            threads=self.governor.current if self.governor else self.config.threads,
         )
 
     def _publish_stats(self) -> None:

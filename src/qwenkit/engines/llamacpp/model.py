@@ -106,6 +106,10 @@ class LlamaModel:
         self._eog_ids: tuple[int, ...] | None = None
         self._closed = False
 
+    def set_threads(self, n_threads: int) -> None:
+        """Decode on n_threads from the next call on (at most the pool's size)."""
+        llama_cpp.llama_set_n_threads(self._ctx, n_threads, n_threads)
+
     def _attach_pool(self, n_threads: int, poll: int) -> threads.ThreadPool | None:
         """A thread pool at this polling level for the context; None (llama.cpp's own) if ggml refuses."""
         if threads.uses_openmp() and not threads.prepare_openmp(poll):

@@ -9,20 +9,30 @@ libgomp's own default of 300,000 spins); after that it can only report that it i
 resolve_poll("auto") samples /proc/stat for ~0.3 s: when other processes keep busy more than the cores our
 threads leave free plus a quarter core, it picks 0 (spinning workers starve each other: 0.4 vs 60 tok/s
 measured), else llama.cpp's default. In a container /proc/stat counts the host's CPUs and their load.
+ThreadGovernor follows other load while the engine runs: tick() re-samples /proc every `interval` seconds
+and returns a new decode thread count when it should change (choose_threads: fewer threads while others
+keep the cores our threads need busy, down to 1, whose decode has no barrier to wait at for a descheduled
+worker; one more after two quiet samples, up to the configured count).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 DEFAULT_POLL = 50  # llama.cpp's --poll default (common.h) and ggml_threadpool_params_init's
 AUTO_SLACK_CORES = 0.25  # other load beyond the cores our threads leave free that turns polling off
+# ThreadGovernor: other load beyond the free cores that drops a thread, and that still allows one more. At
+# 2 threads on 2 cores, a load of half a core was the break-even measured (52 vs 55 tok/s on one thread).
+DROP_SLACK_CORES = 0.5
+ADD_SLACK_CORES = 0.25
 SAMPLE_SECONDS = 0.3
 _MAX_THREADS = 512  # GGML_MAX_N_THREADS: the size of the cpumask array at the head of the params struct
 # libgomp's spin count that matches the default level: 6,000 spins per poll step (~3 ms at 50).
@@ -203,3 +213,55 @@ def resolve_poll(poll: Poll, threads: int, seconds: float = SAMPLE_SECONDS) -> t
         level, why = DEFAULT_POLL, f"no /proc/stat to measure other load: polling {DEFAULT_POLL}"
     log.info("poll auto: %s", why)
     return level, why
+
+
+def choose_threads(load: float, current: int, most: int, n_cpus: int) -> int:
+    """The decode thread count for this much other load (cores), from `current`, within 1..most."""
+    if load > n_cpus - current + DROP_SLACK_CORES:  # others want cores our threads hold: make room
+        return max(1, min(current - 1, n_cpus - math.ceil(load - DROP_SLACK_CORES)))
+    if current < most and load <= n_cpus - current - 1 + ADD_SLACK_CORES:  # a core stays free for one more
+        return current + 1
+    return current
+
+
+@dataclass
+class ThreadGovernor:
+    """Decode threads that make room for other processes' load (see the module docstring)."""
+
+    most: int
+    interval: float = 0.5
+    read: Callable[[], CpuSample] = CpuSample.read
+    clock: Callable[[], float] = time.monotonic
+    current: int = field(init=False)
+    _last: CpuSample | None = field(default=None, init=False)
+    _last_at: float = field(default=0.0, init=False)
+    _quiet: int = field(default=0, init=False)  # samples in a row that would allow one more thread
+
+    def __post_init__(self) -> None:
+        self.current = self.most
+        self._last = self._read()  # so the first step after `interval` can already decide
+        self._last_at = self.clock()
+
+    def _read(self) -> CpuSample | None:
+        try:
+            return self.read()
+        except (OSError, ValueError, IndexError):  # no /proc (not Linux): the count stays as configured
+            return None
+
+    def tick(self) -> tuple[int, str] | None:
+        """(new thread count, why) when it should change now; None otherwise (and between samples)."""
+        now = self.clock()
+        if now - self._last_at < self.interval:
+            return None
+        before, sample = self._last, self._read()
+        self._last, self._last_at = sample, now
+        if before is None or sample is None:
+            return None
+        load = other_load(before, sample)
+        wanted = choose_threads(load, self.current, self.most, sample.n_cpus)
+        self._quiet = self._quiet + 1 if wanted > self.current else 0
+        if wanted == self.current or (wanted > self.current and self._quiet < 2):
+            return None
+        self.current, self._quiet = wanted, 0
+        busy = f"other processes keep {load:.2f} of {sample.n_cpus} cores busy"
+        return wanted, f"{busy}: decoding on {wanted} of {self.most} threads"
