@@ -28,7 +28,8 @@ class StepCosts:
         self.factor = step_cost_factor
         self.n_batch = n_batch
         self.initial_chunk = initial_chunk
-        self._decode: deque[tuple[int, float]] = deque(maxlen=_WINDOW)
+        self._decode: deque[tuple[int, float]] = deque()
+        self._sums = [0.0, 0.0, 0.0, 0.0]  # over the window: n, t, n*n, n*t (kept as steps come and go)
         self._fit: tuple[float, float] | None = None  # (a, b): seconds = a + b * n_decode
         self.prefill_token: float | None = None  # seconds per prompt token (EMA)
 
@@ -41,7 +42,10 @@ class StepCosts:
 
     def observe(self, n_decode: int, n_prefill: int, seconds: float) -> None:
         if n_prefill == 0 and n_decode > 0:
+            self._window(n_decode, seconds, 1)
             self._decode.append((n_decode, seconds))
+            if len(self._decode) > _WINDOW:
+                self._window(*self._decode.popleft(), -1)
             self._refit()
             return
         if n_prefill == 0:
@@ -53,13 +57,17 @@ class StepCosts:
         old = self.prefill_token
         self.prefill_token = per_token if old is None else 0.8 * old + 0.2 * per_token
 
+    def _window(self, n: int, t: float, sign: int) -> None:
+        sums = self._sums
+        sums[0] += sign * n
+        sums[1] += sign * t
+        sums[2] += sign * n * n
+        sums[3] += sign * n * t
+
     def _refit(self) -> None:
-        # Least squares of seconds on n_decode; numpy would cost more than these 64 points.
+        # Least squares of seconds on n_decode from running sums: this runs after every decode step.
         k = len(self._decode)
-        sn = sum(n for n, _ in self._decode)
-        st = sum(t for _, t in self._decode)
-        snn = sum(n * n for n, _ in self._decode)
-        snt = sum(n * t for n, t in self._decode)
+        sn, st, snn, snt = self._sums
         var = snn - sn * sn / k
         if var <= 1e-9:
             # One batch size seen so far: cost proportional to it (an over-estimate for more sequences).

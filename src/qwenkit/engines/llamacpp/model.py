@@ -95,6 +95,7 @@ class LlamaModel:
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self._ctx)
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self._logits_row = ctypes.c_float * self.n_vocab  # one array type for every logits view
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.recurrent = bool(
             llama_cpp.llama_model_is_recurrent(self._model) or llama_cpp.llama_model_is_hybrid(self._model)
@@ -261,7 +262,10 @@ class LlamaModel:
     def logits(self, batch_index: int) -> np.ndarray:
         """A view of the logits llama.cpp produced for one batch position (valid until the next decode)."""
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        address = ctypes.cast(ptr, ctypes.c_void_p).value
+        if not address:
+            raise RuntimeError(f"llama.cpp has no logits for batch position {batch_index}")
+        return np.frombuffer(self._logits_row.from_address(address), dtype=np.float32)
 
     def close(self) -> None:
         if self._closed:
