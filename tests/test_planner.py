@@ -130,11 +130,14 @@ def test_repack_counts_once_as_reclaimable(catalog) -> None:  # type: ignore[no-
 
 def test_flash_attention_removes_the_score_matrix(catalog) -> None:  # type: ignore[no-untyped-def]
     shape = catalog.get("Qwen2.5-7B-Instruct").shape()
-    slow = plan(_request(shape, "q4_k_m", context=32768))
+    slow = plan(_request(shape, "q4_k_m", context=32768, flash_attn=False))
     fast = plan(_request(shape, "q4_k_m", context=32768, flash_attn=True))
     scores = 4 * shape.heads * 32768 * 512  # f32 heads × n_kv × n_batch
     assert slow.memory.compute - fast.memory.compute > scores
     assert any("flash attention would save" in n for n in slow.notes)
+    # The engine's default (llama.cpp's auto) has it on, so a plan that does not say has it too.
+    default = plan(_request(shape, "q4_k_m", context=32768))
+    assert default.flash_attn and default.memory == fast.memory and not default.notes
 
 
 def test_verdicts_changes_and_floor(catalog) -> None:  # type: ignore[no-untyped-def]
@@ -374,8 +377,8 @@ def test_cli_plan_described_device_json() -> None:
         50e9 / data["decode_estimate"]["bytes_per_token"]
     )
     assert data["command"].startswith("qwenkit quantize Qwen/Qwen2.5-7B-Instruct --qtype q4_k_m")
-    # 8 GB keeps 2 GiB for the OS: the attention scores no longer fit, flash attention fixes it.
-    tight = json.loads(CliRunner().invoke(_app(), [*args, "--memory", "8GB"]).output)
+    # 8 GB keeps 2 GiB for the OS: without flash attention the attention scores no longer fit.
+    tight = json.loads(CliRunner().invoke(_app(), [*args, "--memory", "8GB", "--no-flash-attn"]).output)
     assert tight["verdict"] == "fits with changes"
     assert tight["changes"][0]["change"].startswith("turn on flash attention")
 

@@ -147,8 +147,8 @@ def test_adjustments_say_what_changed(catalog) -> None:  # type: ignore[no-untyp
         kv = rec.plan.request.kv_type
         said = " ".join(rec.adjustments)
         assert (kv != "f16") == ("KV cache" in said), rec.entry.name
-        if rec.engine is Engine.LLAMACPP:
-            assert rec.plan.flash_attn == ("flash attention" in said), rec.entry.name
+        if rec.engine is Engine.LLAMACPP:  # on by default (llama.cpp's auto): never an adjustment
+            assert rec.plan.flash_attn and "flash attention" not in said, rec.entry.name
 
 
 def test_commands_use_real_flags(catalog) -> None:  # type: ignore[no-untyped-def]

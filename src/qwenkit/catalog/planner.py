@@ -171,7 +171,7 @@ class PlanRequest:
     device: Device
     kv_type: str = "f16"
     engine: Engine | None = None
-    flash_attn: bool | None = None  # None: what the engine does (llama.cpp: on only for a quantized KV)
+    flash_attn: bool | None = None  # None: what the engine does (on: llama.cpp's auto, vLLM)
     n_batch: int = 512
     runtime: RuntimeBaseline = FALLBACK_BASELINE
     layout: tuple[TensorLayout, ...] | None = None  # the real tensors of a local GGUF, when planning one
@@ -191,9 +191,8 @@ class PlanRequest:
 
     @property
     def resolved_flash_attn(self) -> bool:
-        if self.flash_attn is not None:
-            return self.flash_attn
-        return self.resolved_engine is Engine.VLLM or self.kv_type == "q8_0"
+        # llama.cpp's auto turns it on wherever it has the kernel (CPU, CUDA, Metal, Vulkan).
+        return True if self.flash_attn is None else self.flash_attn
 
     @property
     def serves_state_cache(self) -> bool:

@@ -186,20 +186,20 @@ def _formats(entry: Entry, device: Device, task: str) -> list[tuple[WeightFormat
 def fitting_plan(
     base: PlanRequest, cache: dict, accept: Callable[[Plan], bool] | None = None
 ) -> tuple[Plan, tuple[str, ...]] | None:
-    """The plan as asked, else with flash attention, else with a quantized KV cache (context kept), else
+    """The plan as asked, else (if asked off) with flash attention, else with a quantized KV cache, else
     (a served hybrid on a CPU) also with the saved-state cache capped at SMALL_STATE_CACHE_MB. `accept`
     is a further check a fitting plan must pass (each GPU's share, for a multi-GPU layout)."""
     tries = [(base, ())]
     if base.resolved_engine is Engine.LLAMACPP:
-        tries.append((replace(base, flash_attn=True), ("flash attention on",)))
+        kv = "KV cache q8_0" if base.resolved_flash_attn else "KV cache q8_0 + flash attention"
+        if not base.resolved_flash_attn:  # asked off; llama.cpp's default (auto) has it on
+            tries.append((replace(base, flash_attn=True), ("flash attention on",)))
         quantized = replace(base, kv_type="q8_0", flash_attn=True)
-        tries.append((quantized, ("KV cache q8_0 + flash attention",)))
+        tries.append((quantized, (kv,)))
         shrinkable = base.serves_state_cache and base.device.kind == "cpu"
         if shrinkable and base.state_cache_mb > SMALL_STATE_CACHE_MB:
             capped = replace(quantized, state_cache_mb=SMALL_STATE_CACHE_MB)
-            tries.append(
-                (capped, ("KV cache q8_0 + flash attention", f"state cache {SMALL_STATE_CACHE_MB} MiB"))
-            )
+            tries.append((capped, (kv, f"state cache {SMALL_STATE_CACHE_MB} MiB")))
     else:
         tries.append((replace(base, kv_type="fp8"), ("KV cache fp8",)))
     for request, adjustments in tries:

@@ -37,7 +37,9 @@ class EngineConfig(BaseModel):
         "`threads` again once they stop (threads.ThreadGovernor)",
     )
     kv_type: KVType = "f16"
-    flash_attn: bool = False
+    # None: llama.cpp's auto (on where the backend has the kernel, as in llama-server); measured on 2 CPU
+    # cores, 0.5B q4_0: decode 4% (1 stream) to 10% (16) and prompts 15-20% faster than with it off.
+    flash_attn: bool | None = None
     prefill_chunk: int | None = Field(
         default=None, ge=8, description="prompt tokens per step while others decode; None = adaptive"
     )

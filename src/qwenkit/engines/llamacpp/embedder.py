@@ -3,7 +3,8 @@ generation engine's.
 
 Contract: LlamaEmbedder(gguf, config) loads the GGUF into a context with embeddings=True and pooling LAST,
 config.threads threads and a unified KV pool of n_ctx = config.n_ctx // config.max_seqs cells (of
-config.kv_type; flash attention as config.flash_attn): the most tokens one input, and one call, may hold.
+config.kv_type; flash attention as config.flash_attn, off when None): the most tokens one input, and one
+call, may hold.
 embed(inputs) checks its inputs (empty, too long or out-of-vocabulary: EngineError/RequestTooLong for
 that caller alone), then queues them. Concurrent callers are batched together: one thread at a time
 decodes, for every caller queued when it starts, all their inputs in arrival order, in as few llama_decode
@@ -52,7 +53,10 @@ class LlamaEmbedder:
         # One call carries at most one input's worth of tokens (the memory is cleared between calls), so
         # the KV pool and llama.cpp's per-call output buffers are sized by that, not by config.n_ctx.
         self.n_ctx = config.n_ctx // config.max_seqs  # the most tokens one input may hold
-        cparams = context_params(config, self.n_ctx, self.n_ctx)
+        # Exact attention unless asked: flash attention's f16 rounding moves vectors by ~5e-5, and vectors
+        # are compared across systems (they match transformers to 1e-6 without it).
+        exact = config if config.flash_attn is not None else config.model_copy(update={"flash_attn": False})
+        cparams = context_params(exact, self.n_ctx, self.n_ctx)
         cparams.embeddings = True
         cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_LAST
         cparams.kv_unified = True  # inputs of any length share the cells

@@ -58,8 +58,8 @@ def load_model(gguf_path: Path) -> llama_cpp.llama_model_p:
 
 
 def context_params(config: EngineConfig, n_ctx: int, n_batch: int) -> llama_cpp.llama_context_params:
-    """Context parameters from an EngineConfig: sizes, threads, KV type and flash attention set explicitly
-    (llama.cpp's own default, auto, may pick its f16 flash-attention kernel)."""
+    """Context parameters from an EngineConfig: sizes, threads, KV type, and flash attention as configured
+    (None: llama.cpp's auto, which turns it on where the backend has the kernel)."""
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = n_ctx
     cparams.n_batch = n_batch
@@ -69,11 +69,11 @@ def context_params(config: EngineConfig, n_ctx: int, n_batch: int) -> llama_cpp.
     cparams.n_threads_batch = config.threads
     cparams.type_k = _KV_TYPES[config.kv_type]
     cparams.type_v = _KV_TYPES[config.kv_type]
-    cparams.flash_attn_type = (
-        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        if config.flash_attn
-        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    )
+    cparams.flash_attn_type = {
+        None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    }[config.flash_attn]
     cparams.no_perf = True
     return cparams
 
