@@ -83,7 +83,9 @@ def encoder(demo_gguf: Callable[..., Path]) -> Iterator[Callable[[str, Path], Vi
     def open_(family: str, mmproj: Path) -> VisionEncoder:
         if family not in models:
             text = demo_gguf(*FAMILIES[family])
-            models[family] = LlamaModel(text, EngineConfig(n_ctx=512, max_seqs=1, threads=2))
+            # Exact attention for parity: flash attention's f16 rounding alone moves logits ~2e-3.
+            config = EngineConfig(n_ctx=512, max_seqs=1, threads=2, flash_attn=False)
+            models[family] = LlamaModel(text, config)
         encoders.append(VisionEncoder(mmproj, models[family], threads=2))
         return encoders[-1]
 
@@ -283,7 +285,8 @@ def test_full_model_logits_with_an_image_match_transformers(
 
     path = demo_checkpoint("qwen3_5")
     config = json.loads((path / "config.json").read_text())
-    model = LlamaModel(demo_gguf("qwen3_5"), EngineConfig(n_ctx=512, max_seqs=1, threads=2))
+    exact = EngineConfig(n_ctx=512, max_seqs=1, threads=2, flash_attn=False)  # parity: no f16 rounding
+    model = LlamaModel(demo_gguf("qwen3_5"), exact)
     enc = VisionEncoder(convert_mmproj(path, tmp_path / "mm.gguf", "f32"), model, threads=2)
     try:
         image = _image(256, 320, seed=1)
