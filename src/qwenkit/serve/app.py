@@ -34,6 +34,7 @@ from qwenkit.chat.flavor import Flavor
 from qwenkit.chat.presets import BUILTIN as BUILTIN_PRESETS
 from qwenkit.chat.presets import load_presets, preset_card
 from qwenkit.checkpoints.embedding import EmbeddingSpec
+from qwenkit.engines.arrivals import WatchesArrivals
 from qwenkit.engines.base import Engine
 from qwenkit.media.images import VisionSpec
 from qwenkit.serve.apis import anthropic, batches, embeddings, ollama, responses
@@ -92,10 +93,11 @@ async def run_planned(
     """What every generating route does: parse the body, plan it off the event loop (rendering, tokenizing
     and grammar compiles can take seconds), then answer with the engine's events."""
     refuse_if_embedding_model(ctx)  # before the body: its shape does not matter then
-    body = await parse_body(request, body_type)
-    info = _info(request)
-    plan = await run_in_threadpool(planner, ctx, body, info, *extra)
-    return await respond(ctx, plan, info, request.receive)
+    with ctx.arrivals.enter() as arrival:  # an idle engine waits for it (engines/arrivals.py)
+        body = await parse_body(request, body_type)
+        info = _info(request)
+        plan = await run_in_threadpool(planner, ctx, body, info, *extra)
+        return await respond(ctx, plan, info, request.receive, arrival)
 
 
 def _info(request: Request) -> RequestInfo:
@@ -146,6 +148,9 @@ def create_app(
         vision=vision,
         adapters=tuple(adapters),
     )
+
+    if isinstance(engine, WatchesArrivals):
+        engine.watch_arrivals(ctx.arrivals)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

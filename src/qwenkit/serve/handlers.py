@@ -60,6 +60,7 @@ from qwenkit.chat.pipeline import prepare_chat
 from qwenkit.chat.presets import BUILTIN as BUILTIN_PRESETS
 from qwenkit.chat.presets import Preset, PresetError, apply_preset, find_preset
 from qwenkit.checkpoints.embedding import EmbeddingSpec
+from qwenkit.engines.arrivals import Arrival, Arrivals
 from qwenkit.engines.base import Engine
 from qwenkit.engines.grammar import json_object_grammar, unenforced_keywords
 from qwenkit.engines.request import (
@@ -124,6 +125,7 @@ class ServeContext:
     embedding: EmbeddingSpec | None = (
         None  # an embedding model: /v1/embeddings only (serve/apis/embeddings.py)
     )
+    arrivals: Arrivals = field(default_factory=Arrivals)  # generating requests not yet submitted
 
     def begin_drain(self) -> None:
         """Stop admitting requests (503); in-flight ones go on until abort_all()."""
@@ -749,14 +751,17 @@ _DISCONNECTED = object()
 
 
 async def _engine_events(
-    ctx: ServeContext, requests: list[GenerationRequest], receive: Receive | None
+    ctx: ServeContext, requests: list[GenerationRequest], receive: Receive | None, arrival: Arrival | None
 ) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """(choice index, event) from all requests as they arrive. Leaving early aborts every unfinished one."""
+    """(choice index, event) from all requests as they arrive. Leaving early aborts every unfinished one.
+    arrival (the request's place in ctx.arrivals) is left right before the first submit."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
     finished = [False] * len(requests)
 
     async def pump(index: int, request: GenerationRequest) -> None:
         ctx.active.add(request.request_id)
+        if arrival is not None:
+            arrival.leave()
         events = ctx.engine.generate(request)
         try:
             async for event in events:
@@ -866,9 +871,10 @@ class _Tally:
 
 
 async def respond(
-    ctx: ServeContext, plan: Plan, info: RequestInfo, receive: Receive | None
+    ctx: ServeContext, plan: Plan, info: RequestInfo, receive: Receive | None, arrival: Arrival | None = None
 ) -> JSONResponse | StreamingResponse:
-    """Run a plan: a JSON response, or a stream once every choice has its first event."""
+    """Run a plan: a JSON response, or a stream once every choice has its first event. arrival: see
+    _engine_events."""
     start = time.perf_counter()
     info.prompt_tokens = plan.prompt_tokens
     info.warnings = plan.warnings
@@ -879,7 +885,7 @@ async def respond(
     tally = _Tally(ctx, plan, info, start, reservation)
     warning = header_safe(" | ".join(plan.warnings))  # warnings quote client text (schema values, names)
     headers = {"x-qwenkit-warning": warning} if warning else {}
-    events = _engine_events(ctx, plan.requests, receive)
+    events = _engine_events(ctx, plan.requests, receive, arrival)
     head: list[tuple[int, TokenEvent]] = []
     streaming = False
     try:

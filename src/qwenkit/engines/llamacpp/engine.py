@@ -18,6 +18,8 @@ keys, see image_tokens.py), so limits, usage and prefix reuse count them; the vi
 image on a thread of its own (vision.EncodeWorker) while the loop keeps stepping, and the embeddings are
 then decoded in runs that take the prefill budget like prompt tokens, so no stream stalls for an encode.
 A prefix holding the same image (its pixel hash) is reused instead of encoded again.
+Bursts: given the server's Arrivals (watch_arrivals), an idle engine that wakes on a submit waits up to
+GATHER_MAX_S while the server still reads other requests, so they start together in one step.
 Knows nothing of chat templates or HTTP beyond Qwen's control tokens.
 """
 
@@ -34,6 +36,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+from qwenkit.engines.arrivals import Arrivals
 from qwenkit.engines.checks import check_prompt_ids, check_room, check_sampling_ids
 from qwenkit.engines.courier import Courier
 from qwenkit.engines.llamacpp.adapters import Adapters
@@ -63,6 +66,10 @@ MAX_LOGPROBS = 20
 # How much longer than a decode-only step a step carrying a prompt chunk may take: the running streams'
 # inter-token latency then stays under 3x its usual value, with some room for noise.
 CHUNK_STEP_COST = 2.5
+# Longest an idle engine waits for requests the server is still reading before it starts a step: 16 requests
+# arriving together take ~10-20 ms to parse, render and tokenize on the event loop; a first step of one
+# 70-token prompt takes ~150 ms on 2 cores, and the rest would wait for it.
+GATHER_MAX_S = 0.05
 
 
 class LlamaCppEngine:
@@ -126,9 +133,16 @@ class LlamaCppEngine:
         self.steps = 0
         self._candidates = Candidates(self.model.n_vocab)  # shared by the sequences' samplers
         self.governor = ThreadGovernor(self.config.threads) if self.config.adapt_threads else None
+        self._incoming: Arrivals | None = None  # requests the server is reading (watch_arrivals)
+        self._gather_max = GATHER_MAX_S
         self._stats = self._snapshot()
 
     # ---- submitting -------------------------------------------------------------------------------
+    def watch_arrivals(self, arrivals: Arrivals, max_wait: float = GATHER_MAX_S) -> None:
+        """Going from idle to busy, wait (at most max_wait seconds) for the requests arrivals counts."""
+        self._incoming = arrivals
+        self._gather_max = max_wait
+
     def submit(self, request: GenerationRequest, sink: Callable[[TokenEvent], None]) -> None:
         """Queue a request; its events go to sink (called on the engine thread)."""
         check_prompt_ids(request.prompt_token_ids, self.model.n_vocab)
@@ -237,6 +251,8 @@ class LlamaCppEngine:
     def step(self) -> bool:
         """Run one decode step; returns whether work remains."""
         try:
+            if self._incoming is not None and not self.scheduler.has_work():
+                self._gather(self._incoming)
             self._drain_inbox()
             if self._encoder is not None:
                 self._take_encodes()
@@ -256,6 +272,22 @@ class LlamaCppEngine:
             self._publish_stats()
             self._courier.flush()
         return self.scheduler.has_work() or bool(self._inbox)
+
+    def _gather(self, incoming: Arrivals) -> None:
+        # Each submit notifies the condition; a request answered without the engine does not, hence the
+        # short timeout. The server leaves the count right before it submits: after the last one left,
+        # give its submit a moment (it notifies) so it lands in this step.
+        deadline = time.perf_counter() + self._gather_max
+        waited = False
+        with self._cv:
+            while incoming.pending() > 0 and not self._stopping:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return
+                waited = True
+                self._cv.wait(min(left, 0.002))
+            if waited:
+                self._cv.wait(0.001)
 
     def _govern_threads(self, governor: ThreadGovernor) -> None:
         change = governor.tick()
