@@ -378,7 +378,7 @@ def test_cli_plan_described_device_json() -> None:
     )
     assert data["command"].startswith("qwenkit quantize Qwen/Qwen2.5-7B-Instruct --qtype q4_k_m")
     # 8 GB keeps 2 GiB for the OS: without flash attention the attention scores no longer fit.
-    tight = json.loads(CliRunner().invoke(_app(), [*args, "--memory", "8GB", "--no-flash-attn"]).output)
+    tight = json.loads(CliRunner().invoke(_app(), [*args, "--memory", "8GB", "--flash-attn", "off"]).output)
     assert tight["verdict"] == "fits with changes"
     assert tight["changes"][0]["change"].startswith("turn on flash attention")
 

@@ -149,6 +149,8 @@ def test_adjustments_say_what_changed(catalog) -> None:  # type: ignore[no-untyp
         assert (kv != "f16") == ("KV cache" in said), rec.entry.name
         if rec.engine is Engine.LLAMACPP:  # on by default (llama.cpp's auto): never an adjustment
             assert rec.plan.flash_attn and "flash attention" not in said, rec.entry.name
+            # The command serves the KV cache the plan counted.
+            assert (kv == "q8_0") == ("--kv q8_0" in rec.command), rec.command
 
 
 def test_commands_use_real_flags(catalog) -> None:  # type: ignore[no-untyped-def]

@@ -547,3 +547,24 @@ def test_ollama_embed_bad_input_in_ollamas_shape(
     error = reply.json()
     assert set(error) == {"error"} and isinstance(error["error"], str) and error["error"]
     assert post(server, "/api/embed", {"model": MODEL, "input": "still serving"}).status_code == 200
+
+
+def test_a_q8_0_kv_cache_embeds_with_flash_attention(
+    tmp_path_factory: pytest.TempPathFactory, reference: tuple[list[list[int]], list[np.ndarray]]
+) -> None:
+    """`serve --kv q8_0` on an embedding model: the embedder keeps exact attention only where it can
+    (llama.cpp quantizes V only with flash attention), and the vectors stay close to an f32 cache's. The
+    small demo: a q8_0 cache needs head dims divisible by 32 (every real Qwen's are; the tiny demo's: 16)."""
+    ids, _ = reference
+    where = tmp_path_factory.mktemp("emb") / "qwen3-embedding-small"
+    small = create_demo(where, size="small", embedding=True)
+    small_gguf = convert_to_gguf(small, tmp_path_factory.mktemp("emb-gguf") / "small.gguf", "f32")
+    vectors = {}
+    for kv in ("f32", "q8_0"):
+        embedder = LlamaEmbedder(small_gguf, EngineConfig(n_ctx=4096, max_seqs=4, threads=2, kv_type=kv))
+        try:
+            vectors[kv] = [unit(v) for v in embedder.embed(ids[:2])]
+        finally:
+            embedder.shutdown()
+    for exact, quantized in zip(vectors["f32"], vectors["q8_0"], strict=True):
+        assert float(exact @ quantized) > 0.999

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import typer
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from qwenkit.chat.messages import Tool
+from qwenkit.cli import serve as serve_module
 from qwenkit.cli.serve import default_ctx, read_api_keys, serve_command
+from qwenkit.engines.llamacpp.engine import LlamaCppEngine
 from qwenkit.engines.request import GrammarError, TokenLogprob
+from qwenkit.serve.app import serve_context
 from qwenkit.serve.errors import APIError
 from qwenkit.serve.logprobs import TokenTexts, chat_logprobs
 from qwenkit.serve.logs import UserHasher, key_id
@@ -57,6 +63,8 @@ def test_serve_help_lists_the_options() -> None:
         "--log-content",
         "--served-model-name",
         "--shutdown-timeout",
+        "--kv",
+        "--flash-attn",
         "QWENKIT_API_KEY",
     ):
         assert option in out, option
@@ -71,11 +79,41 @@ def test_serve_refuses_bad_setups_in_one_line(tmp_path: Path) -> None:
     assert code == 2 and "at least 8 characters" in out
     code, out = serve_cli("--quant", "q2_k")
     assert code == 2 and "--quant" in out
+    code, out = serve_cli("--kv", "q4_0")
+    assert code == 2 and "--kv must be one of f32, f16, q8_0" in out
+    code, out = serve_cli("--kv", "q8_0", "--flash-attn", "off")
+    assert code == 2 and "--kv q8_0 needs flash attention" in out
+    code, out = serve_cli("--flash-attn", "yes")
+    assert code == 2 and "--flash-attn must be auto, on or off" in out
+    code, out = serve_cli("--engine", "vllm", "--kv", "q8_0")
+    assert code == 2 and "--kv is a llama.cpp option" in out
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         code, out = serve_cli("--port", str(busy.getsockname()[1]))
     assert code == 2 and "cannot listen" in out and "--port" in out
+
+
+def test_serve_kv_and_flash_attention_reach_the_engine(
+    demo_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flags `qwenkit select` and `plan` put in their commands: a q8_0 KV cache (the small demo: q8_0
+    needs head dims divisible by 32) serves a completion; --flash-attn off and on reach the config too."""
+    served: list[FastAPI] = []
+    monkeypatch.setattr(serve_module, "announce_and_run", lambda app, *a, **k: served.append(app))
+    small = str(demo_checkpoint("qwen3", "small"))
+    cases = ((["--kv", "q8_0"], "q8_0", None), (["--flash-attn", "off"], "f16", False))
+    for flags, kv, flash in (*cases, (["--flash-attn", "on"], "f16", True)):
+        code, out = serve_cli("--model", small, "--port", "0", "--threads", "1", "--ctx", "1024", *flags)
+        assert code == 0, out
+        with TestClient(served[-1]) as client:
+            engine = serve_context(served[-1]).engine
+            assert isinstance(engine, LlamaCppEngine)
+            assert (engine.config.kv_type, engine.config.flash_attn) == (kv, flash)
+            model = client.get("/v1/models").json()["data"][0]["id"]
+            body = {"model": model, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+            reply = client.post("/v1/completions", json=body)
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
 
 
 def test_api_keys_from_option_and_file(tmp_path: Path) -> None:

@@ -442,7 +442,7 @@ def _memory(r: PlanRequest, cache: _Layouts) -> tuple[Engine, bool, int, MemoryB
     if engine is Engine.LLAMACPP and r.kv_type == "fp8":
         raise PlanError("llama.cpp has no fp8 KV cache: use --kv q8_0")
     if engine is Engine.LLAMACPP and r.kv_type == "q8_0" and r.flash_attn is False:
-        raise PlanError("llama.cpp quantizes the V cache only with flash attention: drop --no-flash-attn")
+        raise PlanError("llama.cpp quantizes the V cache only with flash attention: drop --flash-attn off")
     if engine is Engine.VLLM and r.kv_type == "q8_0":
         raise PlanError("vLLM's quantized KV cache is fp8: use --kv fp8")
     if r.images and (engine is not Engine.LLAMACPP or not _sees(s)):

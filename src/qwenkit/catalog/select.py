@@ -247,6 +247,10 @@ def run_command(repo: str, p: Plan) -> str:
             cmd = "VLLM_TARGET_DEVICE=cpu " + cmd
         return cmd
     serve = f"--ctx {p.n_ctx} --max-seqs {r.concurrency}"
+    if r.kv_type != "f16":
+        serve += f" --kv {r.kv_type}"  # the KV cache this plan counted (fitting_plan may quantize it)
+    if r.flash_attn is False:
+        serve += " --flash-attn off"
     is_gguf = repo.lower().endswith(".gguf")
     if r.images:
         # A checkpoint's vision tower is converted once and cached; a .gguf comes with its own projector file.

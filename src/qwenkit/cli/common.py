@@ -21,6 +21,7 @@ from rich.progress import (
 from qwenkit.checkpoints.demo import DEMO_NOTICE, ensure_default_demo, is_demo_checkpoint
 from qwenkit.checkpoints.resolve import ResolvedModel, resolve_model
 from qwenkit.cli.errors import err_console
+from qwenkit.engines.llamacpp.config import KVType
 from qwenkit.gguf.convert import OutType
 from qwenkit.hardware import physical_cores
 
@@ -77,6 +78,42 @@ def check_quant(quant: str) -> OutType:
         )
     return quant  # type: ignore[return-value]
 
+
+FLASH_ATTN_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
+def flash_attn_choice(value: str) -> bool | None:
+    """--flash-attn auto|on|off as EngineConfig.flash_attn (None: llama.cpp's auto)."""
+    if value not in FLASH_ATTN_CHOICES:
+        raise ValueError(f"--flash-attn must be auto, on or off (got {value!r})")
+    return FLASH_ATTN_CHOICES[value]
+
+
+def check_kv(kv: str, flash_attn: str) -> tuple[KVType, bool | None]:
+    """--kv and --flash-attn for the llama.cpp engine: (KV cache type, flash attention); a q8_0 cache only
+    with flash attention (llama.cpp quantizes V only with it)."""
+    allowed = get_args(KVType)
+    if kv not in allowed:
+        raise ValueError(f"--kv must be one of {', '.join(allowed)} (got {kv!r})")
+    flash = flash_attn_choice(flash_attn)
+    if kv == "q8_0" and flash is False:
+        raise ValueError("--kv q8_0 needs flash attention: drop --flash-attn off")
+    return kv, flash  # type: ignore[return-value]
+
+
+KvOption = Annotated[
+    str,
+    typer.Option(
+        "--kv", help="KV cache type: f16, f32 or q8_0 (half of f16's memory; needs flash attention)."
+    ),
+]
+FlashAttnOption = Annotated[
+    str,
+    typer.Option(
+        "--flash-attn",
+        help="llama.cpp flash attention: auto (on where the backend has it, CPUs too), on or off.",
+    ),
+]
 
 MmprojOption = Annotated[
     str | None,

@@ -48,6 +48,7 @@ from qwenkit.catalog.select import (
     select_models,
 )
 from qwenkit.catalog.target import Target, resolve_target
+from qwenkit.cli.common import FlashAttnOption, flash_attn_choice
 from qwenkit.cli.errors import err_console, friendly_errors
 from qwenkit.cli.plan_gpu import (
     GpusOption,
@@ -338,12 +339,7 @@ def plan_command(
     kv: Annotated[
         str, typer.Option("--kv", help="KV cache type: f16, f32, q8_0 (llama.cpp) or fp8 (vLLM).")
     ] = "f16",
-    flash_attn: Annotated[
-        bool | None,
-        typer.Option(
-            "--flash-attn/--no-flash-attn", help="llama.cpp flash attention (default: the engine's)."
-        ),
-    ] = None,
+    flash_attn: FlashAttnOption = "auto",
     state_cache_mb: StateCacheOption = SERVE_STATE_CACHE_MB,
     images: Annotated[
         bool,
@@ -406,7 +402,7 @@ def plan_command(
         device=dev,
         kv_type=kv,
         engine=Engine.VLLM if (multimodal and not images) or multi_gpu else None,
-        flash_attn=flash_attn,
+        flash_attn=flash_attn_choice(flash_attn),
         runtime=runtime_baseline(target.shape.vocab),
         layout=target.layout,
         formats_allowed=allowed,

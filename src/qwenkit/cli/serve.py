@@ -25,9 +25,12 @@ from qwenkit.checkpoints.demo import DEMO_NOTICE
 from qwenkit.cli.common import (
     THREADS_HELP,
     AllowPickleOption,
+    FlashAttnOption,
+    KvOption,
     MmprojOption,
     ModelOption,
     PollOption,
+    check_kv,
     check_quant,
     engine_threads,
     open_model_files,
@@ -168,6 +171,8 @@ def serve_command(
     quant: Annotated[
         str, typer.Option("--quant", help="GGUF type an HF checkpoint is converted to: f32, f16, bf16, q8_0.")
     ] = "q8_0",
+    kv: KvOption = "f16",
+    flash_attn: FlashAttnOption = "auto",
     rate_limit_rpm: Annotated[
         int | None, typer.Option("--rate-limit-rpm", min=1, help="Requests per minute per key (or client).")
     ] = None,
@@ -290,6 +295,7 @@ def serve_command(
 ) -> None:
     """Serve a Qwen model over the OpenAI API (chat, completions, tools, JSON schema, streaming)."""
     check_quant(quant)
+    kv_type, flash = check_kv(kv, flash_attn)
     lora_specs = parse_lora_options(lora or [])
     scale = ScaleOptions(
         engine_kind,
@@ -300,7 +306,8 @@ def serve_command(
         ray_address,
         replicas,
     )
-    check_scale_options(scale, {"--lora": bool(lora_specs), "--mmproj": mmproj is not None})
+    llamacpp_only = {"--lora": bool(lora_specs), "--mmproj": mmproj is not None, "--kv": kv != "f16"}
+    check_scale_options(scale, {**llamacpp_only, "--flash-attn": flash_attn != "auto"})
     keys = read_api_keys(api_key, api_key_file)
     config = ServeConfig(
         host=host,
@@ -353,6 +360,8 @@ def serve_command(
         max_waiting=max_waiting,
         state_cache_mb=state_cache_mb,
         **cpu.config(),
+        kv_type=kv_type,
+        flash_attn=flash,
         loras=loras,
         mmproj=files.mmproj_path,
     )

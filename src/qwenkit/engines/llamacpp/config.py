@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from qwenkit.hardware import physical_cores
 
@@ -81,6 +81,12 @@ class EngineConfig(BaseModel):
         if isinstance(value, bool) or (isinstance(value, int) and not 0 <= value <= 100):
             raise ValueError("poll must be 0..100 or 'auto'")
         return value
+
+    @model_validator(mode="after")
+    def _quantized_v_needs_flash_attention(self) -> EngineConfig:
+        if self.kv_type == "q8_0" and self.flash_attn is False:
+            raise ValueError("a q8_0 KV cache needs flash attention (llama.cpp quantizes V only with it)")
+        return self
 
     @classmethod
     def for_workload(

@@ -30,7 +30,7 @@ import llama_cpp
 import numpy as np
 
 from qwenkit.engines.llamacpp.config import EngineConfig
-from qwenkit.engines.llamacpp.model import context_params, load_model
+from qwenkit.engines.llamacpp.model import context_params, last_logged, load_model
 from qwenkit.engines.request import EngineError, EngineStats, GenerationRequest, RequestTooLong, TokenEvent
 
 
@@ -53,9 +53,10 @@ class LlamaEmbedder:
         # One call carries at most one input's worth of tokens (the memory is cleared between calls), so
         # the KV pool and llama.cpp's per-call output buffers are sized by that, not by config.n_ctx.
         self.n_ctx = config.n_ctx // config.max_seqs  # the most tokens one input may hold
-        # Exact attention unless asked: flash attention's f16 rounding moves vectors by ~5e-5, and vectors
-        # are compared across systems (they match transformers to 1e-6 without it).
-        exact = config if config.flash_attn is not None else config.model_copy(update={"flash_attn": False})
+        # Exact attention unless asked (or a q8_0 KV cache needs it): flash attention's f16 rounding moves
+        # vectors by ~5e-5, and vectors are compared across systems (they match transformers to 1e-6 without).
+        chosen = config.flash_attn is not None or config.kv_type == "q8_0"
+        exact = config if chosen else config.model_copy(update={"flash_attn": False})
         cparams = context_params(exact, self.n_ctx, self.n_ctx)
         cparams.embeddings = True
         cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_LAST
@@ -63,7 +64,9 @@ class LlamaEmbedder:
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
-            raise EngineError(f"llama.cpp could not create an embedding context of {self.n_ctx} tokens")
+            raise EngineError(
+                f"llama.cpp could not create an embedding context of {self.n_ctx} tokens ({last_logged()})"
+            )
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model)))

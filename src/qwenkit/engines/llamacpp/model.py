@@ -40,6 +40,11 @@ def recent_log() -> str:
     return "".join(_RECENT_LOG).strip()
 
 
+def last_logged() -> str:
+    """llama.cpp's last log line, or "no details"."""
+    return (recent_log().splitlines()[-1:] or ["no details"])[0].strip()
+
+
 _KV_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 
 
@@ -50,9 +55,8 @@ def load_model(gguf_path: Path) -> llama_cpp.llama_model_p:
     mparams = llama_cpp.llama_model_default_params()
     model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
     if not model:
-        last = recent_log().splitlines()[-1:] or ["no details"]
         raise EngineError(
-            f"llama.cpp could not load {gguf_path} ({last[0]}); re-create it with `qwenkit convert`"
+            f"llama.cpp could not load {gguf_path} ({last_logged()}); re-create it with `qwenkit convert`"
         )
     return model
 
@@ -88,7 +92,10 @@ class LlamaModel:
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
-            raise EngineError(f"llama.cpp could not create a context of {config.n_ctx} tokens; lower --ctx")
+            raise EngineError(
+                f"llama.cpp could not create a context of {config.n_ctx} tokens: {last_logged()} (if memory "
+                "ran out: lower --ctx)"
+            )
         self.poll = threads.resolve_poll(config.poll, config.threads)[0]
         self._pool = self._attach_pool(config.threads, self.poll)
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
@@ -244,8 +251,7 @@ class LlamaModel:
         """Load a LoRA adapter GGUF for this model; EngineError with llama.cpp's reason when it refuses."""
         adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
         if not adapter:
-            last = recent_log().splitlines()[-1:] or ["no details"]
-            raise EngineError(f"llama.cpp could not load the LoRA adapter {path} ({last[0].strip()})")
+            raise EngineError(f"llama.cpp could not load the LoRA adapter {path} ({last_logged()})")
         return adapter
 
     def set_loras(self, adapters: Sequence[object], scale: float = 1.0) -> None:
