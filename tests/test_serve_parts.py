@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from qwenkit.chat.messages import Tool
 from qwenkit.cli import serve as serve_module
+from qwenkit.cli.common import check_kv
 from qwenkit.cli.serve import default_ctx, read_api_keys, serve_command
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
 from qwenkit.engines.request import GrammarError, TokenLogprob
@@ -98,22 +99,22 @@ def test_serve_kv_and_flash_attention_reach_the_engine(
     demo_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The flags `qwenkit select` and `plan` put in their commands: a q8_0 KV cache (the small demo: q8_0
-    needs head dims divisible by 32) serves a completion; --flash-attn off and on reach the config too."""
+    needs head dims divisible by 32) with flash attention forced on serves a completion."""
     served: list[FastAPI] = []
     monkeypatch.setattr(serve_module, "announce_and_run", lambda app, *a, **k: served.append(app))
     small = str(demo_checkpoint("qwen3", "small"))
-    cases = ((["--kv", "q8_0"], "q8_0", None), (["--flash-attn", "off"], "f16", False))
-    for flags, kv, flash in (*cases, (["--flash-attn", "on"], "f16", True)):
-        code, out = serve_cli("--model", small, "--port", "0", "--threads", "1", "--ctx", "1024", *flags)
-        assert code == 0, out
-        with TestClient(served[-1]) as client:
-            engine = serve_context(served[-1]).engine
-            assert isinstance(engine, LlamaCppEngine)
-            assert (engine.config.kv_type, engine.config.flash_attn) == (kv, flash)
-            model = client.get("/v1/models").json()["data"][0]["id"]
-            body = {"model": model, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
-            reply = client.post("/v1/completions", json=body)
-            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+    flags = ("--kv", "q8_0", "--flash-attn", "on", "--threads", "1", "--ctx", "1024")
+    code, out = serve_cli("--model", small, "--port", "0", *flags)
+    assert code == 0, out
+    with TestClient(served[-1]) as client:
+        engine = serve_context(served[-1]).engine
+        assert isinstance(engine, LlamaCppEngine)
+        assert (engine.config.kv_type, engine.config.flash_attn) == ("q8_0", True)
+        model = client.get("/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+        reply = client.post("/v1/completions", json=body)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+    assert check_kv("f16", "off") == ("f16", False) and check_kv("q8_0", "auto") == ("q8_0", None)
 
 
 def test_api_keys_from_option_and_file(tmp_path: Path) -> None:

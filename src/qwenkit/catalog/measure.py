@@ -99,7 +99,7 @@ def measure_engine_run(
     n_ctx: int,
     max_seqs: int,
     kv_type: str = "f16",
-    flash_attn: bool = False,
+    flash_attn: bool | None = None,
     threads: int | None = None,
     n_batch: int = 512,
     fill: bool = True,

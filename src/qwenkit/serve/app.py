@@ -93,6 +93,7 @@ async def run_planned(
     """What every generating route does: parse the body, plan it off the event loop (rendering, tokenizing
     and grammar compiles can take seconds), then answer with the engine's events."""
     refuse_if_embedding_model(ctx)  # before the body: its shape does not matter then
+    await request.body()  # all of it (Starlette keeps it): a slow upload is not yet on its way to the engine
     with ctx.arrivals.enter() as arrival:  # an idle engine waits for it (engines/arrivals.py)
         body = await parse_body(request, body_type)
         info = _info(request)
