@@ -24,8 +24,9 @@ from serve_fixtures import MODEL, demo_app, demo_engine, in_process
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def engine(demo_gguf: Callable[..., Path]) -> Iterator[LlamaCppEngine]:
+    """One engine for the module; each test gives it its own Arrivals (watch_arrivals)."""
     eng = demo_engine(demo_gguf("qwen3", "tiny", "f32"), n_ctx=2048, max_seqs=8)
     yield eng
     eng.close()
@@ -103,7 +104,7 @@ def test_a_burst_through_the_app_starts_in_one_step(
 ) -> None:
     """Eight concurrent streaming requests through the ASGI app: every prompt is in the engine's first
     step, and the count is back to 0 afterwards, also for requests refused before or at the engine."""
-    app = demo_app(engine, tokenizer)
+    app = demo_app(engine, tokenizer, manage_engine=False)
     assert isinstance(engine, WatchesArrivals)
     ctx = serve_context(app)
     engine.watch_arrivals(ctx.arrivals, max_wait=60.0)  # generous: a slow CI machine must not split it
