@@ -1,6 +1,6 @@
 """Requests on their way to an engine, so that a burst of them starts in one step.
 
-Contract: the server calls Arrivals.enter() when it starts reading a generating request and leave() on the
+Contract: the server calls Arrivals.enter() once a generating request's body has arrived and leave() on the
 returned Arrival right before it submits (or when it answers without the engine; leave() is idempotent).
 An engine given the Arrivals (watch_arrivals) may, when it goes from idle to busy, wait up to a few
 milliseconds while pending() > 0: without that, a burst of 16 requests arriving within 10 ms starts with a
