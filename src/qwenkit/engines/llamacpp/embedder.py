@@ -3,8 +3,8 @@ generation engine's.
 
 Contract: LlamaEmbedder(gguf, config) loads the GGUF into a context with embeddings=True and pooling LAST,
 config.threads threads and a unified KV pool of n_ctx = config.n_ctx // config.max_seqs cells (of
-config.kv_type; flash attention as config.flash_attn, off when None): the most tokens one input, and one
-call, may hold.
+config.kv_type; flash attention as config.flash_attn; when None, off, except llama.cpp's auto for a q8_0
+cache, which needs it): the most tokens one input, and one call, may hold.
 embed(inputs) checks its inputs (empty, too long or out-of-vocabulary: EngineError/RequestTooLong for
 that caller alone), then queues them. Concurrent callers are batched together: one thread at a time
 decodes, for every caller queued when it starts, all their inputs in arrival order, in as few llama_decode
