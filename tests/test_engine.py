@@ -674,6 +674,35 @@ def test_stats_from_another_thread_never_reads_the_engine_threads_state(
     assert final.running == 0 and final.waiting == 0 and final.steps > 0
 
 
+def test_stats_while_decoding_count_steps_live_and_follow_the_kv(demo_gguf: Callable[..., Path]) -> None:
+    """A snapshot is taken when requests come and go, else every STATS_EVERY_S: steps are always current,
+    the KV use lags by at most that long, and a finished request is gone from the next stats() at once."""
+    eng = LlamaCppEngine(demo_gguf("qwen3", "tiny", "f32"), EngineConfig(n_ctx=2048, max_seqs=4, threads=2))
+    eng.start()
+    seen: list[tuple[int, int]] = []
+
+    async def main() -> TokenEvent:
+        last = None
+        async for ev in eng.generate(req("s", prompt(5, 8), greedy(400))):
+            stats = eng.stats()
+            seen.append((stats.steps, stats.kv_used))
+            last = ev
+        assert last is not None
+        return last
+
+    try:
+        final = asyncio.run(asyncio.wait_for(main(), timeout=120))
+        after = eng.stats()
+    finally:
+        eng.shutdown(timeout=1)
+    assert final.finish_reason == "length"
+    steps = [s for s, _ in seen]
+    assert steps == sorted(steps) and steps[-1] - steps[0] >= 390  # one step per token, read live
+    kv = [k for _, k in seen]
+    assert kv == sorted(kv) and len(set(kv)) > 2  # refreshed while decoding, not only at the start and end
+    assert after.running == 0 and after.waiting == 0
+
+
 @pytest.mark.parametrize(
     "params",
     [

@@ -27,6 +27,7 @@ class _LoopMail:
 class Courier:
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._waiting = False  # any mail held: a step with nothing to deliver skips the lock and the scan
         self._mail: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopMail] = (
             weakref.WeakKeyDictionary()
         )
@@ -42,12 +43,16 @@ class Courier:
         def put(event: E) -> None:
             with self._lock:
                 mail.pending.append((queue, event))
+                self._waiting = True
 
         return put
 
     def flush(self) -> None:
         """Wake each loop that has events waiting, once."""
+        if not self._waiting:  # read without the lock: a put racing this flush is delivered by the next one
+            return
         with self._lock:
+            self._waiting = False
             ready = [(mail.loop, mail.pending) for mail in self._mail.values() if mail.pending]
             for mail in self._mail.values():
                 mail.pending = []

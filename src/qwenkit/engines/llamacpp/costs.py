@@ -31,10 +31,13 @@ class StepCosts:
         self._decode: deque[tuple[int, float]] = deque()
         self._sums = [0.0, 0.0, 0.0, 0.0]  # over the window: n, t, n*n, n*t (kept as steps come and go)
         self._fit: tuple[float, float] | None = None  # (a, b): seconds = a + b * n_decode
+        self._stale = False  # steps came since the fit: refit when a cost is next asked for
         self.prefill_token: float | None = None  # seconds per prompt token (EMA)
 
     def decode_cost(self, n_decode: int) -> float | None:
         """Predicted seconds of a decode-only step with n_decode sequences (None before any measurement)."""
+        if self._stale:
+            self._refit()
         if self._fit is None or n_decode <= 0:
             return None if self._fit is None else 0.0
         a, b = self._fit
@@ -46,7 +49,7 @@ class StepCosts:
             self._decode.append((n_decode, seconds))
             if len(self._decode) > _WINDOW:
                 self._window(*self._decode.popleft(), -1)
-            self._refit()
+            self._stale = True
             return
         if n_prefill == 0:
             return
@@ -65,7 +68,8 @@ class StepCosts:
         sums[3] += sign * n * t
 
     def _refit(self) -> None:
-        # Least squares of seconds on n_decode from running sums: this runs after every decode step.
+        # Least squares of seconds on n_decode from running sums.
+        self._stale = False
         k = len(self._decode)
         sn, st, snn, snt = self._sums
         var = snn - sn * sn / k

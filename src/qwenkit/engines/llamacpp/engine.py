@@ -70,6 +70,8 @@ CHUNK_STEP_COST = 2.5
 # arriving together take ~10-20 ms to parse, render and tokenize on the event loop; a first step of one
 # 70-token prompt takes ~150 ms on 2 cores, and the rest would wait for it.
 GATHER_MAX_S = 0.05
+# How stale stats() may be while nothing but decoding happens (a snapshot costs ~40 µs after every step).
+STATS_EVERY_S = 0.05
 
 
 class LlamaCppEngine:
@@ -136,6 +138,7 @@ class LlamaCppEngine:
         self._incoming: Arrivals | None = None  # requests the server is reading (watch_arrivals)
         self._gather_max = GATHER_MAX_S
         self._stats = self._snapshot()
+        self._stats_due = 0.0  # when a step's snapshot is due even if no request came, went or changed
 
     # ---- submitting -------------------------------------------------------------------------------
     def watch_arrivals(self, arrivals: Arrivals, max_wait: float = GATHER_MAX_S) -> None:
@@ -296,6 +299,8 @@ class LlamaCppEngine:
             log.info("threads: %s", change[1])
 
     def _drain_inbox(self) -> None:
+        if not (self._inbox or self._aborts):  # unlocked peek: what lands after it is drained next step
+            return
         with self._cv:
             new, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
@@ -438,7 +443,10 @@ class LlamaCppEngine:
         new = [token, *self._thinking_update(seq, token, sampler)]
         seq.tokens.extend(new)
         special = not req.sampling.skip_special_tokens
-        text = "".join(seq.text.push(self.model.piece(t, special)) for t in new)
+        if len(new) == 1:
+            text = seq.text.push(self.model.piece(token, special))
+        else:
+            text = "".join(seq.text.push(self.model.piece(t, special)) for t in new)
         out = seq.stops.push(text)
         if seq.stops.stopped:
             self._finish(seq, "stop", new, out, logprobs=logprobs)
@@ -582,7 +590,7 @@ class LlamaCppEngine:
             # Every request not yet finished is in _by_id (kept under this lock), so a request the engine
             # thread took from the inbox mid-step still counts as waiting.
             waiting = max(0, len(self._by_id) - self._stats.running)
-            return dataclasses.replace(self._stats, waiting=waiting)
+            return dataclasses.replace(self._stats, waiting=waiting, steps=self.steps)
 
     def _snapshot(self) -> EngineStats:
         s = self.scheduler
@@ -603,7 +611,19 @@ class LlamaCppEngine:
         )
 
     def _publish_stats(self) -> None:
-        """Called by whoever runs the steps (the engine thread once started)."""
+        """Called by whoever runs the steps (the engine thread once started): a new snapshot when requests
+        started, finished or were preempted, else at most every STATS_EVERY_S (the KV use it shows moves
+        by one cell a step per stream)."""
+        s, last = self.scheduler, self._stats
+        now = time.monotonic()
+        if (
+            now < self._stats_due
+            and len(s.running) == last.running
+            and len(s.waiting) == last.waiting
+            and s.preemptions == last.preemptions
+        ):
+            return
+        self._stats_due = now + STATS_EVERY_S
         snapshot = self._snapshot()
         with self._cv:
             self._stats = snapshot

@@ -45,6 +45,10 @@ def last_logged() -> str:
     return (recent_log().splitlines()[-1:] or ["no details"])[0].strip()
 
 
+# llama_get_logits_ith returning the plain address (the binding's float pointer costs a cast per call).
+_LOGITS_ITH = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)
+_MAX_LOGITS_VIEWS = 4096
+
 _KV_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 
 
@@ -109,6 +113,16 @@ class LlamaModel:
         )
         self.n_batch = config.n_batch
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
+        # numpy views of the batch's arrays, and each entry's one-sequence id cell: decode fills them with
+        # a few bulk copies instead of five ctypes attribute lookups per token.
+        b, n_batch = self._batch, config.n_batch
+        self._b_token = np.ctypeslib.as_array(b.token, shape=(n_batch,))
+        self._b_pos = np.ctypeslib.as_array(b.pos, shape=(n_batch,))
+        self._b_logits = np.ctypeslib.as_array(b.logits, shape=(n_batch,))
+        np.ctypeslib.as_array(b.n_seq_id, shape=(n_batch,))[:] = 1
+        self._b_seq = [b.seq_id[i] for i in range(n_batch)]
+        self._logits_at = _LOGITS_ITH(ctypes.cast(llama_cpp.llama_get_logits_ith, ctypes.c_void_p).value)
+        self._logits_views: dict[int, np.ndarray] = {}
         self._pieces: dict[int, bytes] = {}
         self._plain_pieces: dict[int, bytes] = {}
         self._eog_ids: tuple[int, ...] | None = None
@@ -214,16 +228,15 @@ class LlamaModel:
         self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int], wants: Sequence[bool]
     ) -> int:
         """One llama_decode over a batch; returns llama.cpp's status (0 ok, 1 no KV room, <0 error)."""
-        b = self._batch
         n = len(tokens)
+        self._b_token[:n] = tokens
+        self._b_pos[:n] = positions
+        self._b_logits[:n] = wants
+        cells = self._b_seq
         for i in range(n):
-            b.token[i] = tokens[i]
-            b.pos[i] = positions[i]
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq_ids[i]
-            b.logits[i] = wants[i]
-        b.n_tokens = n
-        return llama_cpp.llama_decode(self._ctx, b)
+            cells[i][0] = seq_ids[i]
+        self._batch.n_tokens = n
+        return llama_cpp.llama_decode(self._ctx, self._batch)
 
     def decode_embd(self, rows: np.ndarray, positions: np.ndarray, seq_id: int) -> int:
         """One llama_decode of input embeddings (an image's rows, (n, n_embd_inp) float32) into one sequence
@@ -267,11 +280,19 @@ class LlamaModel:
 
     def logits(self, batch_index: int) -> np.ndarray:
         """A view of the logits llama.cpp produced for one batch position (valid until the next decode)."""
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
-        address = ctypes.cast(ptr, ctypes.c_void_p).value
+        address = self._logits_at(self._ctx, batch_index)
         if not address:
             raise RuntimeError(f"llama.cpp has no logits for batch position {batch_index}")
-        return np.frombuffer(self._logits_row.from_address(address), dtype=np.float32)
+        # A view only names an address and n_vocab floats, which llama.cpp guarantees there: reusing the
+        # view of an address is safe even after the buffer was reallocated.
+        view = self._logits_views.get(address)
+        if view is None:
+            if len(self._logits_views) >= _MAX_LOGITS_VIEWS:
+                self._logits_views.clear()
+            view = self._logits_views[address] = np.frombuffer(
+                self._logits_row.from_address(address), dtype=np.float32
+            )
+        return view
 
     def close(self) -> None:
         if self._closed:
