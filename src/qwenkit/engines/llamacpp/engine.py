@@ -443,10 +443,7 @@ class LlamaCppEngine:
         new = [token, *self._thinking_update(seq, token, sampler)]
         seq.tokens.extend(new)
         special = not req.sampling.skip_special_tokens
-        if len(new) == 1:
-            text = seq.text.push(self.model.piece(token, special))
-        else:
-            text = "".join(seq.text.push(self.model.piece(t, special)) for t in new)
+        text = "".join(seq.text.push(self.model.piece(t, special)) for t in new)
         out = seq.stops.push(text)
         if seq.stops.stopped:
             self._finish(seq, "stop", new, out, logprobs=logprobs)
