@@ -30,7 +30,7 @@ import llama_cpp
 import numpy as np
 
 from qwenkit.engines.llamacpp.config import EngineConfig
-from qwenkit.engines.llamacpp.model import context_params, last_logged, load_model
+from qwenkit.engines.llamacpp.model import TokenBatch, context_params, last_logged, load_model
 from qwenkit.engines.request import EngineError, EngineStats, GenerationRequest, RequestTooLong, TokenEvent
 
 
@@ -70,7 +70,7 @@ class LlamaEmbedder:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model)))
-        self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
+        self._batch = TokenBatch(self.n_ctx)
         self._cond = threading.Condition()  # guards the queue, the counters and _decoding
         self._decoding = False  # one thread decodes at a time, for every queued caller
         self._queue: list[_Caller] = []
@@ -154,17 +154,11 @@ class LlamaEmbedder:
 
     def _decode(self, group: list[Sequence[int]]) -> list[np.ndarray]:
         llama_cpp.llama_memory_clear(self._mem, True)  # each call starts from empty sequences
-        b, n = self._batch, 0
-        for seq_id, tokens in enumerate(group):
-            for pos, token in enumerate(tokens):
-                b.token[n] = token
-                b.pos[n] = pos
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = seq_id
-                b.logits[n] = True
-                n += 1
-        b.n_tokens = n
-        status = llama_cpp.llama_decode(self._ctx, b)
+        tokens = [t for seq in group for t in seq]
+        positions = [p for seq in group for p in range(len(seq))]
+        seq_ids = [i for i, seq in enumerate(group) for _ in seq]
+        batch = self._batch.fill(tokens, positions, seq_ids, [True] * len(tokens))
+        status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed ({status}) while embedding")
         self._calls += 1
@@ -208,7 +202,7 @@ class LlamaEmbedder:
             if self._closed:
                 return
             self._closed = True
-            llama_cpp.llama_batch_free(self._batch)
+            self._batch.free()
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
 

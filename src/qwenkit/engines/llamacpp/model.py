@@ -86,6 +86,37 @@ def context_params(config: EngineConfig, n_ctx: int, n_batch: int) -> llama_cpp.
     return cparams
 
 
+class TokenBatch:
+    """A llama_batch of up to `size` token entries, each in one sequence, filled through numpy views of its
+    arrays (bulk copies, not five ctypes lookups per token); free() releases it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.batch = llama_cpp.llama_batch_init(size, 0, 1)
+        b = self.batch
+        self._token = np.ctypeslib.as_array(b.token, shape=(size,))
+        self._pos = np.ctypeslib.as_array(b.pos, shape=(size,))
+        self._logits = np.ctypeslib.as_array(b.logits, shape=(size,))
+        np.ctypeslib.as_array(b.n_seq_id, shape=(size,))[:] = 1
+        self._seq = [b.seq_id[i] for i in range(size)]  # each entry's one sequence-id cell
+
+    def fill(
+        self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int], wants: Sequence[bool]
+    ) -> llama_cpp.llama_batch:
+        n = len(tokens)
+        self._token[:n] = tokens
+        self._pos[:n] = positions
+        self._logits[:n] = wants
+        cells = self._seq
+        for i in range(n):
+            cells[i][0] = seq_ids[i]
+        self.batch.n_tokens = n
+        return self.batch
+
+    def free(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+
+
 class LlamaModel:
     def __init__(self, gguf_path: Path, config: EngineConfig) -> None:
         self.info = read_gguf_info(gguf_path)  # clear errors for non-GGUF, truncated or non-Qwen files
@@ -112,15 +143,7 @@ class LlamaModel:
             llama_cpp.llama_model_is_recurrent(self._model) or llama_cpp.llama_model_is_hybrid(self._model)
         )
         self.n_batch = config.n_batch
-        self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
-        # numpy views of the batch's arrays, and each entry's one-sequence id cell: decode fills them with
-        # a few bulk copies instead of five ctypes attribute lookups per token.
-        b, n_batch = self._batch, config.n_batch
-        self._b_token = np.ctypeslib.as_array(b.token, shape=(n_batch,))
-        self._b_pos = np.ctypeslib.as_array(b.pos, shape=(n_batch,))
-        self._b_logits = np.ctypeslib.as_array(b.logits, shape=(n_batch,))
-        np.ctypeslib.as_array(b.n_seq_id, shape=(n_batch,))[:] = 1
-        self._b_seq = [b.seq_id[i] for i in range(n_batch)]
+        self._batch = TokenBatch(config.n_batch)
         self._logits_at = _LOGITS_ITH(ctypes.cast(llama_cpp.llama_get_logits_ith, ctypes.c_void_p).value)
         self._logits_views: dict[int, np.ndarray] = {}
         self._pieces: dict[int, bytes] = {}
@@ -228,15 +251,7 @@ class LlamaModel:
         self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int], wants: Sequence[bool]
     ) -> int:
         """One llama_decode over a batch; returns llama.cpp's status (0 ok, 1 no KV room, <0 error)."""
-        n = len(tokens)
-        self._b_token[:n] = tokens
-        self._b_pos[:n] = positions
-        self._b_logits[:n] = wants
-        cells = self._b_seq
-        for i in range(n):
-            cells[i][0] = seq_ids[i]
-        self._batch.n_tokens = n
-        return llama_cpp.llama_decode(self._ctx, self._batch)
+        return llama_cpp.llama_decode(self._ctx, self._batch.fill(tokens, positions, seq_ids, wants))
 
     def decode_embd(self, rows: np.ndarray, positions: np.ndarray, seq_id: int) -> int:
         """One llama_decode of input embeddings (an image's rows, (n, n_embd_inp) float32) into one sequence
@@ -298,7 +313,7 @@ class LlamaModel:
         if self._closed:
             return
         self._closed = True
-        llama_cpp.llama_batch_free(self._batch)
+        self._batch.free()
         llama_cpp.llama_free(self._ctx)
         if self._pool is not None:  # after the context: nothing may run on a freed pool
             self._pool.free()
