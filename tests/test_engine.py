@@ -331,6 +331,53 @@ def test_chunked_prefill_equals_whole_prefill(demo_gguf: Callable[..., Path]) ->
     assert results[0] == results[1]
 
 
+def test_a_burst_at_an_idle_engine_goes_in_one_call_and_prompts_beside_decodes_take_one_ubatch(
+    demo_gguf: Callable[..., Path],
+) -> None:
+    eng = LlamaCppEngine(
+        demo_gguf("qwen3", "tiny", "f32"),
+        EngineConfig(n_ctx=4096, max_seqs=9, threads=2, n_ubatch=64, prefix_cache=False),
+    )
+    try:
+        assert eng.model.n_batch == 2048 and eng.model.n_ubatch == 64
+        calls: list[int] = []
+        decode = eng.model.decode
+
+        def counting(tokens: list[int], *args: object) -> int:
+            calls.append(len(tokens))
+            return decode(tokens, *args)  # type: ignore[arg-type]
+
+        eng.model.decode = counting  # type: ignore[method-assign]
+        firsts: dict[int, int] = {}
+        for i in range(8):  # 8 x 100 prompt tokens: more than a ubatch, less than n_batch
+            sink = lambda ev, i=i: firsts.setdefault(i, len(calls)) if ev.token_ids else None  # noqa: E731
+            params = SamplingParams(temperature=0.0, max_tokens=40)
+            eng.submit(req(f"burst{i}", prompt(40 + i, 100), params), sink)
+        eng.step()
+        assert calls == [800] and sorted(firsts) == list(range(8))  # every stream started in that one call
+        eng.submit(req("late", prompt(60, 300)), lambda ev: None)
+        while eng.step():
+            pass
+        beside = [n - 8 for n in calls[1:] if n > 8]  # steps where the late prompt went beside 8 decodes
+        assert beside and max(beside) <= 64 and sum(beside) >= 299
+    finally:
+        eng.close()
+
+
+def test_n_batch_follows_what_llama_cpp_keeps_for_a_small_context(demo_gguf: Callable[..., Path]) -> None:
+    eng = LlamaCppEngine(demo_gguf("qwen3", "tiny", "f32"), EngineConfig(n_ctx=256, max_seqs=2, threads=2))
+    try:
+        assert eng.model.n_batch == 256 and eng.scheduler.n_batch == 256  # clamped to n_ctx
+        events: list[TokenEvent] = []
+        eng.submit(req("a", prompt(3, 120)), events.append)
+        eng.submit(req("b", prompt(4, 120)), events.append)
+        while eng.step():
+            pass
+        assert [ev.finish_reason for ev in events if ev.finished] == ["length", "length"]
+    finally:
+        eng.close()
+
+
 def test_preemption_when_kv_runs_out(demo_gguf: Callable[..., Path]) -> None:
     config = EngineConfig(n_ctx=256, max_seqs=4, threads=2, kv_unified=True)
     eng = LlamaCppEngine(demo_gguf("qwen3", "tiny", "f32"), config)

@@ -46,7 +46,7 @@ def test_mixed_steps_charge_only_the_prompt_tokens() -> None:
 
 def test_chunk_bounds() -> None:
     costs = StepCosts(2.5, 64)
-    costs.observe(8, 0, 10.0)  # a very slow decode: the chunk is capped at n_batch
+    costs.observe(8, 0, 10.0)  # a very slow decode: the chunk is capped at max_prompt
     costs.observe(0, 100, 0.1)
     assert costs.chunk(8) == 64
     fast = StepCosts(2.5, 512)
@@ -71,7 +71,7 @@ def test_a_queue_of_prompts_gets_more_than_one_chunk_per_prompt() -> None:
     assert costs.budget(6, 0) == 0
     assert costs.budget(6, 1) == chunk  # one prompt beside the streams: their ITL is what is protected
     assert costs.budget(6, 2) == chunk * 2**QUEUE_POWER > 2 * chunk
-    assert costs.budget(6, 8) == 512  # never past n_batch
+    assert costs.budget(6, 8) == 512  # never past max_prompt
 
 
 def test_the_scheduler_serves_the_oldest_prompt_first_within_its_budget(demo_gguf) -> None:

@@ -2,11 +2,12 @@
 
 Contract: observe(n_decode, n_prefill, seconds) after every llama_decode; chunk(n_decode) is the prompt
 tokens per prefilling sequence for a step beside n_decode decoding sequences, so that the step costs about
-step_cost_factor decode-only steps (floor MIN_CHUNK, cap n_batch). A decode-only step is modelled as
-a + b·n_decode (least squares over recent decode-only steps): on hybrid models (Qwen3.5) each decoding
-sequence reads and writes its whole recurrent state, so 8 decodes cost ~5x one, and a constant would
-charge the decodes' cost to the prompt tokens and starve prefill. A prompt token's cost is what a step
-took beyond its predicted decode part, per prompt token (EMA). Before anything is measured: initial_chunk.
+step_cost_factor decode-only steps (floor MIN_CHUNK, cap max_prompt: the engine's ubatch). A decode-only
+step is modelled as a + b·n_decode (least squares over recent decode-only steps): on hybrid models
+(Qwen3.5) each decoding sequence reads and writes its whole recurrent state, so 8 decodes cost ~5x one,
+and a constant would charge the decodes' cost to the prompt tokens and starve prefill. A prompt token's
+cost is what a step took beyond its predicted decode part, per prompt token (EMA). Before anything is
+measured: initial_chunk.
 budget(n_decode, n_prefilling) is the step's prompt tokens for all prefilling sequences: one prompt
 beside running streams gets one chunk (the streams' ITL is protected); k queued prompts get k**QUEUE_POWER
 chunks, since then the queue is what users wait on (a queued prompt's TTFT includes every prompt ahead).
@@ -24,9 +25,9 @@ _WINDOW = 64  # decode-only steps kept for the fit
 
 
 class StepCosts:
-    def __init__(self, step_cost_factor: float, n_batch: int, initial_chunk: int = 64) -> None:
+    def __init__(self, step_cost_factor: float, max_prompt: int, initial_chunk: int = 64) -> None:
         self.factor = step_cost_factor
-        self.n_batch = n_batch
+        self.max_prompt = max_prompt  # prompt tokens of one step beside decodes, at most
         self.initial_chunk = initial_chunk
         self._decode: deque[tuple[int, float]] = deque()
         self._sums = [0.0, 0.0, 0.0, 0.0]  # over the window: n, t, n*n, n*t (kept as steps come and go)
@@ -86,10 +87,10 @@ class StepCosts:
         if not decode or not self.prefill_token:
             return self.initial_chunk
         tokens = int((self.factor - 1) * decode / self.prefill_token)
-        return max(MIN_CHUNK, min(tokens, self.n_batch))
+        return max(MIN_CHUNK, min(tokens, self.max_prompt))
 
     def budget(self, n_decode: int, n_prefilling: int) -> int:
         """Prompt tokens for all n_prefilling sequences together in a step beside n_decode decodes."""
         if n_prefilling <= 0:
             return 0
-        return min(self.chunk(n_decode) * n_prefilling**QUEUE_POWER, self.n_batch)
+        return min(self.chunk(n_decode) * n_prefilling**QUEUE_POWER, self.max_prompt)

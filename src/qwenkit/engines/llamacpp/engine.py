@@ -102,7 +102,7 @@ class LlamaCppEngine:
         self.n_ctx = self.model.n_ctx_seq  # the most tokens one sequence may hold
         mb = self.config.state_cache_mb
         self.states = StateCache(mb * 1024 * 1024) if mb else None
-        self.costs = StepCosts(CHUNK_STEP_COST, self.config.n_batch)
+        self.costs = StepCosts(CHUNK_STEP_COST, self.model.n_ubatch)
         fixed = self.config.prefill_chunk  # a fixed chunk is per prefilling sequence
         budget = (lambda n_decode, n_prefilling: fixed * n_prefilling) if fixed else self.costs.budget
         self.scheduler = Scheduler(
@@ -114,7 +114,7 @@ class LlamaCppEngine:
                 states=self.states,
             ),
             self.model.n_ctx,
-            self.config.n_batch,
+            self.model.n_batch,
             self.config.max_seqs,
             prefill_budget=budget,
             group=self.adapters.choose if self.adapters.names else None,

@@ -142,8 +142,10 @@ class LlamaModel:
         self.recurrent = bool(
             llama_cpp.llama_model_is_recurrent(self._model) or llama_cpp.llama_model_is_hybrid(self._model)
         )
-        self.n_batch = config.n_batch
-        self._batch = TokenBatch(config.n_batch)
+        # llama.cpp clamps n_batch to n_ctx (and n_ubatch to n_batch): plan steps by what it kept.
+        self.n_batch = llama_cpp.llama_n_batch(self._ctx)
+        self.n_ubatch = llama_cpp.llama_n_ubatch(self._ctx)
+        self._batch = TokenBatch(self.n_batch)
         self._logits_at = _LOGITS_ITH(ctypes.cast(llama_cpp.llama_get_logits_ith, ctypes.c_void_p).value)
         self._logits_views: dict[int, np.ndarray] = {}
         self._pieces: dict[int, bytes] = {}

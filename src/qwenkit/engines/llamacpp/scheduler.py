@@ -3,9 +3,9 @@
 Contract: admit() moves waiting sequences into KV slots while room allows, reusing the longest cached
 prefix: an idle or running slot's cells, or a saved state from the StateCache (restored into the slot);
 on recurrent models only a state holding exactly a prefix of the prompt counts. plan() builds one step:
-every decoding sequence's next token first, then prompt tokens up to prefill_budget(n_decode, n_prefilling),
-oldest prompt first, so a long prompt is fed in pieces and never stalls the running streams for long; a
-chunk ends at the sequence's snapshot_at so its state can be saved.
+every decoding sequence's next token first, then prompt tokens up to prefill_budget(n_decode, n_prefilling)
+(n_batch when none decodes), oldest prompt first, so a long prompt is fed in pieces and never stalls the
+running streams for long; a chunk ends at the sequence's snapshot_at so its state can be saved.
 With LoRA adapters (group), a step serves one adapter group only (llama.cpp applies adapters per context):
 group(running) picks it; a prefix or saved state is reused only within the same adapter.
 When the KV cells run out, the newest running sequence is preempted (its cells freed, re-queued first,
