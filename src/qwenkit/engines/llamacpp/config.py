@@ -29,9 +29,10 @@ class EngineConfig(BaseModel):
     n_ctx: int = Field(default=4096, ge=64, description="KV cells in all; n_ctx / max_seqs per sequence")
     max_seqs: int = Field(default=8, ge=1, le=256, description="sequences decoded together")
     # llama.cpp's defaults. A burst of prompts at an idle engine goes in one call, as llama-server does: 16
-    # prompts of 64 tokens in one step rather than three kept the streams in step (TTFT max at 16 streams
-    # 3.61 vs 3.77 s, tok/s +3%, 0.5B q4_0, 2 threads). Beside running streams a step takes at most one
-    # ubatch of prompt: llama.cpp computes a call in ubatches anyway, and each step gives each stream a token.
+    # prompts of 64 tokens in one step rather than three keep the streams in step (peers.py, 16 streams,
+    # 0.5B q4_0, 2 threads: TTFT max 3.90 / 3.91 s vs llama-server's 4.11 / 3.97 s; at 512 it was above).
+    # Beside running streams a step takes at most one ubatch of prompt: llama.cpp computes a call in
+    # ubatches anyway, and each step gives each stream a token.
     n_batch: int = Field(default=2048, ge=16, description="tokens per llama_decode call at most")
     n_ubatch: int = Field(
         default=512,
