@@ -91,7 +91,6 @@ class TokenBatch:
     arrays (bulk copies, not five ctypes lookups per token); free() releases it."""
 
     def __init__(self, size: int) -> None:
-        self.size = size
         self.batch = llama_cpp.llama_batch_init(size, 0, 1)
         b = self.batch
         self._token = np.ctypeslib.as_array(b.token, shape=(size,))
