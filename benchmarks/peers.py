@@ -8,8 +8,9 @@ and `qwenkit serve` measured against them (issue 12, item 2).
 `llama_server()` returns llama.cpp's own `llama-server` built from the llama.cpp that the llama-cpp-python
 sdist vendors (LLAMA_CPP_PYTHON_VERSION, the one qwenkit's engine links), so both sides run the same kernels.
 It downloads the sdist with pip into the cache, extracts vendor/llama.cpp, builds only the llama-server
-target with cmake (Release, GGML_NATIVE=ON like the wheel, static, no tests/examples/UI/OpenSSL: offline) and
-keeps the binary under `cache_root()/bench/`; later calls return it without building (~7 min on 2 cores).
+target with cmake (Release, GGML_NATIVE=ON like the wheel, static, no tests/examples/UI/OpenSSL: offline; on
+x86 without ggml's AMX kernels, which crash, as the README builds the wheel) and keeps the binary under
+`cache_root()/bench/`; later calls return it without building (~7 min on 2 cores).
 
 `run` starts `qwenkit serve` (first, so its --poll auto sees no peer loading), llama-server and
 `python -m llama_cpp.server` on the same GGUF and --threads, one after another, each ready before the next
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -98,7 +100,12 @@ def llama_server(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2) -> Path
     src = _extract_llama_cpp(_sdist(root, version), root / "src")
     build = root / "build"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    subprocess.run(["cmake", "-S", str(src), "-B", str(build), *generator, *CMAKE_OPTIONS], check=True)
+    options = list(CMAKE_OPTIONS)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        from qwenkit.engines.llamacpp.model import NO_AMX_FLAGS
+
+        options += [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
+    subprocess.run(["cmake", "-S", str(src), "-B", str(build), *generator, *options], check=True)
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)], check=True)
     built = build / "bin" / "llama-server"
     binary.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import pytest
 
 from qwenkit.engines.grammar import grammar_from_json_schema
 from qwenkit.engines.llamacpp import engine as engine_module
+from qwenkit.engines.llamacpp import model as model_module
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
 from qwenkit.engines.llamacpp.kv import SlotManager
@@ -376,6 +377,28 @@ def test_n_batch_follows_what_llama_cpp_keeps_for_a_small_context(demo_gguf: Cal
         assert [ev.finish_reason for ev in events if ev.finished] == ["length", "length"]
     finally:
         eng.close()
+
+
+def test_an_amx_build_loads_without_extra_buffer_types_and_decodes_the_same(
+    demo_gguf: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ggml's AMX kernels crash at the first decode; such a build keeps every weight in plain CPU buffers.
+    amx, plain = "CPU : AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |", "CPU : AVX512 = 1 | REPACK = 1 |"
+    assert "use_extra_bufts" in dict(llama_cpp.llama_model_params._fields_)  # a field, not a new attribute
+    assert model_module.model_params(plain).use_extra_bufts
+    model_module._warn_amx.cache_clear()
+    assert not model_module.model_params(amx).use_extra_bufts
+    assert "-mno-amx-int8" in caplog.text
+    path, config = demo_gguf("qwen3", "tiny", "q8_0"), EngineConfig(n_ctx=512, max_seqs=1, threads=2)
+    answers = []
+    for has_amx in (False, True):
+        monkeypatch.setattr(model_module, "has_amx", lambda info=None, has_amx=has_amx: has_amx)
+        eng = LlamaCppEngine(path, config)
+        try:
+            answers.append(run(eng, req("a", prompt(5, 40)))[0])
+        finally:
+            eng.close()
+    assert answers[0] == answers[1] and len(answers[0]) == GREEDY.max_tokens
 
 
 def test_preemption_when_kv_runs_out(demo_gguf: Callable[..., Path]) -> None:

@@ -8,12 +8,15 @@ DeltaNet layers): such a sequence cannot be cut back to a prefix (seq_rm then re
 whole (state_get) and put back (state_set). LoRA adapters load onto the model (load_lora) and apply
 to the whole context (set_loras), so one decode runs under one set of adapters. Decode runs on a ggml
 thread pool at config.poll's polling level ("auto" measured at open, see threads.py), created with the
-context and freed with it.
+context and freed with it. On a llama.cpp build with ggml's AMX kernels (they crash) weights load without
+extra buffer types (model_params), and a warning names the rebuild that restores full speed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.request import EngineError
 from qwenkit.gguf.reader import read_gguf_info
 
+log = logging.getLogger("qwenkit.engine")
 _RECENT_LOG: list[str] = []
 
 
@@ -52,12 +56,46 @@ _MAX_LOGITS_VIEWS = 4096
 _KV_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 
 
+# ggml's AMX kernels crash (SIGSEGV in ggml_backend_amx_mul_mat at the first decode) in the builds pip makes
+# with -march=native on Sapphire Rapids and later CPUs (llama.cpp #20824; seen on this project's machines).
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # after -march=native, still no AMX
+AMX_REBUILD = (
+    f"CMAKE_ARGS=\"-DCMAKE_C_FLAGS='{NO_AMX_FLAGS}' -DCMAKE_CXX_FLAGS='{NO_AMX_FLAGS}'\" "
+    "pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python==0.3.36"
+)
+
+
+def has_amx(system_info: str | None = None) -> bool:
+    """Whether llama.cpp was compiled with its AMX kernels (its system info; default: the loaded build's)."""
+    if system_info is None:
+        system_info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return "AMX_INT8 = 1" in system_info
+
+
+def model_params(system_info: str | None = None) -> llama_cpp.llama_model_params:
+    """llama.cpp's default model parameters, except on an AMX build: there no weight goes to an extra buffer
+    type (AMX, and with it the AVX weight repacking: measured -30 % prefill, -7 % decode), so it runs."""
+    mparams = llama_cpp.llama_model_default_params()
+    if has_amx(system_info):
+        mparams.use_extra_bufts = False
+        _warn_amx()
+    return mparams
+
+
+@functools.cache
+def _warn_amx() -> None:
+    log.warning(
+        "this llama-cpp-python build has ggml's AMX kernels, which crash: running without weight repacking "
+        "(slower); for full speed rebuild it without AMX: %s",
+        AMX_REBUILD,
+    )
+
+
 def load_model(gguf_path: Path) -> llama_cpp.llama_model_p:
     """llama.cpp's model for a GGUF (logging kept quiet); EngineError naming the fix when it will not load."""
     llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
-    mparams = llama_cpp.llama_model_default_params()
-    model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+    model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), model_params())
     if not model:
         raise EngineError(
             f"llama.cpp could not load {gguf_path} ({last_logged()}); re-create it with `qwenkit convert`"
