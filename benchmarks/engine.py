@@ -34,6 +34,7 @@ from common import bench_model, machine, median, pct, write_results
 
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.llamacpp.engine import LlamaCppEngine
+from qwenkit.engines.llamacpp.model import model_params
 from qwenkit.engines.request import GenerationRequest, TokenEvent
 from qwenkit.engines.sampling import SamplingParams
 
@@ -101,8 +102,7 @@ def engine_run(engine: LlamaCppEngine, n: int, tag: str, salt: int) -> dict[str,
 
 def bare_loop(model_path: Path, n: int, threads: int, n_ctx: int) -> dict[str, float]:
     """The hardware's ceiling: same prefill, then one llama_decode per step for n sequences, nothing else."""
-    mparams = llama_cpp.llama_model_default_params()
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params())
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = n_ctx, 512, 512, MAX_SEQS
     cparams.n_threads = cparams.n_threads_batch = threads
