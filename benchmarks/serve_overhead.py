@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--sides", default="qwenkit,llama_server")
     args = ap.parse_args()
+    if not Path("/proc/self/task").is_dir():
+        sys.exit("serve_overhead.py reads /proc/PID/task: it runs on Linux only")
     if args.quick:
         args.sides, args.requests, args.tokens = "qwenkit", 2, 16
     args.model = args.model or bench_model(
