@@ -4,58 +4,50 @@
     python benchmarks/serve_overhead.py --quick    # tiny demo, qwenkit only: checks the script runs
 
 Starts each server alone on the same GGUF and threads (peers.py's commands), streams --requests greedy
-/v1/completions of --tokens tokens one after another over a raw socket, and reads every thread's exact run
-time and context switches from /proc/PID/task/*/{schedstat,status} before and after. Per token it reports
-the decode threads (the --threads busiest) and everything else the server ran (HTTP, event loop, wake-ups):
-on a machine whose cores all decode, that rest is taken from the decode, so it is the cost of serving a
-token. Linux only. Writes benchmarks/results/serve-overhead-*.json and prints a table.
+/v1/completions of --tokens tokens one after another (qwenkit bench's raw-socket client), and reads every
+thread's exact run time and context switches from /proc/PID/task/*/{schedstat,status} before and after.
+Per token it reports the decode threads (the --threads busiest) and everything else the server ran (HTTP,
+event loop, wake-ups): on a machine whose cores all decode, that rest is taken from the decode, so it is
+the cost of serving a token. Linux only. Writes benchmarks/results/serve-overhead-*.json and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
 import os
-import socket
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 import children
 from common import bench_model, machine, write_results
-from peers import server_commands
+from peers import MODEL_NAME, server_commands
 from rich.table import Table
 from serve import free_port, wait_ready
 
+from qwenkit.bench.client import Endpoint, stream_request
+
 
 def stream(port: int, i: int, tokens: int) -> float:
-    """One streaming completion; decode tok/s between its first and last chunk as the client sees them."""
-    body = json.dumps(
-        {
-            "model": "bench",
-            "prompt": f"Request {i}: tell me a long story about the number {i * 7919}",
-            "max_tokens": tokens,
-            "temperature": 0,
-            "stream": True,
-            "ignore_eos": True,
-        }
-    ).encode()
-    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    head += f"Content-Length: {len(body)}\r\n\r\n"
-    times: list[float] = []
-    tail = b""
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.sendall(head.encode() + body)
-        while b"[DONE]" not in tail:
-            data = s.recv(65536)
-            if not data:
-                break
-            times += [time.perf_counter()] * data.count(b"data: {")
-            tail = (tail + data)[-64:]
+    """One streaming completion through qwenkit bench's raw-socket client; decode tok/s between its first and
+    last content chunk as the client sees them."""
+    payload = {
+        "model": MODEL_NAME,
+        "prompt": f"Request {i}: tell me a long story about the number {i * 7919}",
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    record = asyncio.run(
+        stream_request(Endpoint.parse(f"http://127.0.0.1:{port}"), "/v1/completions", payload)
+    )
+    if record.error is not None:
+        raise RuntimeError(f"request {i} failed: {record.error} {record.detail or ''}")
+    times = record.chunk_times
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
 
 
