@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--sides", default="qwenkit,llama_server")
+    ap.add_argument("--qwenkit-arg", action="append", default=[], help="one more `qwenkit serve` argument")
+    ap.add_argument("--llama-server-arg", action="append", default=[], help="one more llama-server argument")
     args = ap.parse_args()
     if not Path("/proc/self/task").is_dir():
         sys.exit("serve_overhead.py reads /proc/PID/task: it runs on Linux only")
@@ -113,7 +115,7 @@ def main() -> None:
         *(("qwen3", "tiny", "q8_0") if args.quick else ("qwen2", "0.5b", "q4_0"))
     )
     # peers.py's commands, one slot layout for all: 16 slots of 512 cells.
-    args.concurrency, args.ctx_per_seq, args.qwenkit_arg, args.llama_server_arg = [16], 512, [], []
+    args.concurrency, args.ctx_per_seq = [16], 512
     args.sides = args.sides.split(",")
     ports = {side: free_port() for side in args.sides}
     results = {}

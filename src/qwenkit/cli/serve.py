@@ -173,6 +173,14 @@ def serve_command(
     ] = "q8_0",
     kv: KvOption = "f16",
     flash_attn: FlashAttnOption = "auto",
+    no_huge_pages: Annotated[
+        bool,
+        typer.Option(
+            "--no-huge-pages",
+            help="Keep the model's weights and buffers off transparent huge pages (on by default on Linux: "
+            "fewer TLB misses per token).",
+        ),
+    ] = False,
     rate_limit_rpm: Annotated[
         int | None, typer.Option("--rate-limit-rpm", min=1, help="Requests per minute per key (or client).")
     ] = None,
@@ -306,7 +314,12 @@ def serve_command(
         ray_address,
         replicas,
     )
-    llamacpp_only = {"--lora": bool(lora_specs), "--mmproj": mmproj is not None, "--kv": kv != "f16"}
+    llamacpp_only = {
+        "--lora": bool(lora_specs),
+        "--mmproj": mmproj is not None,
+        "--kv": kv != "f16",
+        "--no-huge-pages": no_huge_pages,
+    }
     check_scale_options(scale, {**llamacpp_only, "--flash-attn": flash_attn != "auto"})
     keys = read_api_keys(api_key, api_key_file)
     config = ServeConfig(
@@ -362,6 +375,7 @@ def serve_command(
         **cpu.config(),
         kv_type=kv_type,
         flash_attn=flash,
+        huge_pages=not no_huge_pages,
         loras=loras,
         mmproj=files.mmproj_path,
     )

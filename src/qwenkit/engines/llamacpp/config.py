@@ -49,6 +49,10 @@ class EngineConfig(BaseModel):
     # None: llama.cpp's auto (on where the backend has the kernel, as in llama-server); measured on 2 CPU
     # cores, 0.5B q4_0: decode 4% (1 stream) to 10% (16) and prompts 15-20% faster than with it off.
     flash_attn: bool | None = None
+    huge_pages: bool = Field(
+        default=True,
+        description="back llama.cpp's weights and buffers with transparent huge pages (Linux; hugepages.py)",
+    )
     prefill_chunk: int | None = Field(
         default=None, ge=8, description="prompt tokens per step while others decode; None = adaptive"
     )

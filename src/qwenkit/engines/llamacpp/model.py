@@ -9,7 +9,8 @@ whole (state_get) and put back (state_set). LoRA adapters load onto the model (l
 to the whole context (set_loras), so one decode runs under one set of adapters. Decode runs on a ggml
 thread pool at config.poll's polling level ("auto" measured at open, see threads.py), created with the
 context and freed with it. On a llama.cpp build with ggml's AMX kernels (they crash) weights load without
-extra buffer types (model_params), and a warning names the rebuild that restores full speed.
+extra buffer types (model_params), and a warning names the rebuild that restores full speed. With
+config.huge_pages the memory llama.cpp allocated for model and context goes onto huge pages (hugepages.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from qwenkit.engines.llamacpp import threads
+from qwenkit.engines.llamacpp import hugepages, threads
 from qwenkit.engines.llamacpp.config import EngineConfig
 from qwenkit.engines.request import EngineError
 from qwenkit.gguf.reader import read_gguf_info
@@ -157,6 +158,7 @@ class TokenBatch:
 class LlamaModel:
     def __init__(self, gguf_path: Path, config: EngineConfig) -> None:
         self.info = read_gguf_info(gguf_path)  # clear errors for non-GGUF, truncated or non-Qwen files
+        before = hugepages.anonymous_regions() if config.huge_pages else set()
         self._model = load_model(gguf_path)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         cparams = context_params(config, config.n_ctx, config.n_batch)
@@ -168,6 +170,8 @@ class LlamaModel:
                 f"llama.cpp could not create a context of {config.n_ctx} tokens: {last_logged()} (if memory "
                 "ran out: lower --ctx)"
             )
+        advised = hugepages.advise_new_regions(before) if config.huge_pages else []
+        self.huge_pages = hugepages.Collapser(advised).start()
         self.poll = threads.resolve_poll(config.poll, config.threads)[0]
         self._pool = self._attach_pool(config.threads, self.poll)
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
@@ -352,6 +356,7 @@ class LlamaModel:
         if self._closed:
             return
         self._closed = True
+        self.huge_pages.stop()  # before llama.cpp frees what it collapses
         self._batch.free()
         llama_cpp.llama_free(self._ctx)
         if self._pool is not None:  # after the context: nothing may run on a freed pool
