@@ -13,6 +13,7 @@ TLB: measured on 2 threads, decode +1-3 % once collapsed (issue 12).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -67,6 +68,7 @@ def huge_bytes_in(regions: set[Region], proc: Path = PROC_SELF) -> int:
     return total
 
 
+@functools.cache
 def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     if not sys.platform.startswith("linux"):
         return None
