@@ -119,6 +119,14 @@ SHORT = {"qwenkit": "qwenkit", "llama_server": "llama-srv", "llama_cpp_server": 
 MODEL_NAME = "bench"
 
 
+def add_extra_word_options(ap: argparse.ArgumentParser) -> None:
+    """--qwenkit-arg / --llama-server-arg: extra command-line words for server_commands()."""
+    ap.add_argument(
+        "--qwenkit-arg", action="append", default=[], help="extra serve word: --qwenkit-arg=--poll=0"
+    )
+    ap.add_argument("--llama-server-arg", action="append", default=[], help="extra llama-server word")
+
+
 def server_commands(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, tuple[list[str], str]]:
     """Each side's command and health path: same GGUF, threads, and room for the top concurrency."""
     slots = max(args.concurrency)
@@ -312,10 +320,7 @@ def run_main(argv: list[str]) -> None:
     ap.add_argument("--ctx-per-seq", type=int, default=512, help="KV room per slot")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"which servers: {', '.join(SIDES)}")
     ap.add_argument("--one-at-a-time", action="store_true", help="each server alone: start, measure, stop")
-    ap.add_argument(
-        "--qwenkit-arg", action="append", default=[], help="extra serve word: --qwenkit-arg=--poll=0"
-    )
-    ap.add_argument("--llama-server-arg", action="append", default=[], help="extra llama-server word")
+    add_extra_word_options(ap)
     ap.add_argument(
         "--peer-env",
         action="append",

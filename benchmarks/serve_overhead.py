@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 import children
 from common import bench_model, machine, write_results
-from peers import MODEL_NAME, server_commands
+from peers import MODEL_NAME, add_extra_word_options, server_commands
 from rich.table import Table
 from serve import free_port, wait_ready
 
@@ -104,8 +104,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--sides", default="qwenkit,llama_server")
-    ap.add_argument("--qwenkit-arg", action="append", default=[], help="one more `qwenkit serve` argument")
-    ap.add_argument("--llama-server-arg", action="append", default=[], help="one more llama-server argument")
+    add_extra_word_options(ap)
     args = ap.parse_args()
     if not Path("/proc/self/task").is_dir():
         sys.exit("serve_overhead.py reads /proc/PID/task: it runs on Linux only")
